@@ -1,0 +1,1 @@
+"""Subcommands of the ``covidganseg`` CLI, one module each (see ``CovidGANSegLib.cli``)."""

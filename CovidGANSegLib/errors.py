@@ -1,0 +1,22 @@
+"""Exceptions with messages a user can act on: they name the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CovidGANSegError(Exception):
+    """Base class of the library's own errors (the CLI prints them without a traceback)."""
+
+
+class InputError(CovidGANSegError, ValueError):
+    """Bad input data: the message names the file (when there is one) and the problem."""
+
+    def __init__(self, problem: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is missing, corrupt, truncated, of another format or architecture."""

@@ -1,0 +1,203 @@
+"""NIfTI CT I/O that keeps the affine and spacing, with input checks and an exact way back.
+
+Volumes are reoriented to the closest canonical orientation (RAS+) for processing; outputs are
+written back on the input file's own voxel grid (same shape, same affine) so they overlay it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+from CovidGANSegLib.atomic import atomic_path
+from CovidGANSegLib.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: A CT in HU has air near -1000 HU; anything whose minimum is above this is not HU.
+_HU_MIN_BELOW = -500.0
+#: ...and a real CT spans well over this range (air to soft tissue at least).
+_HU_MIN_RANGE = 600.0
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in HU, reoriented to canonical RAS+ and indexed ``(x, y, z)``.
+
+    Attributes:
+        array: float32 HU values, canonical orientation.
+        affine: voxel-to-world (RAS mm) affine of ``array``.
+        path: the file it came from (None for in-memory volumes).
+        original_affine: the file's own affine.
+        original_shape: the file's own 3D shape.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path | None
+    original_affine: np.ndarray
+    original_shape: tuple[int, int, int]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the canonical ``(x, y, z)`` axes."""
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        sx, sy, sz = self.spacing
+        return sx * sy * sz / 1000.0
+
+    def to_original(self, canonical: np.ndarray) -> np.ndarray:
+        """Map an array on the canonical grid back to the file's own voxel order (exact)."""
+        if canonical.shape[:3] != self.array.shape:
+            raise ValueError(f"array shape {canonical.shape} does not match the canonical grid {self.array.shape}")
+        back = ornt_transform(io_orientation(self.affine), io_orientation(self.original_affine))
+        return apply_orientation(canonical, back)
+
+    @classmethod
+    def from_array(cls, array_xyz: np.ndarray, affine: np.ndarray, path: str | Path | None = None) -> "CTVolume":
+        """Wrap an HU array in the file's own orientation (as nibabel reads it) and canonicalise."""
+        return _canonicalise(np.asarray(array_xyz, dtype=np.float32), np.asarray(affine, dtype=np.float64), path)
+
+
+def _canonicalise(data: np.ndarray, affine: np.ndarray, path: str | Path | None) -> CTVolume:
+    ornt = io_orientation(affine)
+    canonical = apply_orientation(data, ornt)
+    canonical_affine = affine @ inv_ornt_aff(ornt, data.shape)
+    return CTVolume(
+        array=np.ascontiguousarray(canonical, dtype=np.float32),
+        affine=canonical_affine,
+        path=None if path is None else Path(path),
+        original_affine=affine.copy(),
+        original_shape=tuple(int(s) for s in data.shape),
+    )
+
+
+def _read_image(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    if not path.exists():
+        raise InputError("file not found", path)
+    if not path.is_file():
+        raise InputError("not a file", path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)  # forces the read: truncated / corrupt gzip fails here
+    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+        raise InputError(f"corrupt or truncated gzip data ({exc})", path) from exc
+    except nib.filebasedimages.ImageFileError as exc:
+        raise InputError(f"not a readable NIfTI image ({exc})", path) from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable image file ({exc})", path) from exc
+    return img, data
+
+
+def check_affine(affine: np.ndarray, path: str | Path | None) -> None:
+    """Refuse affines with non-finite entries or zero / negative / non-finite voxel spacing."""
+    if not np.all(np.isfinite(affine)):
+        raise InputError("affine has non-finite entries", path)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(spacing <= 1e-6):
+        raise InputError(f"voxel spacing must be positive, got {tuple(np.round(spacing, 4))} mm", path)
+
+
+def check_hu(array: np.ndarray, path: str | Path | None) -> None:
+    """Refuse arrays that are not a CT in Hounsfield units (non-finite, or already scaled)."""
+    if not np.all(np.isfinite(array)):
+        n = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(f"{n} voxels are NaN or infinite", path)
+    lo, hi = float(array.min()), float(array.max())
+    if lo > _HU_MIN_BELOW or hi - lo < _HU_MIN_RANGE:
+        raise InputError(
+            f"intensities range {lo:.4g}..{hi:.4g}, which is not Hounsfield units "
+            "(expected air near -1000 HU; is the image already scaled to 0..1 or 0..255?)",
+            path,
+        )
+
+
+def load_ct(path: str | Path, *, min_slices: int = 1) -> CTVolume:
+    """Read a CT NIfTI file in HU, check it, and reorient it to canonical RAS+.
+
+    Raises:
+        InputError: missing or unreadable file, corrupt gzip, not 3D, non-finite values,
+            intensities that are not HU, zero or negative spacing, fewer than ``min_slices``.
+    """
+    path = Path(path)
+    img, raw = _read_image(path)
+    data = np.asarray(raw)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"expected a 3D volume, got shape {data.shape}", path)
+    if min(data.shape) < 2:
+        raise InputError(f"expected a 3D volume, got shape {data.shape}", path)
+    data = data.astype(np.float32, copy=False)  # dataobj already applied scl_slope / scl_inter
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(affine, path)
+    check_hu(data, path)
+    ct = _canonicalise(data, affine, path)
+    if ct.shape[2] < min_slices:
+        raise InputError(f"{ct.shape[2]} slices, fewer than the {min_slices} required", path)
+    return ct
+
+
+def load_mask(path: str | Path, reference: CTVolume | None = None) -> np.ndarray:
+    """Read a binary / label mask as bool, canonical orientation, checked against ``reference``."""
+    path = Path(path)
+    img, raw = _read_image(path)
+    data = np.asarray(raw)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"expected a 3D mask, got shape {data.shape}", path)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(affine, path)
+    ornt = io_orientation(affine)
+    mask = apply_orientation(data, ornt) > 0
+    if reference is not None:
+        canon_affine = affine @ inv_ornt_aff(ornt, data.shape)
+        if mask.shape != reference.shape or not np.allclose(canon_affine, reference.affine, atol=1e-3):
+            raise InputError(
+                f"mask grid {mask.shape} does not match the CT grid {reference.shape} "
+                f"({reference.path}); resample it first",
+                path,
+            )
+    return np.ascontiguousarray(mask)
+
+
+def save_like(canonical: np.ndarray, reference: CTVolume, path: str | Path, *, dtype: str | np.dtype = np.float32) -> Path:
+    """Write an array on ``reference``'s canonical grid to ``path`` on the reference file's own grid.
+
+    The output has the reference file's shape and affine, so it overlays the input exactly. The
+    write is atomic: nothing is left at ``path`` if it fails.
+    """
+    path = Path(path)
+    data = reference.to_original(np.asarray(canonical)).astype(dtype, copy=False)
+    img = nib.Nifti1Image(data, reference.original_affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(reference.original_affine, code=1)
+    img.set_sform(reference.original_affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return path
+
+
+def save_array(array: np.ndarray, affine: np.ndarray, path: str | Path, *, dtype: str | np.dtype = np.float32) -> Path:
+    """Write an array in its own voxel order with ``affine`` (atomic)."""
+    img = nib.Nifti1Image(np.asarray(array).astype(dtype, copy=False), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)

@@ -1,0 +1,55 @@
+"""Progress reporting: tqdm bars for people, parseable lines for the Slicer module.
+
+The CLI chooses the mode (``--progress bar|lines|none``). In ``lines`` mode every update is one
+line on stdout, ``PROGRESS <fraction> <message>``, flushed at once, which the Slicer module reads
+from its child process to drive one progress bar and a status text.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_MODES = ("bar", "lines", "none")
+_mode = "bar"
+
+
+def set_mode(mode: str) -> None:
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"progress mode must be one of {_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def get_mode() -> str:
+    return _mode
+
+
+def report(fraction: float, message: str) -> None:
+    """Report overall progress of the current command (0..1) with a short status text."""
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    if _mode == "lines":
+        print(f"PROGRESS {fraction:.4f} {message}", file=sys.stdout, flush=True)
+    elif _mode == "bar":
+        print(f"[{fraction * 100:5.1f} %] {message}", file=sys.stderr, flush=True)
+
+
+def track(iterable: Iterable[T], *, total: int | None = None, desc: str = "", start: float = 0.0, end: float = 1.0) -> Iterator[T]:
+    """Iterate with a tqdm bar (``bar``) or ``PROGRESS`` lines mapped onto [start, end] (``lines``)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    if _mode == "bar":
+        from tqdm.auto import tqdm
+
+        yield from tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        return
+    step = max(1, (total or 1) // 50)
+    for i, item in enumerate(iterable):
+        if _mode == "lines" and total and i % step == 0:
+            report(start + (end - start) * i / total, f"{desc} {i}/{total}")
+        yield item
+    if _mode == "lines":
+        report(end, f"{desc} done")

@@ -1,0 +1,18 @@
+"""Shared pytest fixtures: paths to the shared real CT data and small generated cohorts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+REAL_CT_DIR = PROJECT_ROOT.parent / "shared" / "data" / "real_ct"
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir() -> Path:
+    """The shared real CT volumes (read in place, never copied into the project)."""
+    if not REAL_CT_DIR.is_dir():
+        pytest.skip(f"shared real CT data not found at {REAL_CT_DIR}")
+    return REAL_CT_DIR
