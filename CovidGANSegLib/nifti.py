@@ -7,6 +7,7 @@ written back on the input file's own voxel grid (same shape, same affine) so the
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import zlib
 from dataclasses import dataclass
@@ -85,20 +86,73 @@ def _canonicalise(data: np.ndarray, affine: np.ndarray, path: str | Path | None)
     )
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's NIfTI bytes; gzip files are decompressed completely so that truncation and
+    corruption are detected (CRC and length check at the end of the stream), which reading only
+    the bytes the image needs would miss."""
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == _GZIP_MAGIC or path.name.endswith(".gz"):
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    return path.read_bytes()
+
+
+def _image_from_bytes(raw: bytes, path: Path) -> nib.Nifti1Image:
+    if len(raw) < 348:
+        raise InputError(f"not a NIfTI image (only {len(raw)} bytes)", path)
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    klass = nib.Nifti1Image if 348 in sizes else nib.Nifti2Image if 540 in sizes else None
+    if klass is None:
+        raise InputError("not a NIfTI image (unknown header size)", path)
+    header = klass.header_class.from_fileobj(io.BytesIO(raw), check=False)
+    if header.get("magic", b"").tobytes().rstrip(b"\x00") not in (b"n+1", b"n+2"):
+        raise InputError("not a single-file NIfTI image (.nii / .nii.gz)", path)
+    _check_raw_pixdim(header, path)
+    return klass.from_bytes(raw)
+
+
+def _check_raw_pixdim(header: nib.Nifti1Header, path: Path) -> None:
+    """Refuse zero / negative / non-finite voxel sizes in the header when the affine uses them.
+
+    nibabel silently replaces them (0 -> 1 mm, negative -> absolute value), which would give a
+    wrong geometry; with an sform the pixdim values are not used and only a warning is logged.
+    """
+    ndim = int(header["dim"][0])
+    pixdim = np.asarray(header["pixdim"][1 : 1 + min(3, max(ndim, 1))], dtype=np.float64)
+    if np.all(np.isfinite(pixdim)) and np.all(pixdim > 0):
+        return
+    text = ", ".join(f"{v:g}" for v in pixdim)
+    if int(header["sform_code"]) > 0:
+        log.warning("%s: header voxel sizes (pixdim %s) are not positive; using the sform", path, text)
+        return
+    raise InputError(f"voxel spacing must be positive, got pixdim {text} mm", path)
+
+
 def _read_image(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     if not path.exists():
         raise InputError("file not found", path)
     if not path.is_file():
         raise InputError("not a file", path)
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)  # forces the read: truncated / corrupt gzip fails here
+        raw = _read_bytes(path)
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise InputError(f"corrupt or truncated gzip data ({exc})", path) from exc
+    except OSError as exc:
+        raise InputError(f"unreadable file ({exc})", path) from exc
+    try:
+        img = _image_from_bytes(raw, path)
+        del raw
+        data = np.asarray(img.dataobj, dtype=np.float32)  # scl_slope / scl_inter applied, in float32
+    except InputError:
+        raise
     except nib.filebasedimages.ImageFileError as exc:
         raise InputError(f"not a readable NIfTI image ({exc})", path) from exc
-    except (OSError, ValueError) as exc:
-        raise InputError(f"unreadable image file ({exc})", path) from exc
+    except (OSError, ValueError, TypeError, EOFError, nib.spatialimages.HeaderDataError) as exc:
+        raise InputError(f"unreadable or truncated image file ({exc})", path) from exc
     return img, data
 
 
@@ -108,7 +162,8 @@ def check_affine(affine: np.ndarray, path: str | Path | None) -> None:
         raise InputError("affine has non-finite entries", path)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if np.any(spacing <= 1e-6):
-        raise InputError(f"voxel spacing must be positive, got {tuple(np.round(spacing, 4))} mm", path)
+        text = ", ".join(f"{v:.4g}" for v in spacing)
+        raise InputError(f"voxel spacing must be positive, got {text} mm", path)
 
 
 def check_hu(array: np.ndarray, path: str | Path | None) -> None:
@@ -134,14 +189,13 @@ def load_ct(path: str | Path, *, min_slices: int = 1) -> CTVolume:
     """
     path = Path(path)
     img, raw = _read_image(path)
-    data = np.asarray(raw)
-    if data.ndim == 4 and data.shape[3] == 1:
+    data = raw
+    while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(f"expected a 3D volume, got shape {data.shape}", path)
     if min(data.shape) < 2:
-        raise InputError(f"expected a 3D volume, got shape {data.shape}", path)
-    data = data.astype(np.float32, copy=False)  # dataobj already applied scl_slope / scl_inter
+        raise InputError(f"expected a 3D volume, got shape {data.shape} (a single slice or line)", path)
     affine = np.asarray(img.affine, dtype=np.float64)
     check_affine(affine, path)
     check_hu(data, path)

@@ -1,9 +1,41 @@
-"""Placeholder: the owner of this subcommand replaces this file (see CovidGANSegLib.cli)."""
+"""``covidganseg evaluate``: standard segmentation metrics against reference masks (never for training)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Register nothing yet."""
+    p = subparsers.add_parser(
+        "evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="score lesion masks against reference masks: per volume, per slice, tables and box plots",
+        description=(
+            "Compare predicted lesion masks with reference masks: two NIfTI files, or two folders matched by\n"
+            "study id (study_0001.nii.gz or study_0001_lesion.nii.gz vs study_0001_mask.nii.gz). Each pair\n"
+            "must share the voxel grid. Per volume, over ALL voxels: Dice, sensitivity, specificity,\n"
+            "precision, absolute volume difference (mL) and HD95 (mm); the same per axial slice; and, with\n"
+            "--lungs, the predecessor's slice protocol separately labelled, for comparison only.\n"
+            "Empty masks: both empty -> Dice 1, HD95 0; one empty -> Dice 0, HD95 undefined (left out of means).\n\n"
+            "DIR receives per_volume.csv, per_slice.csv, predecessor_protocol.csv, summary.csv, summary.json,\n"
+            "summary.md (mean / std in the form of the paper's Table 1) and boxplots.png."),
+        epilog="example:\n  covidganseg evaluate --pred results/ --truth MosMedData/masks --lungs results/lungs --out evaluation/",
+    )
+    p.add_argument("--pred", type=Path, required=True, metavar="P", help="predicted mask (or probability) file, or a folder of them")
+    p.add_argument("--truth", type=Path, required=True, metavar="T", help="reference mask file, or a folder of them")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder for tables, JSON and box plots")
+    p.add_argument("--lungs", type=Path, default=None, help="lung mask file or folder (enables the predecessor's slice protocol)")
+    p.add_argument("--threshold", type=float, default=0.5, help="predictions >= THRESHOLD are lesion (default 0.5; 0/1 masks are unaffected)")
+    p.add_argument("--method", default="prediction", help="method name used in the tables (default 'prediction')")
+    p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on large volumes)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from CovidGANSegLib.evaluation import evaluate_paths, table1_markdown
+
+    summary = evaluate_paths(args.pred, args.truth, args.out, lungs=args.lungs, threshold=args.threshold, method=args.method,
+                             with_hd95=not args.no_hd95)
+    print(f"{summary['cases']} case(s); tables and box plots in {args.out}")
+    print(table1_markdown(summary["models"]), end="")
+    return 0

@@ -1,0 +1,296 @@
+"""Lesion segmentation of a CT file on its own grid (``covidganseg segment``).
+
+``segment_ct`` preprocesses a CT with the segmenter checkpoint's own ``PreprocessConfig`` (same
+grid and HU window as in training; when a GAN is given too, both must agree), runs the 2D
+segmenter slice by slice on the model grid (batched, ``torch.inference_mode``), maps the
+probabilities back onto the canonical CT grid with ``GridMapping.to_canonical`` (linear; 0 outside
+the model's crop box), thresholds them (``p > threshold``, default the checkpoint's 0.5) and keeps
+only voxels inside the lung mask computed (or given) on the input grid.
+
+``segment_file`` does the same file to file: the lesion mask (uint8 0/1) has the input file's
+shape and affine, and optional outputs are the lung mask, the GAN's pseudo-healthy CT and
+difference map (HU), and ``report.json`` (``quantify``: lesion and lung volume in mL, percent of
+lung involved, MosMed category). All files are written together at the end, each atomically: on
+an error before that point nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from CovidGANSegLib import progress
+from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card
+from CovidGANSegLib.config import PreprocessConfig
+from CovidGANSegLib.errors import CheckpointError, InputError
+from CovidGANSegLib.seg import ARCHS, resolve_device
+from CovidGANSegLib.seg.training import pad_to_multiple
+from CovidGANSegLib.seg.transunet import SegConfig
+from CovidGANSegLib.seg.unet import build_segmenter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :func:`segment_ct` (canonical arrays are indexed ``(x, y, z)``).
+
+    Attributes:
+        probability: canonical float32 lesion probability (0 outside the model's crop box).
+        lesion_mask: canonical bool, ``probability > threshold`` inside the lung mask.
+        lung_mask: canonical bool lung mask used.
+        probability_model: ``(D, H, W)`` probabilities on the model grid.
+        preprocessed: the ``preprocessing.PreprocessedVolume`` the model saw.
+        threshold: the probability threshold used.
+    """
+
+    probability: np.ndarray
+    lesion_mask: np.ndarray
+    lung_mask: np.ndarray
+    probability_model: np.ndarray
+    preprocessed: Any
+    threshold: float
+
+
+def load_segmenter(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a segmenter (``model.pt`` or a training ``last.pt``) in eval mode.
+
+    Returns ``(model, payload)``; ``model.preprocess_config`` is the training PreprocessConfig.
+
+    Raises:
+        CheckpointError: missing, corrupt, truncated or foreign file, a GAN checkpoint, an unknown
+            architecture, or weights that do not fit the stored configuration.
+    """
+    path = Path(checkpoint)
+    payload = load_checkpoint(path, kind="seg", map_location="cpu")
+    arch = payload.get("arch")
+    if arch not in ARCHS:
+        raise CheckpointError(f"unknown segmenter architecture {arch!r} (this version knows {', '.join(ARCHS)})", path)
+    if not isinstance(payload.get("model"), dict):
+        raise CheckpointError("segmenter checkpoint without model weights", path)
+    try:
+        config = SegConfig.from_dict(payload["config"])
+        preprocess = PreprocessConfig.from_dict(payload["preprocess"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"segmenter checkpoint with an invalid configuration ({exc})", path) from exc
+    model = build_segmenter(arch, config)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not match the stored {arch} configuration ({str(exc).splitlines()[0][:200]})", path) from exc
+    model.preprocess_config = preprocess
+    model.to(resolve_device(device)).eval()
+    return model, payload
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def predict_slices(model: torch.nn.Module, image: np.ndarray, *, batch_size: int = 16, progress_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Lesion probabilities ``(D, H, W)`` for a model-grid volume ``(D, H, W)`` in [0, 1], slice by slice."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"expected a (D, H, W) volume, got shape {image.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model.eval()
+    device = _device_of(model)
+    d, h, w = image.shape
+    out = np.empty(image.shape, dtype=np.float32)
+    starts = range(0, d, batch_size)
+    if progress_range is not None:
+        starts = progress.track(starts, desc="segmenting slices", start=progress_range[0], end=progress_range[1])
+    for s in starts:
+        x = torch.from_numpy(image[s:s + batch_size])[:, None].to(device)  # (B, H, W) -> (B, 1, H, W)
+        logits = model(pad_to_multiple(x))[..., :h, :w]
+        out[s:s + batch_size] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+    return out
+
+
+def segment_ct(ct, model: torch.nn.Module, preprocess: PreprocessConfig | None = None, *, lung_mask: np.ndarray | None = None,
+               threshold: float = 0.5, batch_size: int = 16, preprocessed: Any = None) -> SegmentationResult:
+    """Segment lesions in one ``nifti.CTVolume``.
+
+    Args:
+        ct: the CT (canonical, HU).
+        model: from :func:`load_segmenter` (or any network with the segmenters' interface).
+        preprocess: the checkpoint's preprocessing (default ``model.preprocess_config``).
+        lung_mask: canonical ``(x, y, z)`` bool lung mask; computed when None.
+        threshold: probability threshold in (0, 1).
+        batch_size: slices per forward pass.
+        preprocessed: an already computed ``PreprocessedVolume`` of ``ct`` with ``preprocess``.
+    """
+    from CovidGANSegLib.preprocessing import preprocess_ct
+
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if preprocess is None:
+        preprocess = getattr(model, "preprocess_config", None)
+        if preprocess is None:
+            raise ValueError("give the PreprocessConfig the model was trained with")
+    pv = preprocessed if preprocessed is not None else preprocess_ct(ct, preprocess, lung_mask=lung_mask)
+    lung = np.asarray(lung_mask if lung_mask is not None else pv.lung_mask_canonical, dtype=bool)
+    if lung.shape != ct.shape:
+        raise ValueError(f"lung mask {lung.shape} does not match the CT grid {ct.shape}")
+    prob_model = predict_slices(model, pv.image, batch_size=batch_size, progress_range=(0.45, 0.75))
+    prob = pv.mapping.to_canonical(prob_model, order=1)  # (x, y, z), 0 outside the crop box
+    np.clip(prob, 0.0, 1.0, out=prob)
+    lesion = (prob > threshold) & lung
+    return SegmentationResult(probability=prob, lesion_mask=lesion, lung_mask=lung, probability_model=prob_model, preprocessed=pv,
+                              threshold=float(threshold))
+
+
+def _card(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_model_card(path)
+    except CheckpointError:
+        return None
+
+
+def _check_outputs(input: Path, outputs: dict[str, Path | None]) -> None:
+    given = {k: Path(v) for k, v in outputs.items() if v is not None}
+    for key, p in given.items():
+        if key != "report" and not (p.name.endswith(".nii") or p.name.endswith(".nii.gz")):
+            raise InputError(f"--{key.replace('_', '-')} must be a NIfTI file name ending in .nii or .nii.gz", p)
+        if key == "report" and p.suffix.lower() != ".json":
+            raise InputError("--report must be a .json file name", p)
+        if p.resolve() == input.resolve():
+            raise InputError("an output would overwrite the input CT; choose another file name", p)
+        if p.is_dir():
+            raise InputError("output is a folder; give a file name", p)
+    resolved = [p.resolve() for p in given.values()]
+    if len(set(resolved)) != len(resolved):
+        raise InputError("two outputs have the same file name", next(iter(given.values())))
+
+
+def _preprocess_differences(a: PreprocessConfig, b: PreprocessConfig) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db.get(k)]
+
+
+def _integral_dtype(*arrays: np.ndarray) -> type:
+    lim = np.iinfo(np.int16)
+    for a in arrays:
+        if not np.all(a == np.rint(a)) or a.min() < lim.min or a.max() > lim.max:
+            return np.float32
+    return np.int16
+
+
+def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan: str | Path | None = None, lungs: str | Path | None = None,
+                 pseudo_healthy: str | Path | None = None, difference: str | Path | None = None, report: str | Path | None = None,
+                 device: str = "auto", threshold: float | None = None, input_lungs: str | Path | None = None,
+                 batch_size: int = 16) -> dict[str, Any]:
+    """File to file: lesion mask (and optional outputs) on the input CT's own grid; returns the report.
+
+    Args:
+        input: CT NIfTI in HU (any slice count, spacing and orientation).
+        seg: segmenter checkpoint (``model.pt`` of ``train-seg``).
+        output: lesion mask NIfTI to write (uint8, 1 = lesion).
+        gan: GAN checkpoint; needed for ``pseudo_healthy`` / ``difference``, and checked to share
+            the segmenter's preprocessing.
+        lungs: lung mask NIfTI to write (uint8).
+        pseudo_healthy, difference: GAN outputs to write (HU; int16 for integral inputs).
+        report: JSON report to write (the returned dict).
+        device: ``auto``, ``cpu`` or ``cuda`` (CPU fallback with a warning when CUDA is missing).
+        threshold: probability threshold (default: the checkpoint's, 0.5).
+        input_lungs: a lung mask NIfTI on the input grid to use instead of computing one.
+
+    Raises:
+        InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
+            names; nothing is written then.
+    """
+    from CovidGANSegLib.atomic import atomic_path
+    from CovidGANSegLib.nifti import load_ct, load_mask, save_like
+    from CovidGANSegLib.preprocessing import preprocess_ct
+    from CovidGANSegLib.quantify import quantify
+
+    t0 = time.perf_counter()
+    input, seg = Path(input), Path(seg)
+    outputs = {"output": output, "lungs": lungs, "pseudo_healthy": pseudo_healthy, "difference": difference, "report": report}
+    _check_outputs(input, outputs)
+    if (pseudo_healthy is not None or difference is not None) and gan is None:
+        raise InputError("--pseudo-healthy and --difference need the GAN checkpoint (--gan)", Path(pseudo_healthy or difference))
+    dev = resolve_device(device)
+
+    progress.report(0.0, "loading models")
+    model, payload = load_segmenter(seg, dev)
+    preprocess = model.preprocess_config
+    thr = float(payload.get("threshold", 0.5) if threshold is None else threshold)
+    if not 0.0 < thr < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {thr}")
+    generator = None
+    if gan is not None:
+        from CovidGANSegLib.gan.inference import load_generator, preprocess_config_of
+
+        generator, gan_payload = load_generator(gan, dev)
+        gan_pp = preprocess_config_of(gan_payload)
+        diffs = _preprocess_differences(preprocess, gan_pp)
+        if diffs:
+            raise CheckpointError(f"the GAN ({gan}) and the segmenter were trained with different preprocessing ({'; '.join(diffs)}); "
+                                  "use models from the same pipeline run", seg)
+
+    progress.report(0.1, "reading CT")
+    ct = load_ct(input)
+    lung_in = load_mask(input_lungs, ct) if input_lungs is not None else None
+    progress.report(0.2, "lung mask and preprocessing")
+    pv = preprocess_ct(ct, preprocess, lung_mask=lung_in)
+    lung = pv.lung_mask_canonical if lung_in is None else lung_in
+    result = segment_ct(ct, model, preprocess, lung_mask=lung, threshold=thr, batch_size=batch_size, preprocessed=pv)
+    ph = None
+    if generator is not None and (pseudo_healthy is not None or difference is not None):
+        from CovidGANSegLib.gan.inference import pseudo_healthy as make_pseudo_healthy
+
+        progress.report(0.75, "pseudo-healthy CT")
+        ph = make_pseudo_healthy(generator, ct, preprocess, lung_mask=lung)
+
+    progress.report(0.85, "quantifying")
+    q = quantify(result.lesion_mask, lung, ct.spacing)
+    seg_card, gan_card = _card(seg), (_card(Path(gan)) if gan is not None else None)
+    demo = bool((seg_card or {}).get("demo") or (gan_card or {}).get("demo") or payload.get("metadata", {}).get("demo"))
+    rep: dict[str, Any] = {
+        "input": str(input),
+        "shape": list(ct.original_shape),
+        "spacing_mm": [float(s) for s in ct.spacing],
+        **{k: q[k] for k in ("lesion_ml", "lung_ml", "percent_involved", "mosmed_category")},
+        "quantification": q,
+        "category_rule": "MosMed: CT-1 < 25 %, CT-2 25-50 %, CT-3 50-75 %, CT-4 >= 75 % of lung; "
+                         f"below {q['ct0_max_percent']} % counts as CT-0",
+        "threshold": thr,
+        "segmenter": {"checkpoint": str(seg), "arch": payload.get("arch"), "config": payload.get("config", {}).get("name"),
+                      "demo": bool((seg_card or {}).get("demo", payload.get("metadata", {}).get("demo", False)))},
+        "gan": None if gan is None else {"checkpoint": str(gan), "demo": bool((gan_card or {}).get("demo", False))},
+        "outputs": {k: None if v is None else str(v) for k, v in outputs.items()},
+        "device": dev,
+        "demo_models": demo,
+        "warning": "models trained on synthetic phantoms: demonstration only, not for clinical use" if demo else
+                   "research use only, not for clinical use",
+    }
+
+    progress.report(0.9, "writing outputs")
+    with contextlib.ExitStack() as stack:
+        tmp = {k: stack.enter_context(atomic_path(v)) for k, v in outputs.items() if v is not None}
+        save_like(result.lesion_mask.astype(np.uint8), ct, tmp["output"], dtype=np.uint8)
+        if "lungs" in tmp:
+            save_like(lung.astype(np.uint8), ct, tmp["lungs"], dtype=np.uint8)
+        if ph is not None:
+            dtype = _integral_dtype(ph.pseudo_healthy_hu, ph.difference_hu)
+            if "pseudo_healthy" in tmp:
+                save_like(ph.pseudo_healthy_hu, ct, tmp["pseudo_healthy"], dtype=dtype)
+            if "difference" in tmp:
+                save_like(ph.difference_hu, ct, tmp["difference"], dtype=dtype)
+        rep["runtime_s"] = time.perf_counter() - t0
+        if "report" in tmp:
+            tmp["report"].write_text(json.dumps(rep, indent=2) + "\n")
+    progress.report(1.0, "done")
+    log.info("%s: %.1f mL lesion in %.1f mL lung (%.2f %%, %s)", input.name, q["lesion_ml"], q["lung_ml"], q["percent_involved"], q["mosmed_category"])
+    return rep

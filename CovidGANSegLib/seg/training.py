@@ -1,0 +1,573 @@
+"""Training of the 2D segmenters on GAN pseudo-masks (paper section 3.3, Algorithm 1 lines 15-24).
+
+Data: a pseudo-masks folder (``gan.pseudomasks.make_pseudo_masks``): ``images.npy`` (the COVID
+volumes on the model grid, (N, D, H, W) in [0, 1]), ``pseudo_masks.npy`` (bool), ``lungs.npy``,
+``severity.json`` ("high" / "low" lists of [volume_index, slice_index]). Lesion masks are never
+read. Training uses the 2D axial slices that contain lung, held in memory as tensors.
+
+* Validation split by VOLUME (``val_fraction`` of the pseudo-mask volumes, never ground truth):
+  all lung slices of those volumes are scored against their pseudo-masks (eq. 5 + MSE loss, and
+  Dice of ``p > 0.5`` inside the lung). The model with the best validation Dice (ties: lower loss;
+  validation loss alone when the validation pseudo-masks are empty) becomes ``model.pt``.
+* Phase 1 (the first ``pretrain_fraction`` of the iterations): contrastive pre-training of the
+  encoder and projection head with the enhanced contrastive loss (eq. 4) on batches of half
+  high-infection and half low-infection slices (positives = same severity group). Skipped, with a
+  warning, when the training volumes lack one of the groups.
+* Phase 2: end-to-end, ``w_s * L_sensitivity (eq. 5) + w_m * MSE + w_c * L_contrastive`` where the
+  contrastive term uses the batch's slices that belong to a severity group. ``positive_fraction``
+  of each batch comes from slices whose pseudo-mask is not empty (lesions are a small share of
+  the slices).
+* Adam (learning rate from the configuration: the paper's 5e-5 for ``paper``; 1e-3 for the CPU
+  ``small`` and the test ``tiny`` configurations, which train for only hundreds of iterations),
+  StepLR x ``lr_gamma`` every ``lr_step`` iterations; the learnable temperature (``log tau``) is
+  optimised with the network. Light augmentation: random horizontal / vertical flips and a small
+  intensity jitter (x [0.95, 1.05], + [-0.03, 0.03], clipped to [0, 1]).
+
+Run folder::
+
+    RUN/checkpoints/last.pt     resumable state: weights, optimiser (incl. log tau), scheduler,
+                                iteration, phase boundary, RNG states, best model so far (atomic)
+    RUN/losses.csv              one row per iteration (+ validation columns when validated)
+    RUN/loss_curves.png         training and validation curves
+    RUN/samples/iter_NNNNN.png  validation slices: input, pseudo-mask, predicted probability
+    RUN/model.pt (+ .json)      the selected segmenter with its PreprocessConfig and model card
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from CovidGANSegLib import progress
+from CovidGANSegLib.atomic import atomic_path
+from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card, save_checkpoint, write_model_card
+from CovidGANSegLib.config import PreprocessConfig
+from CovidGANSegLib.errors import CheckpointError, InputError
+from CovidGANSegLib.seg import ARCHS, resolve_device
+from CovidGANSegLib.seg.losses import EnhancedContrastiveLoss, SensitivityEnhancedLoss, mse_to_pseudo_mask
+from CovidGANSegLib.seg.transunet import DOWNSAMPLE, SegConfig, count_parameters, get_seg_config
+from CovidGANSegLib.seg.unet import build_segmenter
+
+log = logging.getLogger(__name__)
+
+LOSS_COLUMNS = ("iteration", "phase", "loss", "contrastive", "sensitivity", "mse", "tau", "lr", "val_loss", "val_dice", "seconds")
+#: a slice "has lung" when at least this share of its pixels is lung
+MIN_LUNG_SHARE = 0.002
+PHASE_CONTRASTIVE, PHASE_END_TO_END = 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class PseudoMaskData:
+    """A pseudo-masks folder in memory (model grid, (N, D, H, W))."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    lungs: np.ndarray
+    severity: np.ndarray  # (N, D) int8: 1 high infection, 0 low infection, -1 neither
+    preprocess: PreprocessConfig
+    meta: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"unreadable JSON ({exc})", path) from exc
+
+
+def _find_preprocess(folder: Path, meta: dict[str, Any]) -> PreprocessConfig:
+    candidates: list[Any] = [meta.get("preprocess"), meta.get("preprocess_config")]
+    cfg = meta.get("config")
+    if isinstance(cfg, dict):
+        candidates += [cfg.get("preprocess"), cfg]
+    for name in ("preprocess.json", "config.json"):
+        p = folder / name
+        if p.is_file():
+            d = _read_json(p)
+            if isinstance(d, dict):
+                candidates += [d.get("preprocess"), d]
+    for c in candidates:
+        if isinstance(c, dict):
+            try:
+                return PreprocessConfig.from_dict(c)
+            except (TypeError, ValueError):
+                continue
+    raise InputError("no preprocessing configuration found (index.json 'preprocess' or config.json); "
+                     "was this folder made by 'covidganseg pseudo-masks'?", folder)
+
+
+def load_pseudo_masks(folder: str | Path) -> PseudoMaskData:
+    """Read a pseudo-masks folder and check it (shapes, severity indices)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("pseudo-masks folder not found", folder)
+    need = ("images.npy", "pseudo_masks.npy", "lungs.npy", "severity.json")
+    missing = [n for n in need if not (folder / n).is_file()]
+    if missing:
+        raise InputError(f"not a pseudo-masks folder: missing {', '.join(missing)}", folder)
+    try:
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        masks = np.load(folder / "pseudo_masks.npy", mmap_mode="r")
+        lungs = np.load(folder / "lungs.npy", mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"unreadable array file ({exc})", folder) from exc
+    if images.ndim != 4 or masks.shape != images.shape or lungs.shape != images.shape:
+        raise InputError(f"images {images.shape}, pseudo_masks {masks.shape} and lungs {lungs.shape} must be equal (N, D, H, W)", folder)
+    if images.shape[0] == 0:
+        raise InputError("the pseudo-masks folder holds no volumes", folder)
+    meta = _read_json(folder / "index.json") if (folder / "index.json").is_file() else {}
+    if not isinstance(meta, dict):
+        meta = {"records": meta}
+    severity_json = _read_json(folder / "severity.json")
+    n, d = images.shape[:2]
+    severity = np.full((n, d), -1, dtype=np.int8)
+    for key, label in (("low", 0), ("high", 1)):
+        for item in severity_json.get(key, []) if isinstance(severity_json, dict) else []:
+            try:
+                v, s = int(item[0]), int(item[1])
+            except (TypeError, ValueError, IndexError) as exc:
+                raise InputError(f"severity.json {key!r} entries must be [volume_index, slice_index], got {item!r}", folder) from exc
+            if not (0 <= v < n and 0 <= s < d):
+                raise InputError(f"severity.json {key!r} entry {item} is outside the {n} x {d} slices", folder)
+            severity[v, s] = label
+    return PseudoMaskData(
+        images=np.asarray(images, dtype=np.float32),
+        masks=np.asarray(masks).astype(bool, copy=False),
+        lungs=np.asarray(lungs).astype(bool, copy=False),
+        severity=severity,
+        preprocess=_find_preprocess(folder, meta),
+        meta=meta,
+        folder=folder,
+    )
+
+
+def split_volumes(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Training and validation VOLUME indices (at least one of each when n >= 2 and val_fraction > 0)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = 0 if n < 2 or val_fraction <= 0 else min(n - 1, max(1, int(round(val_fraction * n))))
+    return sorted(int(i) for i in perm[n_val:]), sorted(int(i) for i in perm[:n_val])
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLE) -> torch.Tensor:
+    """Zero-pad ``(..., H, W)`` at the bottom / right to multiples of ``multiple`` (0 = air in the window)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+@dataclass
+class SliceSet:
+    """Lung slices of some volumes as tensors ``(S, 1, H', W')`` (padded to multiples of 16)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    lungs: torch.Tensor
+    labels: torch.Tensor  # (S,) severity group or -1
+    index: list[tuple[int, int]]  # (volume, slice) of each row
+
+
+def lung_slices(data: PseudoMaskData, volumes: list[int], device: str | torch.device = "cpu") -> SliceSet:
+    h, w = data.images.shape[2:]
+    min_px = max(1, int(MIN_LUNG_SHARE * h * w))
+    index = [(v, s) for v in volumes for s in range(data.images.shape[1]) if int(data.lungs[v, s].sum()) >= min_px]
+    if not index:
+        empty = torch.zeros((0, 1, h + (-h) % DOWNSAMPLE, w + (-w) % DOWNSAMPLE))
+        return SliceSet(empty, empty.clone(), empty.bool(), torch.zeros(0, dtype=torch.long), [])
+    v_idx = np.array([i[0] for i in index])
+    s_idx = np.array([i[1] for i in index])
+
+    def take(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a[v_idx, s_idx]))[:, None]  # (S, H, W) -> (S, 1, H, W)
+        return pad_to_multiple(t.to(dtype)).to(device)
+
+    labels = torch.from_numpy(data.severity[v_idx, s_idx].astype(np.int64)).to(device)
+    return SliceSet(take(data.images, torch.float32), take(data.masks, torch.float32), take(data.lungs, torch.bool), labels, index)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+
+
+class SegTrainer:
+    """Network, losses, optimiser and one training iteration (usable without files)."""
+
+    def __init__(self, arch: str, config: SegConfig, *, device: str = "auto", seed: int = 0) -> None:
+        if arch not in ARCHS:
+            raise ValueError(f"model must be one of {ARCHS}, got {arch!r}")
+        self.arch = arch
+        self.config = config
+        self.device = torch.device(resolve_device(device))
+        torch.manual_seed(seed)
+        self.model = build_segmenter(arch, config).to(self.device)
+        self.contrastive = EnhancedContrastiveLoss(config.tau_init).to(self.device)
+        self.sensitivity = SensitivityEnhancedLoss(config.beta, fn_mode=config.fn_mode)
+        params = list(self.model.parameters()) + list(self.contrastive.parameters())
+        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+        self.generator = torch.Generator().manual_seed(seed)  # batches and augmentation (CPU)
+        self.iteration = 0
+        self.pretrain_iterations = 0
+        self.best: dict[str, Any] = {"key": None, "iteration": None, "val_loss": None, "val_dice": None, "state": None}
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def _draw(self, pool: torch.Tensor, k: int) -> torch.Tensor:
+        if k <= 0 or len(pool) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        return pool[torch.randint(len(pool), (k,), generator=self.generator)]
+
+    def sample(self, slices: SliceSet, phase: int, *, high: torch.Tensor, low: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        """Row indices of one batch: half high / half low (phase 1), or lesion-enriched (phase 2)."""
+        b = self.config.batch_size
+        if phase == PHASE_CONTRASTIVE:
+            return torch.cat([self._draw(high, b // 2), self._draw(low, b - b // 2)])
+        n_pos = int(round(self.config.positive_fraction * b)) if len(positive) else 0
+        return torch.cat([self._draw(positive, n_pos), torch.randint(len(slices.images), (b - n_pos,), generator=self.generator)])
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random flips (same for image and target) and a small intensity jitter of the image."""
+        b = x.shape[0]
+        r = torch.rand(b, 4, generator=self.generator).to(x.device)
+        fh = (r[:, 0] < 0.5)[:, None, None, None]
+        fv = (r[:, 1] < 0.5)[:, None, None, None]
+        x = torch.where(fh, x.flip(-1), x)
+        y = torch.where(fh, y.flip(-1), y)
+        x = torch.where(fv, x.flip(-2), x)
+        y = torch.where(fv, y.flip(-2), y)
+        scale = (1.0 + (r[:, 2] * 2 - 1) * 0.05)[:, None, None, None]
+        shift = ((r[:, 3] * 2 - 1) * 0.03)[:, None, None, None]
+        return (x * scale + shift).clamp(0.0, 1.0), y
+
+    # -- one iteration ---------------------------------------------------------------------------
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, phase: int) -> dict[str, float]:
+        """One optimiser step on a batch ``x, y`` (B, 1, H, W) with severity ``labels`` (B,)."""
+        cfg = self.config
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        nan = float("nan")
+        if phase == PHASE_CONTRASTIVE:
+            con = self.contrastive(self.model.project(x), labels)
+            loss, sel_v, mse_v = con, nan, nan
+        else:
+            logits, z = self.model.forward_with_projection(x)
+            sel = self.sensitivity(logits, y)
+            mse = mse_to_pseudo_mask(logits, y)
+            loss = cfg.weight_sensitivity * sel + cfg.weight_mse * mse
+            grouped = labels >= 0
+            counts = torch.bincount(labels[grouped]) if bool(grouped.any()) else labels.new_zeros(0)
+            con = None
+            if cfg.weight_contrastive > 0 and bool((counts >= 2).any()):  # some anchor has a positive in the batch
+                con = self.contrastive(z[grouped], labels[grouped])
+                loss = loss + cfg.weight_contrastive * con
+            sel_v, mse_v = float(sel.item()), float(mse.item())
+        loss.backward()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.iteration += 1
+        return {"phase": phase, "loss": float(loss.item()), "contrastive": nan if con is None else float(con.item()), "sensitivity": sel_v, "mse": mse_v,
+                "tau": float(self.contrastive.tau.item()), "lr": lr}
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, *, batch: int = 32) -> torch.Tensor:
+        """Probabilities ``(S, 1, H, W)`` in eval mode."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            return torch.cat([torch.sigmoid(self.model(images[i:i + batch])) for i in range(0, len(images), batch)]) if len(images) else images
+        finally:
+            self.model.train(was)
+
+    @torch.inference_mode()
+    def validate(self, val: SliceSet, *, batch: int = 32) -> dict[str, float]:
+        """Loss (eq. 5 + MSE, weighted as in training) and Dice of p > 0.5 in the lung, vs the pseudo-masks."""
+        was = self.model.training
+        self.model.eval()
+        cfg = self.config
+        total, pixels, tp, fp, fn = 0.0, 0, 0, 0, 0
+        try:
+            for i in range(0, len(val.images), batch):
+                x, y, lung = val.images[i:i + batch], val.masks[i:i + batch], val.lungs[i:i + batch]
+                logits = self.model(x)
+                n = y.numel()
+                total += float(cfg.weight_sensitivity * self.sensitivity(logits, y) + cfg.weight_mse * mse_to_pseudo_mask(logits, y)) * n
+                pixels += n
+                pred = (torch.sigmoid(logits) > 0.5) & lung
+                t = (y > 0.5) & lung
+                tp += int((pred & t).sum())
+                fp += int((pred & ~t).sum())
+                fn += int((~pred & t).sum())
+        finally:
+            self.model.train(was)
+        dice = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        return {"val_loss": total / max(pixels, 1), "val_dice": dice, "val_has_lesion": tp + fn > 0}
+
+    def consider(self, result: dict[str, float]) -> bool:
+        """Keep the current weights if they are the best on validation so far (strictly better)."""
+        key = (result["val_dice"], -result["val_loss"]) if result["val_has_lesion"] else (-result["val_loss"],)
+        if self.best["key"] is not None and not tuple(key) > tuple(self.best["key"]):
+            return False
+        self.best = {"key": list(key), "iteration": self.iteration, "val_loss": result["val_loss"], "val_dice": result["val_dice"],
+                     "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+        return True
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "iteration": int(self.iteration),
+            "pretrain_iterations": int(self.pretrain_iterations),
+            "model": self.model.state_dict(),
+            "contrastive": self.contrastive.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "best": self.best,
+        }
+
+    def load_state(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.contrastive.load_state_dict(payload["contrastive"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.iteration = int(payload["iteration"])
+        self.pretrain_iterations = int(payload["pretrain_iterations"])
+        self.best = dict(payload["best"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+def read_losses(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [dict(row) for row in csv.DictReader(fh)]
+
+
+def _truncate_losses(path: Path, last_iteration: int) -> None:
+    rows = [r for r in read_losses(path) if int(r["iteration"]) <= last_iteration]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=LOSS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _append_losses(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOSS_COLUMNS)
+        if new:
+            writer.writeheader()
+        out = {}
+        for k in LOSS_COLUMNS:
+            v = row.get(k)
+            out[k] = "" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.6g}" if isinstance(v, float) else v)
+        writer.writerow(out)
+
+
+def _is_demo(data: PseudoMaskData, data_path: Path | None) -> tuple[bool, str]:
+    """Were the pseudo-masks made from synthetic phantoms? Returns (demo, description)."""
+    meta = data.meta
+    if meta.get("demo") is True:
+        return True, "synthetic phantoms"
+    for key in ("gan", "gan_checkpoint", "checkpoint"):
+        ckpt = meta.get(key)
+        if isinstance(ckpt, str):
+            try:
+                if read_model_card(ckpt).get("demo"):
+                    return True, "synthetic phantoms"
+            except CheckpointError:
+                pass
+    try:
+        from CovidGANSegLib.gan.training import is_phantom_data
+    except ImportError:  # pragma: no cover - gan package missing
+        return False, str(data_path or data.folder)
+    for candidate in (data_path, data.folder, *(Path(str(meta[k])) for k in ("data", "source") if isinstance(meta.get(k), str))):
+        if candidate is not None and Path(candidate).exists() and is_phantom_data(candidate):
+            return True, "synthetic phantoms"
+    return False, str(data_path or data.folder)
+
+
+def _write_samples(trainer: SegTrainer, val: SliceSet, path: Path, iteration: int, n: int = 4) -> None:
+    from CovidGANSegLib.seg.figures import save_segmentation_samples
+
+    if len(val.images) == 0:
+        return
+    area = val.masks.flatten(1).sum(dim=1)
+    order = torch.argsort(area, descending=True, stable=True)[:n]
+    x = val.images[order]
+    prob = trainer.predict(x)
+    save_segmentation_samples(x[:, 0].cpu().numpy(), val.masks[order][:, 0].cpu().numpy(), prob[:, 0].cpu().numpy(), path,
+                              title=f"{trainer.arch}, iteration {iteration} (validation volumes)")
+
+
+# --------------------------------------------------------------------------------------------
+# the training run
+
+
+def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str = "transunet", config: str | Path | SegConfig = "small",
+                    iterations: int | None = None, resume: bool = False, device: str = "auto", seed: int = 0,
+                    data: str | Path | None = None) -> Path:
+    """Train a segmenter on a pseudo-masks folder and write RUN/model.pt; returns its path.
+
+    Args:
+        pseudo_masks: the pseudo-masks folder (see the module docstring).
+        run_dir: the run folder.
+        model: ``transunet`` or ``unet``.
+        config: ``paper``, ``small``, ``tiny``, a JSON file or a SegConfig (a resumed run keeps
+            its checkpoint's). ``image_size`` follows the data's slice size.
+        iterations: total iterations of both phases (default ``config.iterations``).
+        resume: continue from RUN/checkpoints/last.pt.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: seeds the weights, the volume split, batches and augmentation.
+        data: the dataset the pseudo-masks came from (provenance only: model card, demo flag).
+
+    Raises:
+        InputError: not a pseudo-masks folder, no lung slices, a checkpoint exists without
+            ``resume`` (or is missing with it), a checkpoint of another architecture.
+    """
+    pm_path, run_dir = Path(pseudo_masks), Path(run_dir)
+    data_path = None if data is None else Path(data)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    payload = None
+    if model not in ARCHS:
+        raise ValueError(f"model must be one of {ARCHS}, got {model!r}")
+    if resume:
+        if not ckpt_path.is_file():
+            raise InputError("no checkpoint to resume (checkpoints/last.pt is missing); start a fresh run without --resume", run_dir)
+        payload = load_checkpoint(ckpt_path, kind="seg")
+        if payload.get("arch") != model:
+            raise InputError(f"this run trains a {payload.get('arch')!r} model, not {model!r}", run_dir)
+        cfg = SegConfig.from_dict(payload["config"])
+        seed = int(payload.get("metadata", {}).get("seed", seed))
+    else:
+        if ckpt_path.exists():
+            raise InputError("this run folder already has a checkpoint (checkpoints/last.pt): use --resume to continue it, "
+                             "or choose a new --out folder", run_dir)
+        cfg = config if isinstance(config, SegConfig) else get_seg_config(config)
+
+    progress.report(0.0, "loading pseudo-masks")
+    pm = load_pseudo_masks(pm_path)
+    n, d, h, w = pm.images.shape
+    if payload is None:
+        size = h + (-h) % DOWNSAMPLE
+        if h == w and cfg.image_size != size:
+            cfg = cfg.replace(image_size=size)
+    total = int(iterations if iterations is not None else cfg.iterations)
+    if total < 1:
+        raise ValueError(f"iterations must be >= 1, got {total}")
+
+    train_vols, val_vols = split_volumes(n, cfg.val_fraction, seed)
+    if payload is not None and "split" in payload:
+        train_vols, val_vols = list(payload["split"]["train"]), list(payload["split"]["val"])
+    trainer = SegTrainer(model, cfg, device=device, seed=seed)
+    dev = trainer.device
+    train = lung_slices(pm, train_vols, dev)
+    val = lung_slices(pm, val_vols, dev)
+    if len(train.images) == 0:
+        raise InputError("no slice with lung in the training volumes", pm_path)
+    if not val_vols:
+        log.warning("only %d pseudo-mask volume(s): no validation split, the last model is kept", n)
+    high = torch.nonzero(train.labels == 1).flatten().cpu()
+    low = torch.nonzero(train.labels == 0).flatten().cpu()
+    positive = torch.nonzero(train.masks.flatten(1).amax(dim=1) > 0.5).flatten().cpu()
+    log.info("%s training on %d lung slices of %d volumes (%d with pseudo-lesion, %d high / %d low severity); validation: %d slices of %d volumes",
+             model, len(train.images), len(train_vols), len(positive), len(high), len(low), len(val.images), len(val_vols))
+
+    losses_csv = run_dir / "losses.csv"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if payload is not None:
+        trainer.load_state(payload)
+        _truncate_losses(losses_csv, trainer.iteration)
+        log.info("resumed at iteration %d of %d", trainer.iteration, total)
+    else:
+        if losses_csv.exists():
+            losses_csv.unlink()
+        can_pretrain = len(high) > 0 and len(low) > 0
+        trainer.pretrain_iterations = int(round(cfg.pretrain_fraction * total)) if can_pretrain else 0
+        if not can_pretrain and cfg.pretrain_fraction > 0:
+            log.warning("no high- and low-severity slices in the training volumes: contrastive pre-training (phase 1) skipped")
+    del payload
+
+    demo, source = _is_demo(pm, data_path)
+    metadata = {"config_name": cfg.name, "seed": int(seed), "pseudo_masks": str(pm_path), "data": None if data_path is None else str(data_path),
+                "n_train_volumes": len(train_vols), "n_val_volumes": len(val_vols), "device": str(dev), "demo": demo}
+    common = dict(kind="seg", arch=model, config=cfg.to_dict(), metadata=metadata, preprocess=pm.preprocess.to_dict(),
+                  split={"train": train_vols, "val": val_vols})
+
+    def save_state() -> None:
+        save_checkpoint(ckpt_path, **common, **trainer.state())
+
+    samples = run_dir / "samples"
+    start = trainer.iteration
+    for _ in progress.track(range(start, total), total=max(total - start, 0), desc=f"{model} training"):
+        t0 = time.perf_counter()
+        phase = PHASE_CONTRASTIVE if trainer.iteration < trainer.pretrain_iterations else PHASE_END_TO_END
+        idx = trainer.sample(train, phase, high=high, low=low, positive=positive).to(dev)
+        x, y = trainer.augment(train.images[idx], train.masks[idx])
+        row = trainer.step(x, y, train.labels[idx], phase)
+        it = trainer.iteration
+        if not math.isfinite(row["loss"]):
+            raise RuntimeError(f"segmenter training diverged at iteration {it}: {row}")
+        validate = bool(val_vols) and phase == PHASE_END_TO_END and (it % cfg.val_every == 0 or it == total)
+        if validate:
+            result = trainer.validate(val)
+            row.update(val_loss=result["val_loss"], val_dice=result["val_dice"])
+            if trainer.consider(result):
+                log.info("iteration %d: validation Dice %.4f, loss %.5f (best so far)", it, result["val_dice"], result["val_loss"])
+            _write_samples(trainer, val, samples / f"iter_{it:05d}.png", it)
+        _append_losses(losses_csv, {"iteration": it, **row, "seconds": time.perf_counter() - t0})
+        if it % cfg.checkpoint_every == 0 or it == total:
+            save_state()
+            from CovidGANSegLib.seg.figures import save_loss_curves
+
+            save_loss_curves(read_losses(losses_csv), run_dir / "loss_curves.png")
+        if it % max(1, cfg.log_every * 10) == 0:
+            log.info("iteration %d/%d (phase %d): loss %.5f, tau %.4f", it, total, phase, row["loss"], row["tau"])
+
+    progress.report(0.99, "writing the model")
+    best = trainer.best
+    if best["state"] is None:  # no validation happened: keep the last weights
+        best = {**best, "state": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, "iteration": trainer.iteration}
+    final_meta = {**metadata, "iterations": int(trainer.iteration), "pretrain_iterations": int(trainer.pretrain_iterations),
+                  "best_iteration": best["iteration"], "val_dice_pseudo": best["val_dice"], "val_loss_pseudo": best["val_loss"],
+                  "tau": float(trainer.contrastive.tau.item()), "parameters": count_parameters(trainer.model)}
+    model_path = run_dir / "model.pt"
+    save_checkpoint(model_path, kind="seg", arch=model, config=cfg.to_dict(), metadata=final_meta, preprocess=pm.preprocess.to_dict(),
+                    model=best["state"], threshold=0.5)
+    trained_on = f"pseudo-masks of {len(train_vols)} COVID volumes ({source}); validation on pseudo-masks of {len(val_vols)} other volumes"
+    write_model_card(model_path, name=f"seg-{model}-{run_dir.name}", kind="seg", arch=model, config_name=cfg.name, config=cfg.to_dict(),
+                     trained_on=trained_on, demo=demo,
+                     extra={"iterations": int(trainer.iteration), "preprocess": pm.preprocess.to_dict(), "best_iteration": best["iteration"],
+                            "val_dice_pseudo_masks": best["val_dice"], "val_loss_pseudo_masks": best["val_loss"],
+                            "parameters": final_meta["parameters"], "threshold": 0.5})
+    progress.report(1.0, f"{model} training done")
+    log.info("wrote %s", model_path)
+    return model_path

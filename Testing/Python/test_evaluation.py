@@ -1,0 +1,148 @@
+"""Evaluation on files and folders: matching by study id, grid checks, tables, JSON, box plots, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from CovidGANSegLib import cli, evaluation, progress
+from CovidGANSegLib.errors import InputError
+
+AFFINE = np.diag([-0.8, 0.8, 5.0, 1.0])  # LAS-like
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    progress.set_mode("none")
+    yield
+    progress.set_mode("bar")
+
+
+def _save(a: np.ndarray, path: Path, affine: np.ndarray = AFFINE, dtype=np.uint8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(a.astype(dtype), affine), str(path))
+    return path
+
+
+def _case(seed: int):
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((40, 40, 6), bool)
+    truth[10:30, 12:28, 1:5] = True
+    pred = truth.copy()
+    pred[10:30, 12:16, 1:5] = False  # misses a part
+    pred[int(rng.integers(0, 5)), 0:3, 0] = True  # a false positive
+    lung = np.zeros_like(truth)
+    lung[2:38, 2:38, :] = True
+    return pred, truth, lung
+
+
+def test_study_id():
+    assert evaluation.study_id("study_0001_mask.nii.gz") == "study_0001"
+    assert evaluation.study_id("a/b/study_0001.nii") == "study_0001"
+    assert evaluation.study_id("study_0001_lesion.nii.gz") == "study_0001"
+    assert evaluation.study_id("study_0001_lungs.nii.gz") == "study_0001"
+    assert evaluation.study_id("case7_pred_mask.nii.gz") == "case7"
+
+
+def test_evaluate_two_files_matches_metrics(tmp_path):
+    pred, truth, lung = _case(0)
+    p = _save(pred, tmp_path / "study_0001.nii.gz")
+    t = _save(truth, tmp_path / "study_0001_mask.nii.gz")
+    l = _save(lung, tmp_path / "study_0001_lungs.nii.gz")
+    s = evaluation.evaluate_paths(p, t, tmp_path / "out", lungs=l)
+    tp = int((pred & truth).sum())
+    fp = int((pred & ~truth).sum())
+    fn = int((~pred & truth).sum())
+    assert s["cases"] == 1
+    assert s["models"]["prediction"]["dice"]["mean"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert s["models"]["prediction"]["sensitivity"]["mean"] == pytest.approx(tp / (tp + fn))
+    assert s["models"]["prediction"]["abs_volume_diff_ml"]["mean"] == pytest.approx(abs(fp - fn) * 0.8 * 0.8 * 5 / 1000)
+    assert s["predecessor_protocol"]["prediction"]["scored_slices"] == 4
+    for name in ("per_volume.csv", "per_slice.csv", "predecessor_protocol.csv", "summary.csv", "summary.json", "summary.md", "boxplots.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| Dice (%) |" in md and "for comparison only" in md
+    json.loads((tmp_path / "out" / "summary.json").read_text())  # valid JSON (no NaN)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_slice.csv")))
+    assert len(rows) == 6
+
+
+def test_evaluate_folders_by_study_id_and_orientation(tmp_path):
+    preds, truths = tmp_path / "pred", tmp_path / "masks"
+    for i in (1, 2, 3):
+        pred, truth, _ = _case(i)
+        _save(truth, truths / f"study_000{i}_mask.nii.gz")
+        if i == 3:
+            continue  # no prediction for study 3: skipped with a warning
+        _save(pred, preds / f"study_000{i}_lesion.nii.gz")
+    _save(np.zeros((40, 40, 6)), preds / "study_0099.nii.gz")  # no reference: skipped
+    s = evaluation.evaluate_paths(preds, truths, tmp_path / "out", method="transunet")
+    assert s["cases"] == 2 and s["predecessor_protocol"]["transunet"] == {"skipped": "needs lung masks"}
+    ids = [r["id"] for r in s["per_case"]["transunet"]]
+    assert ids == ["study_0001", "study_0002"]
+
+
+def test_grid_mismatch_is_a_clear_error(tmp_path):
+    pred, truth, _ = _case(0)
+    p = _save(pred, tmp_path / "p.nii.gz", affine=np.diag([-0.8, 0.8, 2.5, 1.0]))
+    t = _save(truth, tmp_path / "t.nii.gz")
+    with pytest.raises(InputError, match="does not match the grid"):
+        evaluation.evaluate_paths(p, t, tmp_path / "out")
+    p2 = _save(pred[:, :, :5], tmp_path / "p2.nii.gz")
+    with pytest.raises(InputError, match="does not match the grid"):
+        evaluation.evaluate_paths(p2, t, tmp_path / "out")
+    with pytest.raises(InputError, match="no study ids in common"):
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        _save(pred, tmp_path / "a" / "study_0001.nii.gz")
+        _save(truth, tmp_path / "b" / "study_0002_mask.nii.gz")
+        evaluation.evaluate_paths(tmp_path / "a", tmp_path / "b", tmp_path / "out")
+    with pytest.raises(InputError, match="not found"):
+        evaluation.evaluate_paths(tmp_path / "missing.nii.gz", t, tmp_path / "out")
+
+
+def test_probability_predictions_and_empty_cases(tmp_path):
+    truth = np.zeros((20, 20, 4), bool)
+    prob = np.zeros((20, 20, 4), np.float32)
+    prob[5:8, 5:8, 1] = 0.4  # below 0.5: not lesion
+    p = _save(prob, tmp_path / "study_0001.nii.gz", dtype=np.float32)
+    t = _save(truth, tmp_path / "study_0001_mask.nii.gz")
+    s = evaluation.evaluate_paths(p, t, tmp_path / "out")
+    m = s["models"]["prediction"]
+    assert m["dice"]["mean"] == 1.0 and m["hd95_mm"]["mean"] == 0.0
+    assert m["sensitivity"] == {"mean": None, "std": None, "n": 0}
+    s2 = evaluation.evaluate_paths(p, t, tmp_path / "out2", threshold=0.3)
+    assert s2["models"]["prediction"]["dice"]["mean"] == 0.0 and s2["models"]["prediction"]["hd95_mm"]["n"] == 0
+
+
+def test_evaluate_methods_in_memory(tmp_path):
+    cases = [_case(i) for i in range(3)]
+    truths = [c[1] for c in cases]
+    preds = {"transunet": [c[0] for c in cases], "unet": [c[1] for c in cases], "hu_threshold": [np.zeros_like(c[1]) for c in cases]}
+    s = evaluation.evaluate_methods(preds, truths, [(0.8, 0.8, 5.0)] * 3, lungs=[c[2] for c in cases], out=tmp_path / "ev")
+    assert s["cases"] == 3 and set(s["models"]) == {"transunet", "unet", "hu_threshold"}
+    assert s["models"]["unet"]["dice"] == {"mean": 1.0, "std": 0.0, "n": 3}
+    assert s["models"]["hu_threshold"]["dice"]["mean"] == 0.0
+    assert math.isfinite(s["models"]["transunet"]["specificity"]["std"])
+    assert (tmp_path / "ev" / "boxplots.png").is_file()
+    table = evaluation.table1_markdown(s["models"])
+    assert table.splitlines()[0].startswith("| Metric | transunet mean | transunet std | unet mean")
+    with pytest.raises(ValueError):
+        evaluation.evaluate_methods({"a": truths[:2]}, truths, [(1, 1, 1)] * 3)
+
+
+def test_cli_evaluate(tmp_path, capsys):
+    pred, truth, _ = _case(0)
+    p = _save(pred, tmp_path / "study_0001.nii.gz")
+    t = _save(truth, tmp_path / "study_0001_mask.nii.gz")
+    assert cli.main(["--progress", "none", "evaluate", "--pred", str(p), "--truth", str(t), "--out", str(tmp_path / "o")]) == 0
+    assert "| Dice (%) |" in capsys.readouterr().out
+    bad = _save(pred[:, :, :4], tmp_path / "bad.nii.gz")
+    assert cli.main(["--progress", "none", "evaluate", "--pred", str(bad), "--truth", str(t), "--out", str(tmp_path / "o2")]) == 2
+    assert "does not match the grid" in capsys.readouterr().err

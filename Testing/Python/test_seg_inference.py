@@ -1,0 +1,190 @@
+"""`segment`: output geometry equals the input's for any grid, checkpoint errors, reports, HU baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+from CovidGANSegLib import progress
+from CovidGANSegLib.checkpoints import save_checkpoint, write_model_card
+from CovidGANSegLib.config import PreprocessConfig
+from CovidGANSegLib.errors import CheckpointError, InputError
+from CovidGANSegLib.nifti import CTVolume, load_ct
+from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
+from CovidGANSegLib.seg.inference import load_segmenter, segment_ct, segment_file
+from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
+
+PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    progress.set_mode("none")
+    yield
+    progress.set_mode("bar")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from CovidGANSegLib.phantoms import generate_phantom
+
+    return generate_phantom(np.random.default_rng(1), size="small", covid=True)  # CT-1, 128 x 128 x 34 LAS
+
+
+def _write(hu: np.ndarray, affine: np.ndarray, path: Path, axcodes: tuple[str, str, str] | None = None, dtype=np.int16) -> Path:
+    img = nib.Nifti1Image(hu.astype(dtype), affine)
+    if axcodes is not None:
+        img = img.as_reoriented(ornt_transform(io_orientation(affine), axcodes2ornt(axcodes)))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, str(path))
+    return path
+
+
+def _seg_checkpoint(path: Path, *, bias: float | None = None, seed: int = 0, pp: PreprocessConfig = PP) -> Path:
+    torch.manual_seed(seed)
+    cfg = SEG_CONFIGS["tiny"]
+    model = TransUNet(cfg)
+    if bias is not None:  # constant output: probability sigmoid(bias) everywhere in the crop
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.fill_(bias)
+    save_checkpoint(path, kind="seg", arch="transunet", config=cfg.to_dict(), metadata={"demo": True}, preprocess=pp.to_dict(),
+                    model=model.state_dict(), threshold=0.5)
+    write_model_card(path, name="test", kind="seg", arch="transunet", config_name="tiny", config=cfg.to_dict(),
+                     trained_on="nothing (random weights)", demo=True)
+    return path
+
+
+@pytest.mark.parametrize("axcodes, slices", [(None, 34), (("R", "A", "S"), 34), (("L", "P", "S"), 21), (("S", "P", "L"), 27)])
+def test_output_grid_equals_input_for_odd_geometries(phantom, tmp_path, axcodes, slices):
+    hu = phantom.hu[:, :, :slices]
+    ct_path = _write(hu, phantom.affine, tmp_path / "ct.nii.gz", axcodes)
+    ckpt = _seg_checkpoint(tmp_path / "seg.pt", bias=10.0)  # p ~ 1 everywhere in the crop box
+    out, lungs, report = tmp_path / "lesion.nii.gz", tmp_path / "lungs.nii.gz", tmp_path / "report.json"
+    rep = segment_file(ct_path, seg=ckpt, output=out, lungs=lungs, report=report, device="cpu")
+    src = nib.load(str(ct_path))
+    for p in (out, lungs):
+        img = nib.load(str(p))
+        assert img.shape == src.shape
+        assert np.allclose(img.affine, src.affine, atol=1e-5)
+        assert img.get_data_dtype() == np.uint8
+    lesion, lung = np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(lungs)).dataobj)
+    # the crop box holds the lungs plus a margin, so "lesion everywhere" is exactly the lung mask
+    assert lung.sum() > 1000 and np.array_equal(lesion, lung)
+    on_disk = json.loads(report.read_text())
+    assert on_disk["percent_involved"] == pytest.approx(100.0) and on_disk["mosmed_category"] == "CT-4"
+    assert on_disk["lung_ml"] == pytest.approx(lung.sum() * np.prod(src.header.get_zooms()[:3]) / 1000, rel=1e-5)
+    assert rep["demo_models"] is True
+
+
+def test_same_result_in_any_orientation(phantom, tmp_path):
+    """A random (non-constant) model: the same CT stored LAS and SPL gives the same physical mask."""
+    ckpt = _seg_checkpoint(tmp_path / "seg.pt", seed=3)
+    masks = []
+    for codes in (("L", "A", "S"), ("S", "P", "L")):
+        ct_path = _write(phantom.hu, phantom.affine, tmp_path / f"ct_{''.join(codes)}.nii.gz", codes)
+        out = tmp_path / f"lesion_{''.join(codes)}.nii.gz"
+        segment_file(ct_path, seg=ckpt, output=out, device="cpu", threshold=0.5)
+        masks.append(np.asarray(nib.as_closest_canonical(nib.load(str(out))).dataobj))
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
+
+def test_segment_ct_in_memory(phantom, tmp_path):
+    model, payload = load_segmenter(_seg_checkpoint(tmp_path / "seg.pt", bias=-10.0), "cpu")
+    ct = CTVolume.from_array(phantom.hu, phantom.affine)
+    res = segment_ct(ct, model)
+    assert res.probability.shape == ct.shape and res.lesion_mask.shape == ct.shape
+    assert not res.lesion_mask.any() and res.lung_mask.any()
+    assert res.probability_model.shape == PP.grid_dhw
+    with pytest.raises(ValueError):
+        segment_ct(ct, model, threshold=1.5)
+
+
+def test_checkpoint_errors_write_nothing(phantom, tmp_path):
+    ct_path = _write(phantom.hu, phantom.affine, tmp_path / "ct.nii.gz")
+    out = tmp_path / "lesion.nii.gz"
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        segment_file(ct_path, seg=corrupt, output=out, device="cpu")
+    good = _seg_checkpoint(tmp_path / "seg.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(CheckpointError):
+        segment_file(ct_path, seg=truncated, output=out, device="cpu")
+    foreign = tmp_path / "gan.pt"
+    save_checkpoint(foreign, kind="gan", arch="dense-unet-gan-3d", config={}, model={})
+    with pytest.raises(CheckpointError, match="'gan' checkpoint"):
+        segment_file(ct_path, seg=foreign, output=out, device="cpu")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a CovidGANSeg checkpoint"):
+        segment_file(ct_path, seg=tmp_path / "plain.pt", output=out, device="cpu")
+    wrong = tmp_path / "wrong.pt"
+    save_checkpoint(wrong, kind="seg", arch="transunet", config=SEG_CONFIGS["small"].to_dict(), preprocess=PP.to_dict(),
+                    model=TransUNet(SEG_CONFIGS["tiny"]).state_dict())
+    with pytest.raises(CheckpointError, match="do not match"):
+        segment_file(ct_path, seg=wrong, output=out, device="cpu")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary leftovers
+
+
+def test_output_name_and_input_errors(phantom, tmp_path):
+    ct_path = _write(phantom.hu, phantom.affine, tmp_path / "ct.nii.gz")
+    ckpt = _seg_checkpoint(tmp_path / "seg.pt")
+    with pytest.raises(InputError, match="NIfTI"):
+        segment_file(ct_path, seg=ckpt, output=tmp_path / "lesion.png", device="cpu")
+    with pytest.raises(InputError, match="overwrite the input"):
+        segment_file(ct_path, seg=ckpt, output=ct_path, device="cpu")
+    with pytest.raises(InputError, match="--gan"):
+        segment_file(ct_path, seg=ckpt, output=tmp_path / "l.nii.gz", pseudo_healthy=tmp_path / "ph.nii.gz", device="cpu")
+    scaled = _write(np.clip((phantom.hu + 1000) / 1400, 0, 1), phantom.affine, tmp_path / "scaled.nii.gz", dtype=np.float32)
+    with pytest.raises(InputError, match="Hounsfield"):
+        segment_file(scaled, seg=ckpt, output=tmp_path / "l.nii.gz", device="cpu")
+    assert not (tmp_path / "l.nii.gz").exists()
+
+
+def test_gan_outputs_and_preprocess_mismatch(phantom, tmp_path):
+    from CovidGANSegLib.gan import GAN_ARCH
+    from CovidGANSegLib.gan.networks import GAN_CONFIGS, DenseUNetGenerator3D
+
+    gcfg = GAN_CONFIGS["tiny"]
+    torch.manual_seed(0)
+    gen = DenseUNetGenerator3D(gcfg)
+    gan = tmp_path / "gan.pt"
+    save_checkpoint(gan, kind="gan", arch=GAN_ARCH, config=gcfg.to_dict(), preprocess=PP.to_dict(), generator=gen.state_dict())
+    ct_path = _write(phantom.hu, phantom.affine, tmp_path / "ct.nii.gz", ("R", "P", "S"))
+    ckpt = _seg_checkpoint(tmp_path / "seg.pt")
+    out, ph, diff = tmp_path / "lesion.nii.gz", tmp_path / "ph.nii.gz", tmp_path / "diff.nii.gz"
+    segment_file(ct_path, seg=ckpt, gan=gan, output=out, pseudo_healthy=ph, difference=diff, device="cpu")
+    src = nib.load(str(ct_path))
+    for p in (out, ph, diff):
+        img = nib.load(str(p))
+        assert img.shape == src.shape and np.allclose(img.affine, src.affine, atol=1e-5)
+    assert np.allclose(np.asarray(src.dataobj, np.float32) - np.asarray(nib.load(str(ph)).dataobj, np.float32),
+                       np.asarray(nib.load(str(diff)).dataobj, np.float32))
+    other = _seg_checkpoint(tmp_path / "seg64.pt", pp=PreprocessConfig(grid=(64, 64, 8), min_slices=1))
+    out2 = tmp_path / "lesion2.nii.gz"
+    with pytest.raises(CheckpointError, match="different preprocessing"):
+        segment_file(ct_path, seg=other, gan=gan, output=out2, device="cpu")
+    assert not out2.exists()
+
+
+def test_hu_threshold_baseline():
+    hu = np.array([-1000, -951, -750, -751, -600, -400, -401, -100, 0, 1, 300], dtype=np.float32).reshape(-1, 1, 1)
+    lung = np.ones_like(hu, dtype=bool)
+    lung[-1] = False
+    expected = np.array([0, 0, 1, 0, 1, 1, 1, 1, 1, 0, 0], bool).reshape(-1, 1, 1)
+    assert np.array_equal(hu_threshold_segment(hu, lung), expected)
+    classes = hu_threshold_classes(hu, lung).ravel().tolist()
+    assert classes == [0, 0, 1, 0, 1, 2, 1, 2, 2, 0, 0]
+    lung[:] = False
+    assert not hu_threshold_segment(hu, lung).any()
+    with pytest.raises(ValueError):
+        hu_threshold_segment(hu, lung[:3])

@@ -1,0 +1,322 @@
+"""The application layer that the ``slicer-core`` wheel lacks: ``slicer.app``, ``slicer.mrmlScene``,
+``slicer.modules``, the module logics, the standard slice views, and loading a scripted module.
+
+What is real: the MRML scene, every node, the application logic (``vtkSlicerApplicationLogic``),
+the Volumes / Segmentations / Colors / Tables / SubjectHierarchy module logics, slice logics with
+their slice and composite nodes (as the layout manager creates them for Red, Yellow and Green),
+the layout node, ``slicer.util`` itself, and the module's own code.
+
+What is emulated, and how:
+
+* ``slicer.app`` behaves like the application started with ``--testing`` and
+  ``--no-main-window``: ``testingEnabled()`` is True (message boxes are logged, not shown, as in
+  Slicer's own test runs), ``layoutManager()`` and ``mainWindow`` are None, ``processEvents()``
+  does nothing (there is no event loop), ``temporaryPath`` is a folder the tests choose.
+* ``slicer.modules.<name>`` are small module objects with ``logic()``, ``name``, ``path``;
+  a loaded scripted module also gets ``slicer.modules.<Name>Instance`` like in Slicer.
+* ``qt`` / ``ctk``: stub modules; importing them works (Slicer's own ``slicer.util`` functions
+  import ``qt`` before deciding they do not need it), using any of their classes raises. The
+  harness records each use, so a test can assert that the Logic never needed Qt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class QtUnavailable(RuntimeError):
+    """Raised when code under test reaches for Qt, which the harness does not have."""
+
+
+class _QtStubModule(types.ModuleType):
+    """``qt`` / ``ctk`` stand-in: attribute access gives a class that raises when used."""
+
+    def __init__(self, name: str, usage: list[str]) -> None:
+        super().__init__(name)
+        self.__dict__["_usage"] = usage
+        self.__file__ = f"<slicer-harness {name} stub>"
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        usage = self.__dict__["_usage"]
+        qualified = f"{self.__name__}.{attr}"
+        usage.append(qualified)
+
+        class _Unavailable:
+            def __init__(self, *args, **kwargs):
+                raise QtUnavailable(f"{qualified} is not available in the slicer-core test harness (no Qt)")
+
+            def __class_getitem__(cls, item):
+                return cls
+
+        _Unavailable.__name__ = attr
+        _Unavailable.__qualname__ = qualified
+        return _Unavailable
+
+
+class _CommandOptions:
+    def __init__(self) -> None:
+        self.testingEnabled = True
+        self.noMainWindow = True
+        self.runPythonAndExit = False
+
+
+class _ModuleManager:
+    def __init__(self, modules: "_Modules") -> None:
+        self._modules = modules
+
+    def module(self, name: str):
+        return self._modules.byName(name)
+
+    def factoryManager(self):
+        return self
+
+    def loadedModuleNames(self) -> list[str]:
+        return self._modules.names()
+
+    def connect(self, *args) -> bool:  # signals: nothing to connect without Qt
+        return True
+
+    def disconnect(self, *args) -> bool:
+        return True
+
+
+class LoadableModule:
+    """A loaded module as ``slicer.modules.<name>`` exposes it (logic, name, path, title)."""
+
+    def __init__(self, name: str, logic=None, path: str = "", title: str | None = None) -> None:
+        self.name = name
+        self.title = title or name
+        self.path = path
+        self._logic = logic
+        self.categories: list[str] = []
+        self.dependencies: list[str] = []
+        self.contributors: list[str] = []
+        self.helpText = ""
+        self.acknowledgementText = ""
+        self.icon = None
+        self.isEntered = False
+
+    def logic(self):
+        return self._logic
+
+    def widgetRepresentation(self):
+        return None
+
+    def createNewWidgetRepresentation(self):
+        return None
+
+
+class _Modules(types.SimpleNamespace):
+    """``slicer.modules``: attributes by lower-case module name, plus ``<Name>Instance``."""
+
+    def byName(self, name: str):
+        for value in vars(self).values():
+            if isinstance(value, LoadableModule) and value.name == name:
+                return value
+        return None
+
+    def names(self) -> list[str]:
+        return [v.name for v in vars(self).values() if isinstance(v, LoadableModule)]
+
+
+class FakeApplication:
+    """``slicer.app`` of a ``--testing --no-main-window`` session (see the module docstring)."""
+
+    isTestHarness = True
+    applicationName = "3D Slicer (slicer-core test harness)"
+    applicationVersion = "5.11.0"
+    majorVersion, minorVersion = 5, 11
+    documentationBaseUrl = "https://slicer.readthedocs.io/en/latest/"
+
+    def __init__(self, scene, applicationLogic, modules: _Modules, temporaryPath: Path) -> None:
+        self._scene = scene
+        self._applicationLogic = applicationLogic
+        self._modules = modules
+        self._moduleManager = _ModuleManager(modules)
+        self._commandOptions = _CommandOptions()
+        self.temporaryPath = str(temporaryPath)
+        self.processEventsCalls = 0
+        self.startupCompletedCallbacks: list = []
+
+    def testingEnabled(self) -> bool:
+        return self._commandOptions.testingEnabled
+
+    def commandOptions(self) -> _CommandOptions:
+        return self._commandOptions
+
+    def mrmlScene(self):
+        return self._scene
+
+    def applicationLogic(self):
+        return self._applicationLogic
+
+    def moduleManager(self) -> _ModuleManager:
+        return self._moduleManager
+
+    def layoutManager(self):
+        return None  # no main window
+
+    def processEvents(self) -> None:
+        self.processEventsCalls += 1
+
+    def pauseRender(self) -> None:
+        pass
+
+    def resumeRender(self) -> None:
+        pass
+
+    def moduleDocumentationUrl(self, moduleName: str) -> str:
+        return self.documentationBaseUrl + f"user_guide/modules/{moduleName.lower()}.html"
+
+    def connect(self, signal: str, callback) -> bool:
+        if signal == "startupCompleted()":
+            self.startupCompletedCallbacks.append(callback)
+        return True
+
+    def setOverrideCursor(self, *args) -> None:
+        pass
+
+    def restoreOverrideCursor(self) -> None:
+        pass
+
+    def exit(self, status: int = 0) -> None:
+        raise SystemExit(status)
+
+
+class Harness:
+    """One emulated application per process (``slicer.app`` etc. are globals, as in Slicer)."""
+
+    SLICE_VIEWS = ("Red", "Yellow", "Green")
+
+    def __init__(self, temporaryPath: Path | None = None) -> None:
+        import slicer
+        import vtk
+
+        self.slicer = slicer
+        self.qtUsage: list[str] = []
+        self.scene = slicer.vtkMRMLScene()
+        self.applicationLogic = slicer.vtkSlicerApplicationLogic()
+        self.applicationLogic.SetMRMLScene(self.scene)
+        self._sliceLogicCollection = vtk.vtkCollection()
+        self.applicationLogic.SetSliceLogics(self._sliceLogicCollection)
+        self._viewLogicCollection = vtk.vtkCollection()
+        self.applicationLogic.SetViewLogics(self._viewLogicCollection)
+        self._homeDirectory = tempfile.mkdtemp(prefix="slicer-harness-home-")
+        self.applicationLogic.SetHomeDirectory(self._homeDirectory)
+        self.applicationLogic.SetShareDirectory("share/Slicer-5.11")
+        (Path(self._homeDirectory) / "share" / "Slicer-5.11" / "ColorFiles").mkdir(parents=True)  # no file colour tables here
+        self.temporaryPath = Path(temporaryPath or tempfile.mkdtemp(prefix="slicer-harness-tmp-"))
+        self.temporaryPath.mkdir(parents=True, exist_ok=True)
+
+        self.modules = _Modules()
+        self.moduleLogics = {}
+        for name, className in (("Colors", "vtkSlicerColorLogic"), ("Volumes", "vtkSlicerVolumesLogic"),
+                                ("Segmentations", "vtkSlicerSegmentationsModuleLogic"), ("Tables", "vtkSlicerTablesLogic"),
+                                ("SubjectHierarchy", "vtkSlicerSubjectHierarchyModuleLogic")):
+            logic = getattr(slicer, className)()
+            logic.SetMRMLApplicationLogic(self.applicationLogic)
+            logic.SetMRMLScene(self.scene)
+            self.applicationLogic.SetModuleLogic(name, logic)
+            if name == "Colors":
+                self.applicationLogic.SetColorLogic(logic)
+            self.moduleLogics[name] = logic
+            setattr(self.modules, name.lower(), LoadableModule(name, logic))
+
+        # the layout node with Slicer's standard layouts and the three slice views of the
+        # four-up layout, with their slice logics (what qSlicerLayoutManager creates)
+        self.layoutLogic = slicer.vtkMRMLLayoutLogic()
+        self.layoutLogic.SetMRMLScene(self.scene)
+        self.layoutNode = self.layoutLogic.GetLayoutNode()
+        self.layoutNode.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        self.sliceLogics = {}
+        for name in self.SLICE_VIEWS:
+            sliceLogic = slicer.vtkMRMLSliceLogic()
+            sliceLogic.SetMRMLApplicationLogic(self.applicationLogic)
+            sliceLogic.SetMRMLScene(self.scene)
+            sliceLogic.AddSliceNode(name)
+            self._sliceLogicCollection.AddItem(sliceLogic)
+            self.sliceLogics[name] = sliceLogic
+
+        self.app = FakeApplication(self.scene, self.applicationLogic, self.modules, self.temporaryPath)
+
+    # -- installation into the ``slicer`` namespace --------------------------------------------
+    def install(self) -> "Harness":
+        from . import ScriptedLoadableModule, i18n, parameterNodeWrapper
+
+        slicer = self.slicer
+        slicer.app = self.app
+        slicer.mrmlScene = self.scene
+        slicer.modules = self.modules
+        slicer.selfTests = getattr(slicer, "selfTests", {})
+        for name, module in (("ScriptedLoadableModule", ScriptedLoadableModule), ("parameterNodeWrapper", parameterNodeWrapper),
+                             ("i18n", i18n)):
+            sys.modules[f"slicer.{name}"] = module
+            setattr(slicer, name, module)
+        for name in ("qt", "ctk"):
+            if name not in sys.modules or isinstance(sys.modules[name], _QtStubModule):
+                sys.modules[name] = _QtStubModule(name, self.qtUsage)
+        return self
+
+    # -- scripted modules ----------------------------------------------------------------------
+    def loadScriptedModule(self, moduleFile: str | Path):
+        """Import a scripted module file and instantiate its module class, as Slicer's module factory does.
+
+        The module's folder goes on ``sys.path`` (so its helper packages import), the module
+        object is registered as ``slicer.modules.<name lower>`` and the Python instance as
+        ``slicer.modules.<Name>Instance``. Returns the imported Python module.
+        """
+        moduleFile = Path(moduleFile).resolve()
+        name = moduleFile.stem
+        folder = str(moduleFile.parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        if name in sys.modules and Path(getattr(sys.modules[name], "__file__", "")).resolve() == moduleFile:
+            pythonModule = sys.modules[name]
+        else:
+            spec = importlib.util.spec_from_file_location(name, moduleFile)
+            pythonModule = importlib.util.module_from_spec(spec)
+            sys.modules[name] = pythonModule
+            spec.loader.exec_module(pythonModule)
+        parent = LoadableModule(name, path=str(moduleFile))
+        instance = getattr(pythonModule, name)(parent)
+        setattr(self.modules, name.lower(), parent)
+        setattr(self.modules, f"{name}Instance", instance)
+        return pythonModule
+
+    def reset(self) -> None:
+        """``slicer.mrmlScene.Clear()`` as Slicer's tests do between cases (keeps singletons)."""
+        self.scene.Clear(0)
+
+    def userNodeCount(self) -> int:
+        return self.scene.GetNumberOfNodes()
+
+
+_harness: Harness | None = None
+
+
+def install(temporaryPath: Path | None = None) -> Harness:
+    """Create (once per process) and install the harness; returns it."""
+    global _harness
+    if _harness is None:
+        _harness = Harness(temporaryPath).install()
+    elif temporaryPath is not None:
+        _harness.app.temporaryPath = str(temporaryPath)
+    return _harness
+
+
+def slicerCoreAvailable() -> bool:
+    try:
+        import slicer  # noqa: F401
+
+        return hasattr(slicer, "vtkMRMLScene")
+    except Exception:  # noqa: BLE001 - an undefined symbol from a mismatched vtk raises ImportError or OSError
+        return False
