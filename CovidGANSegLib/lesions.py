@@ -81,7 +81,7 @@ class LesionConfig:
     crazy_paving_fraction: Range = (0.0, 0.3)
     crazy_paving_line_hu: Range = (120.0, 260.0)
     crazy_paving_cell_mm: Range = (6.0, 12.0)
-    texture_hu: float = 40.0
+    texture_hu: float = 70.0
     prefer_peripheral: bool = True
     peripheral_bias: float = 0.8
     peripheral_depth_mm: float = 30.0

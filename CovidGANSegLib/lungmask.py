@@ -1,31 +1,32 @@
 """Lung mask extraction from a chest CT in HU with scipy / scikit-image only (no model download).
 
-The algorithm works at a reduced in-plane resolution (about 2 mm) for speed and refines the mask
-boundary at full resolution. On the working grid:
+The algorithm works on a grid of about 2 mm in-plane (block means of the CT, which also
+anti-alias) for speed; at full resolution only the boundary blocks are re-thresholded.
 
-1. Block-average the HU image in-plane (anti-aliasing) and smooth it a little; voxels outside the
-   scanner's field of view (padding values such as -1024 / -2048 / -3024 HU in constant patches)
+1. Voxels outside the scanner's field of view (constant padding such as -1024 / -2048 / -3024 HU)
    are flagged and never taken for lung.
-2. Outside air: per slice, low-density regions (below ``lung_hu``) that touch the image border or
-   the outside-of-FOV padding and consist mostly of pure air (below ``air_hu``). Lungs cut by a
-   partial field of view also touch the border, but lung parenchyma (about -850 HU with vessels)
-   is not pure air, so they are kept.
-3. Body: per slice, the convex hull of the large soft-tissue / bone components, minus outside air.
-   This drops the CT table foam and air pockets between the arms and the trunk.
-4. Lung candidates: 3D connected low-density regions inside the body. A component is plausible
-   lung when its HU histogram looks like parenchyma (median below -600 HU, histogram mode above
-   ``air_hu``, at most 40 % pure air): this rejects the trachea, bowel and stomach gas (mostly
-   pure air) and partial-volume rims (median near the threshold).
-5. Airways: large pure-air structures inside plausible components (trachea and main bronchi,
-   which connect both lungs) are removed together with a thin rim; intrapulmonary bronchi come
-   back with the hole filling below because the lung surrounds them.
-6. Lungs: the two largest remaining components (both lungs; a single one when the lungs touch at
-   the midline or only one is in the field of view) plus any other component at least a fifth of
-   the largest (a lung split by disease).
-7. Each lung is closed with a ball of ``closing_mm`` (3D, in mm) restricted to the body, then
-   holes are filled slice by slice, so vessels and dense lesions at the lung periphery
-   (consolidation, about -100..+50 HU, touching the pleura) stay inside the mask while the
-   mediastinum and heart (wider than the ball) stay outside.
+2. Outside air, per slice: low-density regions (below ``lung_hu``) touching the image border or
+   the padding that are mostly below ``outside_hu``. Lungs cut by a partial field of view touch
+   the border too, but parenchyma (about -850 HU with vessels) is not air, so they are kept.
+3. Body, per slice: the regions that are not outside air, at least 30 % of the largest (this drops
+   the CT table and its foam).
+4. Lung candidates: 3D low-density components inside the body whose HU histogram looks like
+   parenchyma: median below -600 HU (-450 HU for large, diseased lungs), mode above
+   ``air_hu`` + 25 HU, under 25 % pure air, and thick (not a partial-volume rim). This rejects
+   the trachea, stomach and bowel gas (mostly pure air) and partial-volume rims.
+5. Airways: large pure-air structures inside the candidates (trachea, main bronchi, which connect
+   the lungs) are removed with a 1-voxel rim; intrapulmonary bronchi come back with the hole
+   filling because the lung surrounds them, the main bronchi in the hila do not.
+6. Lungs: the two largest remaining components (both lungs; one when they touch at the midline or
+   only one is in the field of view) plus any other at least a fifth of the largest.
+7. Lesions: the lungs grow in-plane (up to ``grow_mm``) into adjacent voxels below ``grow_hu``
+   (ground glass), minus thin rims (an opening removes the partial-volume layer at the pleura);
+   each lung is closed with a 3D ball of ``closing_mm`` and along z over ``z_closing_mm`` (dense
+   lesions with lung above and below), restricted to the body and to voxels below 200 HU; holes
+   are filled slice by slice. Vessels and consolidation at the pleura (about -100..+50 HU) thus
+   stay inside the mask, while the heart and mediastinum (wider than the ball) stay outside.
+   Limitation: extensive consolidation lining the chest wall over many slices (MosMed CT-3/CT-4)
+   is only partly recovered.
 
 Arrays are canonical ``(x, y, z)`` with z the slice axis (see ``nifti.CTVolume``).
 """
@@ -39,7 +40,6 @@ import numpy as np
 from scipy import ndimage as ndi
 
 log = logging.getLogger(__name__)
-GROW_MODE = "peel"
 
 #: in-plane 2D connectivity inside a 3D (x, y, z) array: no links between slices
 _S2D = np.zeros((3, 3, 3), dtype=bool)
@@ -59,6 +59,7 @@ def extract_lung_mask(
     grow_hu: float = -250.0,
     grow_mm: float = 20.0,
     closing_mm: float = 10.0,
+    z_closing_mm: float = 16.0,
     min_lung_ml: float = 3.0,
 ) -> np.ndarray:
     """Lung mask of a CT in HU, canonical ``(x, y, z)`` (z = slices).
@@ -74,6 +75,7 @@ def extract_lung_mask(
         grow_hu, grow_mm: the lungs grow (in-plane, at most ``grow_mm``) into adjacent voxels below
             ``grow_hu`` (ground-glass opacities).
         closing_mm: radius of the 3D ball closing that keeps peripheral lesions inside the mask.
+        z_closing_mm: length of an extra closing along z (lesions with lung above and below).
         min_lung_ml: components smaller than this are never lungs.
 
     Returns:
@@ -136,40 +138,68 @@ def extract_lung_mask(
     if not keep:
         return np.zeros(hu.shape, dtype=bool)
 
-    # 7. close each lung (ball in mm) inside the body, then fill holes per slice. Airways enclosed
-    # by parenchyma come back with the filling; the main bronchi in the hila (enclosed only after
-    # the closing) do not.
-    allowed = body & ~fov_out & (s < 200.0)  # no bone / bright contrast added by the closing
+    # 7. grow into ground glass, close each lung (ball in mm) inside the body, then fill holes per
+    # slice, all inside the lungs' padded bounding box. Airways enclosed by parenchyma come back
+    # with the filling; the main bronchi in the hila (enclosed only after the closing) do not.
     lungs = np.isin(lab, keep)
-    # ground glass (up to about -300 HU) next to the aerated lung belongs to it
-    if grow_mm > 0:
-        steps = max(1, int(round(grow_mm / min(wspacing[0], wspacing[1]))))
-        grown = ndi.binary_dilation(lungs, structure=_S2D, iterations=steps,
-                                    mask=(s < grow_hu) & allowed & ~airway) & ~lungs
-        # thin partial-volume rims around the lungs are not ground glass: open the growth
-        if GROW_MODE == "open":
-            grown = ndi.binary_opening(grown, structure=_S2D)
-        elif GROW_MODE == "peel":
-            grown &= ndi.binary_erosion(grown | lungs, structure=_S2D, border_value=1)
-        lungs |= grown
-        lab, n = ndi.label(lungs, _S6)
-        keep = list(range(1, n + 1))
-    closed = np.zeros_like(cand)
-    objects = ndi.find_objects(lab)
-    for label in keep:
-        closed |= _closing_in_box(lab == label, objects[label - 1], wspacing, closing_mm)
     del lab
-    closed &= allowed
-    mask = ndi.binary_fill_holes(lungs, structure=_S2D)
-    mask |= ndi.binary_fill_holes(closed | lungs, structure=_S2D) & ~airway
-    mask &= body & ~fov_out
-    mask = _components_touching(mask, lungs)
+    steps = max(1, int(round(grow_mm / min(wspacing[0], wspacing[1])))) if grow_mm > 0 else 0
+    kz = max(1, int(round(z_closing_mm / wspacing[2]))) if z_closing_mm > 0 else 0
+    pad = [steps + int(math.ceil(closing_mm / w)) + 2 for w in wspacing[:2]]
+    pad.append(max(kz, int(math.ceil(closing_mm / wspacing[2]))) + 1)
+    box = _padded_box(lungs, pad)
+    inner = _finish_lungs(lungs[box], s[box], (body & ~fov_out)[box], airway[box], wspacing, steps, kz,
+                          grow_hu, closing_mm)
+    mask = np.zeros_like(cand)
+    mask[box] = inner
     log.debug("lung mask: %d component(s), %.0f mL", len(keep), mask.sum() * voxel_ml)
 
     # 8. back to full resolution
     if fx == 1 and fy == 1:
         return mask
     return _refine_full_resolution(mask, low, hu, fx, fy, lung_hu)
+
+
+def _padded_box(mask: np.ndarray, pad: list[int]) -> tuple[slice, slice, slice]:
+    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    return tuple(slice(max(0, b.start - p), min(n, b.stop + p)) for b, p, n in zip(box, pad, mask.shape))
+
+
+def _finish_lungs(lungs: np.ndarray, s: np.ndarray, body: np.ndarray, airway: np.ndarray,
+                  wspacing: tuple[float, float, float], grow_steps: int, kz: int, grow_hu: float,
+                  closing_mm: float) -> np.ndarray:
+    """Ground-glass growth, per-lung ball closing, z closing and per-slice hole filling."""
+    allowed = body & (s < 200.0)  # no bone / bright contrast added by the closing
+    if grow_steps > 0:  # ground glass (up to about -300 HU) next to the aerated lung belongs to it
+        grown = ndi.binary_dilation(lungs, structure=_S2D, iterations=grow_steps,
+                                    mask=(s < grow_hu) & allowed & ~airway) & ~lungs
+        # thin partial-volume rims around the lungs are not ground glass: open the growth
+        lungs = lungs | ndi.binary_opening(grown, structure=_S2D)
+    lab, n = ndi.label(lungs, _S6)
+    closed = np.zeros_like(lungs)
+    for label, obj in enumerate(ndi.find_objects(lab), start=1):
+        if obj is not None:
+            closed |= _closing_in_box(lab == label, obj, wspacing, closing_mm)
+    del lab
+    if kz > 0:  # lesions limited in z: lung above and below at the same place
+        st = np.ones((1, 1, 2 * kz + 1), dtype=bool)
+        padded = np.pad(lungs | closed, ((0, 0), (0, 0), (kz, kz)))
+        closed |= ndi.binary_closing(padded, structure=st)[:, :, kz:-kz]
+    closed &= allowed
+    mask = _fill_holes_2d(lungs)
+    mask |= _fill_holes_2d(closed | lungs) & ~airway
+    mask &= body
+    return _components_touching(mask, lungs)
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Per-slice hole filling: background regions not touching the slice border become mask."""
+    lab, n = ndi.label(~mask, _S2D)
+    edge = np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel()])
+    open_ = np.zeros(n + 1, dtype=bool)
+    open_[edge] = True
+    open_[0] = True
+    return mask | ~open_[lab]
 
 
 def _block_mean_max(hu: np.ndarray, fx: int, fy: int) -> tuple[np.ndarray, np.ndarray]:

@@ -228,8 +228,9 @@ class _Chest:
         self.v = ((np.arange(self.ny) + 0.5) * self.px - fov / 2).astype(np.float32).reshape(1, -1, 1)
         # z: 0 at the lung base; the scan covers the lungs plus margins
         extent = self.nz * self.sz
-        self.H = min(_u(r, 235.0, 290.0), extent - 20.0)  # lung height base -> apex
-        below = _u(r, 8.0, max(9.0, extent - self.H - 10.0))
+        room = extent - 40.0  # at least 24 mm of abdomen below the bases and 16 mm above the apices
+        self.H = _u(r, min(235.0, room - 15.0), min(290.0, room))  # lung height base -> apex
+        below = _u(r, 24.0, extent - self.H - 16.0)
         self.z0_world = -below - 100.0
         self.zc = ((np.arange(self.nz) + 0.5) * self.sz - below).astype(np.float32)
         self.z = self.zc.reshape(1, 1, -1)
@@ -272,7 +273,6 @@ class _Chest:
 
     # ---------------------------------------------------------------- anatomy
     def render(self) -> None:
-        r = self.rng
         self._draw_parameters()
         self._table()
         self._body_wall()
@@ -287,21 +287,21 @@ class _Chest:
         r = self.rng
         self.uc = _u(r, -8.0, 8.0)
         self.vc = _u(r, -25.0, 0.0)
-        self.B_ant = self.A0 * _u(r, 0.6, 0.72)
+        self.B_ant = self.A0 * _u(r, 0.66, 0.78)
         self.B_post = self.B_ant * _u(r, 0.9, 1.0)
         self.p_exp = _u(r, 2.2, 2.8)
         self.width_curve = _smooth_curve(r, 0.04)
-        self.harm = [(_u(r, 0.0, 0.025), int(k), _u(r, 0, 2 * np.pi), _u(r, -1.5, 1.5)) for k in (2, 3, 4, 5)]
+        self.harm = [(_u(r, 0.0, 0.025), int(k), _u(r, 0, 2 * np.pi)) for k in (2, 3, 4, 5)]
         self.F0 = _u(r, 4.0, 18.0)  # subcutaneous fat (mm)
         self.M0 = _u(r, 5.0, 9.0)  # muscle layer (mm)
         self.M_pect = _u(r, 6.0, 14.0)
-        self.M_para = _u(r, 24.0, 34.0)
+        self.M_para = _u(r, 30.0, 40.0)
         self.M_shoulder = _u(r, 10.0, 20.0)
         self.R = _u(r, 8.0, 10.0)  # rib layer (mm)
         self.fat_hu = _u(r, -110.0, -85.0)
         self.muscle_hu = _u(r, 38.0, 55.0)
         self.blood_hu = _u(r, 35.0, 50.0)
-        self.lung_hu = _u(r, -885.0, -850.0)
+        self.lung_hu = _u(r, -900.0, -865.0)
         self.lung_gradient = _u(r, 50.0, 100.0)
         self.cortex_hu = _u(r, 700.0, 1000.0)
         self.marrow_hu = _u(r, 160.0, 300.0)
@@ -342,7 +342,7 @@ class _Chest:
     def _harmonics(self, theta):
         mult = np.ones_like(theta)
         post = np.clip(-np.sin(theta), 0.0, 1.0) ** 2
-        for amp, k, ph, drift in self.harm:
+        for amp, k, ph in self.harm:
             mult = mult + amp * (1.0 - 0.9 * post) * np.cos(k * theta + ph)
         return mult
 
@@ -367,7 +367,7 @@ class _Chest:
         fat_mod = 1.0 + 0.4 * lateral + 0.2 * (phi < 1.0) + 0.12 * np.cos(3 * self.theta + r.uniform(0, 6))
         F = (self.F0 * fat_mod * (1.0 + 0.5 * np.clip(-t, 0, 1))).astype(np.float32)
         pect = np.exp(-(((phi - 2.25) / 0.45) ** 2)) * _smoothstep((t - 0.35) / 0.3)
-        para = np.exp(-((phi / 0.62) ** 2))
+        para = np.exp(-((phi / 0.4) ** 2))
         shoulder = np.exp(-(((phi - 1.0) / 0.35) ** 2)) * _smoothstep((t - 0.45) / 0.3)
         M = (self.M0 + self.M_pect * pect + self.M_para * para + self.M_shoulder * shoulder).astype(np.float32)
         self.F, self.M = F, M
@@ -395,12 +395,11 @@ class _Chest:
         heights = []
         for sign, top in ((-1, top_r), (1, top_l)):
             u_d = self.uc + sign * _u(r, 45.0, 65.0)
-            # reaches z = -(0..10) mm at the postero-lateral recess
-            corner_u, corner_v = self.uc + sign * self.A0 * 0.8, self.v_vb - 5.0
+            # the dome falls to z = -(0..10) mm at the postero-lateral costophrenic recess
+            corner_u, corner_v = self.uc + sign * self.A0 * 0.92, self.v_back + 30.0
             dist2 = (corner_u - u_d) ** 2 + (corner_v - v_d) ** 2
             k = (top + _u(r, 0.0, 10.0)) / dist2
-            tilt = _u(r, 0.1, 0.3)
-            heights.append(top - k * ((self.u - u_d) ** 2 + (self.v - v_d) ** 2) + tilt * np.minimum(self.v - v_d, 0.0))
+            heights.append(np.maximum(top - k * ((self.u - u_d) ** 2 + (self.v - v_d) ** 2), -15.0))
         w = _smoothstep((self.u - self.uc) / 40.0 + 0.5)
         self.dome_top_left = top_l
         self.dome_v = v_d
@@ -442,7 +441,6 @@ class _Chest:
         uc = self.uc
         # apex: per side ellipsoidal cap above t_tap, centred posteriorly
         t_tap = _u(r, 0.55, 0.68)
-        apex = np.ones((self.nx, self.ny, 1), np.float32)
         z_top = np.zeros((self.nx, self.ny, 1), np.float32)
         for sign in (-1, 1):
             cu, cv = uc + sign * _u(r, 42.0, 55.0), self.v_vb + _u(r, 15.0, 35.0)
@@ -470,7 +468,7 @@ class _Chest:
         box = self._lung_box()
         if box is None:
             return
-        u, v, z = self.coords(box)
+        v = self.coords(box)[1]
         lo = self.v_vb - 10.0
         hi = self.vc + self.B_ant - 20.0
         post = np.clip((hi - v) / (hi - lo), 0.0, 1.0) ** 2
@@ -494,7 +492,6 @@ class _Chest:
         e = self.edge
         uc, H = self.uc, self.H
         excl = np.zeros((self.nx, self.ny, self.nz), np.float32)
-        objs = []  # (sd_function box, value, label, margin)
 
         # heart: rotated ellipse sitting on the left dome
         hz0 = self.dome_top_left - _u(r, 5.0, 15.0)
@@ -516,7 +513,7 @@ class _Chest:
         fat_layer = _u(r, 2.0, 7.0)
         self.heart = (hu_c, hv_c, ha, hb, angle, hz0, hz1)
         if heart_box is not None:
-            bu, bv, bz = self.coords(heart_box)
+            bu, bv, _ = self.coords(heart_box)
             pr = prof[:, :, heart_box[2]]
             sd = _ellipse_sd(bu - hu_c, bv - hv_c, ha * pr, hb * pr, angle)
             fat = _soft(sd + fat_layer, e) * (pr > 0.05)
@@ -697,7 +694,6 @@ class _Chest:
     # bones -------------------------------------------------------------------------------------
     def _spine(self) -> None:
         r = self.rng
-        u, v, z = self.u, self.v, self.z
         e = self.edge
         uc = self.uc
         period = _u(r, 24.0, 28.0)
@@ -729,13 +725,13 @@ class _Chest:
         self.paint(canal, 20.0, LABELS["soft_tissue"], box=bz)
         sp_len = _u(r, 22.0, 32.0)
         spin_top = self.v_can - self.r_can - 3.0
-        spinous = _soft(np.minimum(4.0 - np.abs(bu - uc), np.minimum(spin_top - bv, bv - (spin_top - sp_len))), e)
+        spinous = _soft(np.minimum(3.0 - np.abs(bu - uc), np.minimum(spin_top - bv, bv - (spin_top - sp_len))), e)
         self.paint(spinous * mv * 0.9, self.cortex_hu * 0.6, LABELS["bone"], box=bz)
         for sign in (-1, 1):
             p0 = (uc + sign * (self.r_can + 3.0), self.v_can + 2.0)
-            p1 = (uc + sign * (self.r_can + 26.0), self.v_can - 6.0)
+            p1 = (uc + sign * (self.r_can + 20.0), self.v_can - 8.0)
             d = _seg_dist_2d(bu, bv, p0, p1)
-            tp = _soft(5.0 - d, e) * mv
+            tp = _soft(3.5 - d, e) * mv
             self.paint(tp, self.cortex_hu * 0.6, LABELS["bone"], box=bz)
 
     def _ribs_and_bones(self) -> None:
@@ -779,8 +775,9 @@ class _Chest:
         # scapulae: thin plates posterolaterally in the upper chest, inside the shoulder muscles
         sc = _smoothstep((t - 0.5) / 0.15)
         mid = F + 0.55 * M
-        plate = _soft(np.minimum(d - mid + 3.0, mid + 3.0 - d), e) * ((phi > 0.75) & (phi < 1.45)) * sc
-        self.paint(plate, self.cortex_hu * 0.75, LABELS["bone"])
+        along = _soft(np.minimum(phi - 0.8, 1.4 - phi) * 60.0, e)  # ~60 mm per radian at this depth
+        plate = _soft(np.minimum(d - mid + 2.0, mid + 2.0 - d), e) * along * sc
+        self.paint(plate, self.cortex_hu * 0.6, LABELS["bone"])
 
     # vessel trees ------------------------------------------------------------------------------
     def _vessel_trees(self) -> None:
@@ -799,8 +796,8 @@ class _Chest:
             idx = np.flatnonzero(side)
             if idx.size < 16:
                 continue
-            hil, b_end, vein = self.hila[sign]
-            for root, n_pts, r0, kind in ((hil, 420, _u(r, 7.0, 9.0), "artery"), (vein, 320, _u(r, 6.5, 8.5), "vein")):
+            hil, _, vein = self.hila[sign]
+            for root, n_pts, r0, kind in ((hil, 240, _u(r, 5.5, 7.0), "artery"), (vein, 190, _u(r, 5.0, 6.5), "vein")):
                 pick = np.sort(r.choice(idx, size=min(n_pts, idx.size), replace=False))
                 i, j, k = np.unravel_index(pick, lung_b.shape)
                 pts = np.stack([
@@ -869,7 +866,7 @@ def _grow_tree(start: np.ndarray, pts: np.ndarray, radius: float, out: list, rng
     if n <= 2 or radius < r_min:
         out.append((start, c, radius))
         for p in pts:
-            out.append((c, p, max(radius * 0.8, 0.5)))
+            out.append((c, p, max(radius * 0.7, 0.5)))
         return
     node = start + rng.uniform(0.35, 0.6) * (c - start) + rng.normal(0.0, 2.0, 3)
     out.append((start, node, radius))

@@ -20,8 +20,8 @@ LESION_NAME = "Lesion"
 #: sensible colours: lungs pale blue (mostly outline), lesion an opaque warm red
 LUNGS_COLOR = (0.45, 0.70, 0.95)
 LESION_COLOR = (0.93, 0.20, 0.12)
-LUNGS_FILL_OPACITY = 0.12
-LESION_FILL_OPACITY = 0.65
+LUNGS_FILL_OPACITY = 0.10
+LESION_FILL_OPACITY = 0.60
 
 #: segment names taken as lesion in a ground-truth segmentation (else all its segments are used)
 GROUND_TRUTH_LESION_PATTERN = re.compile(r"lesion|infect|covid|ggo|ground.?glass|consolid|opacit|mask", re.IGNORECASE)
@@ -58,6 +58,8 @@ def createSegmentationNode(scene, name: str, referenceNode, masks: list[tuple[st
         node.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
         node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
         display = node.GetDisplayNode()
+        if display is not None:
+            display.SetOpacity2DFill(1.0)  # the per-segment opacities below are the effective ones
         for segmentName, mask, color in masks:
             segmentId = node.AddSegmentFromBinaryLabelmapRepresentation(_orientedImageFromMask(mask, referenceNode), segmentName, list(color))
             if not segmentId:

@@ -71,13 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from CovidGANSegLib.errors import InputError
-    from CovidGANSegLib.seg import resolve_device
+    from CovidGANSegLib.seg import check_device
     from CovidGANSegLib.seg.training import train_segmenter
     from CovidGANSegLib.seg.transunet import get_seg_config
 
     try:
         config = get_seg_config(args.config)
-        resolve_device(args.device)
+        check_device(args.device)
         if args.iterations is not None and args.iterations < 1:
             raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     except ValueError as exc:
@@ -90,11 +90,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_segment(args: argparse.Namespace) -> int:
     from CovidGANSegLib.errors import InputError
-    from CovidGANSegLib.seg import resolve_device
+    from CovidGANSegLib.seg import check_device
     from CovidGANSegLib.seg.inference import segment_file
 
     try:
-        resolve_device(args.device)
+        check_device(args.device)
         if args.threshold is not None and not 0.0 < args.threshold < 1.0:
             raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
     except ValueError as exc:

@@ -159,8 +159,10 @@ class GANTrainer:
         out = np.empty(healthy.shape, dtype=np.float32)
         for i in range(len(healthy)):
             sp = self.preprocess.spacing_dhw if spacing is None else tuple(float(v) for v in spacing[i])
-            out[i], _ = synthesize_lesions(healthy[i].astype(np.float32, copy=False), lungs[i].astype(bool, copy=False), self.rng,
-                                           config=self._lesion_config, window=tuple(self.preprocess.hu_window), spacing=sp)
+            lung = lungs[i].astype(bool, copy=False)
+            noisy, _ = synthesize_lesions(healthy[i].astype(np.float32, copy=False), lung, self.rng,
+                                          config=self._lesion_config, window=tuple(self.preprocess.hu_window), spacing=sp)
+            out[i] = np.where(lung, noisy, healthy[i])  # bit-identical outside the lungs (the synthesiser's HU round trip is not)
         return out
 
     # -- one iteration ---------------------------------------------------------------------------

@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 ARCHS = ("transunet", "unet")
 
 
+def check_device(device: str) -> str:
+    """Raise ``ValueError`` unless ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (no torch import)."""
+    if not isinstance(device, str) or (device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return device
+
+
 def resolve_device(device: str = "auto") -> str:
     """Map ``auto|cpu|cuda`` (or ``cuda:N``) to a usable torch device string.
 
@@ -32,8 +39,7 @@ def resolve_device(device: str = "auto") -> str:
     """
     import torch
 
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    check_device(device)
     if device == "cpu":
         return "cpu"
     if torch.cuda.is_available():

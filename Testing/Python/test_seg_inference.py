@@ -188,3 +188,42 @@ def test_hu_threshold_baseline():
     assert not hu_threshold_segment(hu, lung).any()
     with pytest.raises(ValueError):
         hu_threshold_segment(hu, lung[:3])
+
+
+@pytest.mark.slow
+def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_path, capsys):
+    """phantoms -> GAN (tiny) -> pseudo-masks -> train-seg (both models) -> segment -> evaluate, via the CLI."""
+    from CovidGANSegLib import cli
+    from CovidGANSegLib.phantoms import write_cohort
+
+    cohort = write_cohort(tmp_path / "cohort", healthy=2, covid=3, seed=11, size="small")
+    run = lambda *a: cli.main(["--progress", "none", *map(str, a)])  # noqa: E731
+    assert run("train-gan", "--data", cohort, "--out", tmp_path / "gan", "--config", "tiny", "--iterations", 2, "--device", "cpu",
+               "--grid", 32, 32, 8) == 0
+    assert run("pseudo-masks", "--checkpoint", tmp_path / "gan" / "model.pt", "--data", tmp_path / "gan" / "preprocessed",
+               "--out", tmp_path / "pm", "--device", "cpu") == 0
+    for arch in ("transunet", "unet"):
+        assert run("train-seg", "--data", cohort, "--pseudo-masks", tmp_path / "pm", "--out", tmp_path / arch, "--model", arch,
+                   "--config", "tiny", "--iterations", 6, "--device", "cpu") == 0
+        card = json.loads((tmp_path / arch / "model.pt.json").read_text())
+        assert card["demo"] is True and card["arch"] == arch
+    study = sorted((cohort / "studies" / "CT-1").glob("*.nii.gz"))[0]
+    sid = study.name.split(".")[0]
+    pred = tmp_path / "pred" / f"{sid}.nii.gz"
+    assert run("segment", "--input", study, "--gan", tmp_path / "gan" / "model.pt", "--seg", tmp_path / "transunet" / "model.pt",
+               "--output", pred, "--lungs", tmp_path / "lungs" / f"{sid}_lungs.nii.gz", "--pseudo-healthy", tmp_path / "ph.nii.gz",
+               "--difference", tmp_path / "diff.nii.gz", "--report", tmp_path / "report.json", "--device", "auto") == 0
+    src = nib.load(str(study))
+    for p in (pred, tmp_path / "ph.nii.gz", tmp_path / "diff.nii.gz"):
+        img = nib.load(str(p))
+        assert img.shape == src.shape and np.allclose(img.affine, src.affine, atol=1e-5)
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["mosmed_category"] in ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4") and rep["lung_ml"] > 500
+    assert run("evaluate", "--pred", tmp_path / "pred", "--truth", cohort / "masks", "--lungs", tmp_path / "lungs",
+               "--out", tmp_path / "ev", "--method", "transunet") == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["cases"] == 1 and "dice" in summary["models"]["transunet"]
+    # a GAN checkpoint given as --seg is refused with exit code 2 and nothing is written
+    bad = tmp_path / "bad.nii.gz"
+    assert run("segment", "--input", study, "--seg", tmp_path / "gan" / "model.pt", "--output", bad) == 2
+    assert "'gan' checkpoint" in capsys.readouterr().err and not bad.exists()

@@ -242,7 +242,11 @@ class Harness:
             sliceLogic = slicer.vtkMRMLSliceLogic()
             sliceLogic.SetMRMLApplicationLogic(self.applicationLogic)
             sliceLogic.SetMRMLScene(self.scene)
-            sliceLogic.AddSliceNode(name)
+            sliceNode = self.scene.GetSingletonNode(name, "vtkMRMLSliceNode")  # created by the layout logic
+            if sliceNode is not None:
+                sliceLogic.SetSliceNode(sliceNode)
+            else:
+                sliceLogic.AddSliceNode(name)
             self._sliceLogicCollection.AddItem(sliceLogic)
             self.sliceLogics[name] = sliceLogic
 

@@ -1,0 +1,276 @@
+"""Phantom chest CTs: tissue HU, anatomy, lesions, categories, determinism, cohort layout and CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from CovidGANSegLib import cli
+from CovidGANSegLib.nifti import load_ct, load_mask
+from CovidGANSegLib.phantoms import (
+    CATEGORIES,
+    LABELS,
+    Phantom,
+    category_for,
+    draw_involvement,
+    generate_phantom,
+    study_rng,
+    write_cohort,
+)
+
+
+@pytest.fixture(scope="module")
+def healthy() -> Phantom:
+    return generate_phantom(np.random.default_rng(11), size="small", covid=False)
+
+
+@pytest.fixture(scope="module")
+def mild() -> Phantom:
+    return generate_phantom(np.random.default_rng(12), size="small", covid=True, involvement=0.06)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cohort") / "phantoms"
+    return write_cohort(out, healthy=1, covid=2, seed=5, size="small")
+
+
+def _median(ph: Phantom, label: str) -> float:
+    sel = ph.labels == LABELS[label]
+    assert sel.sum() > 50, label
+    return float(np.median(ph.hu[sel]))
+
+
+def test_small_geometry_and_types(healthy):
+    ph = healthy
+    assert ph.hu.dtype == np.int16 and ph.hu.shape[:2] == (128, 128) and 32 <= ph.hu.shape[2] <= 40
+    assert ph.lung_mask.dtype == bool and ph.lesion_mask.dtype == bool and ph.labels.dtype == np.uint8
+    sx, sy, sz = ph.spacing
+    assert 2.3 < sx < 3.3 and sx == pytest.approx(sy) and sz == pytest.approx(8.0)
+    assert nib.aff2axcodes(ph.affine) == ("L", "A", "S")
+    assert ph.category == "CT-0" and ph.involvement == 0.0 and not ph.lesion_mask.any()
+    assert 2000 < ph.lung_ml < 7500
+
+
+def test_tissue_hu_statistics(healthy):
+    ph = healthy
+    hu = ph.hu.astype(np.float32)
+    assert abs(_median(ph, "air") + 1000) < 15  # outside the body
+    assert -130 < _median(ph, "fat") < -70
+    assert 20 < _median(ph, "muscle") < 70
+    bone = hu[ph.labels == LABELS["bone"]]
+    assert 150 < np.median(bone) < 700 and np.percentile(bone, 99) > 500  # marrow and cortical rim
+    lung = hu[ph.labels == LABELS["lung"]]
+    assert -880 < np.median(lung) < -800
+    assert _median(ph, "vessel") > -550  # vessels are bright (even blurred by partial volume)
+    assert _median(ph, "airway") < -800
+    # CT noise: std of air far outside the body (top corners of the image)
+    corner = hu[:10, -10:, :]
+    assert 12 < corner.std() < 40
+    # the whole lung mask is dark: lungs include vessels but mostly parenchyma
+    assert np.median(hu[ph.lung_mask]) < -750
+
+
+def test_dependent_density_gradient(healthy):
+    ph = healthy
+    sel = ph.labels == LABELS["lung"]
+    y = np.broadcast_to(np.arange(ph.hu.shape[1])[None, :, None], ph.hu.shape)
+    mid = np.median(y[sel])
+    posterior = ph.hu[sel & (y < mid)].astype(float)  # axis 1 runs anterior: low y is posterior
+    anterior = ph.hu[sel & (y >= mid)].astype(float)
+    assert np.median(posterior) - np.median(anterior) > 15
+
+
+def test_anatomy_two_lungs_airways_and_vessels(healthy):
+    ph = healthy
+    lab, n = ndi.label(ph.lung_mask)
+    sizes = np.sort(np.bincount(lab.ravel())[1:])[::-1]
+    assert n >= 2 and sizes[1] > 0.5 * sizes[0]  # two lungs of similar size
+    # lung cross-section tapers toward apex and base
+    area = ph.lung_mask.sum(axis=(0, 1))
+    ks = np.flatnonzero(area)
+    assert area[ks[0]] < 0.5 * area.max() and area[ks[-1]] < 0.5 * area.max()
+    assert ks[0] > 0 and ks[-1] < ph.hu.shape[2] - 1  # lungs end inside the scan
+    # trachea: air in the upper mediastinum that is not lung
+    upper = slice(ks[-1] - 3, ks[-1] + 1)
+    trachea = (ph.labels[:, :, upper] == LABELS["airway"]) & ~ph.lung_mask[:, :, upper]
+    assert trachea.sum() > 5
+    # vessels inside the lungs, included in the lung mask
+    vessels = ph.labels == LABELS["vessel"]
+    assert (vessels & ph.lung_mask).sum() > 0.01 * ph.lung_mask.sum()
+    # a plain HU threshold (-750..0) flags vessels in a healthy lung: the task is not trivial
+    thr = (ph.hu > -750) & (ph.hu < 0) & ph.lung_mask
+    assert thr.sum() > 0.03 * ph.lung_mask.sum()
+
+
+def test_covid_lesions(mild):
+    ph = mild
+    assert ph.lesion_mask.any() and not (ph.lesion_mask & ~ph.lung_mask).any()
+    assert ph.involvement == pytest.approx(ph.lesion_mask.sum() / ph.lung_mask.sum())
+    assert ph.involvement == pytest.approx(0.06, abs=0.005)
+    assert ph.category == "CT-1" == category_for(ph.involvement)
+    assert ph.lesion_ml == pytest.approx(ph.involvement * ph.lung_ml)
+    vals = ph.hu[ph.lesion_mask].astype(float)
+    assert -750 < np.median(vals) < -200
+    # peripheral and posterior placement
+    dist = ndi.distance_transform_edt(ph.lung_mask, sampling=ph.spacing)
+    assert dist[ph.lesion_mask].mean() < 0.8 * dist[ph.lung_mask].mean()
+    y = np.broadcast_to(np.arange(ph.hu.shape[1])[None, :, None], ph.hu.shape)
+    assert y[ph.lesion_mask].mean() < y[ph.lung_mask].mean()
+
+
+@pytest.mark.parametrize("involvement,category", [(0.35, "CT-2"), (0.8, "CT-4")])
+def test_category_from_true_involvement(involvement, category):
+    ph = generate_phantom(np.random.default_rng(3), size="small", covid=True, involvement=involvement, return_labels=False)
+    assert ph.labels is None
+    assert ph.involvement == pytest.approx(involvement, abs=0.01)
+    assert ph.category == category
+    # consolidation appears in larger lesions
+    assert (ph.hu[ph.lesion_mask] > -150).mean() > 0.01
+
+
+def test_category_bands():
+    assert category_for(0.0, covid=False) == "CT-0"
+    assert category_for(0.001) == "CT-1" and category_for(0.2499) == "CT-1"
+    assert category_for(0.25) == "CT-2" and category_for(0.4999) == "CT-2"
+    assert category_for(0.5) == "CT-3" and category_for(0.75) == "CT-4"
+    rng = np.random.default_rng(0)
+    for cat in ("CT-1", "CT-2", "CT-3", "CT-4"):
+        for _ in range(20):
+            assert category_for(draw_involvement(rng, cat)) == cat
+    drawn = [category_for(draw_involvement(rng)) for _ in range(400)]
+    counts = {c: drawn.count(c) for c in ("CT-1", "CT-2", "CT-3", "CT-4")}
+    assert counts["CT-1"] > counts["CT-2"] > counts["CT-3"] > counts["CT-4"] > 0
+
+
+def test_determinism():
+    a = generate_phantom(study_rng(7, 1), size="small", covid=True)
+    b = generate_phantom(study_rng(7, 1), size="small", covid=True)
+    c = generate_phantom(study_rng(8, 1), size="small", covid=True)
+    assert a.hu.tobytes() == b.hu.tobytes()
+    np.testing.assert_array_equal(a.lesion_mask, b.lesion_mask)
+    np.testing.assert_array_equal(a.affine, b.affine)
+    assert a.hu.shape != c.hu.shape or not np.array_equal(a.hu, c.hu)
+
+
+def test_argument_checks():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError):
+        generate_phantom(rng, size="huge", covid=False)
+    with pytest.raises(ValueError):
+        generate_phantom(rng, covid=False, involvement=0.2)
+    with pytest.raises(ValueError):
+        generate_phantom(rng, covid=True, involvement=1.5)
+
+
+def test_mosmed_geometry():
+    ph = generate_phantom(study_rng(0, 9), size="mosmed", covid=True, involvement=0.1, return_labels=False)
+    nx, ny, nz = ph.hu.shape
+    assert (nx, ny) == (512, 512) and 32 <= nz <= 60
+    sx, sy, sz = ph.spacing
+    assert 0.6 <= sx <= 0.8 and sx == pytest.approx(sy) and sz == pytest.approx(8.0)
+    assert nib.aff2axcodes(ph.affine) == ("L", "A", "S")
+    assert ph.category == "CT-1" and not (ph.lesion_mask & ~ph.lung_mask).any()
+    assert 2000 < ph.lung_ml < 7500
+    assert abs(np.median(ph.hu[ph.lung_mask & ~ph.lesion_mask]) + 840) < 60
+
+
+def test_cohort_layout(cohort):
+    meta = json.loads((cohort / "cohort.json").read_text())
+    assert meta["seed"] == 5 and meta["size"] == "small" and meta["generator_version"]
+    assert [r["id"] for r in meta["studies"]] == ["study_0001", "study_0002", "study_0003"]
+    assert {p.name for p in (cohort / "studies").iterdir()} == set(CATEGORIES)
+    cats = [r["category"] for r in meta["studies"]]
+    assert cats[0] == "CT-0" and all(c != "CT-0" for c in cats[1:]) and len(set(cats[1:])) >= 2
+    for rec in meta["studies"]:
+        study = cohort / rec["path"]
+        assert study.parent.name == rec["category"]
+        img = nib.load(str(study))
+        assert img.get_data_dtype() == np.int16
+        assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+        ct = load_ct(study)  # passes the library's HU checks
+        lungs = load_mask(cohort / rec["lungs"], ct)
+        assert lungs.sum() * ct.voxel_volume_ml == pytest.approx(rec["lung_ml"], rel=1e-3)
+        assert nib.load(str(cohort / rec["lungs"])).get_data_dtype() == np.uint8
+        if rec["covid"]:
+            mask = load_mask(cohort / rec["mask"], ct)
+            assert not (mask & ~lungs).any()
+            assert 100 * mask.sum() / lungs.sum() == pytest.approx(rec["involvement_percent"], abs=1e-3)
+            assert category_for(rec["involvement_percent"] / 100) == rec["category"]
+        else:
+            assert rec["mask"] is None and not (cohort / "masks" / f"{rec['id']}_mask.nii.gz").exists()
+    assert not list(cohort.parent.glob("*.partial"))
+
+
+def test_cohort_same_seed_same_bytes(cohort, tmp_path):
+    again = write_cohort(tmp_path / "again", healthy=1, covid=2, seed=5, size="small")
+    files = sorted(p.relative_to(cohort) for p in cohort.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (cohort / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_cohort_study_depends_only_on_seed_and_number(cohort, tmp_path):
+    """A study written in a cohort of its own equals the same study in a bigger cohort."""
+    meta = json.loads((cohort / "cohort.json").read_text())
+    single = write_cohort(tmp_path / "single", healthy=1, covid=0, seed=5, size="small")
+    rel = meta["studies"][0]["path"]
+    assert (single / rel).read_bytes() == (cohort / rel).read_bytes()
+    other = write_cohort(tmp_path / "other", healthy=1, covid=0, seed=6, size="small")
+    assert (other / rel).read_bytes() != (cohort / rel).read_bytes()
+
+
+def test_cohort_overwrite_and_atomicity(tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    write_cohort(out, healthy=1, covid=0, seed=0)
+    with pytest.raises(FileExistsError):
+        write_cohort(out, healthy=1, covid=0, seed=0)
+    write_cohort(out, healthy=0, covid=1, seed=0, overwrite=True)
+    assert not list((out / "studies" / "CT-0").iterdir())
+
+    import CovidGANSegLib.phantoms as phantoms
+
+    calls = {"n": 0}
+    real = phantoms.generate_phantom
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(phantoms, "generate_phantom", failing)
+    with pytest.raises(RuntimeError):
+        write_cohort(tmp_path / "failed", healthy=2, covid=0, seed=0)
+    assert not (tmp_path / "failed").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    with pytest.raises(ValueError):
+        write_cohort(tmp_path / "none", healthy=0, covid=0, seed=0)
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["phantoms", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--healthy", "--covid", "--seed", "--size", "mosmed", "--overwrite", "CT-0", "cohort.json"):
+        assert word in text
+
+
+def test_cli_run(tmp_path, capsys):
+    out = tmp_path / "p"
+    rc = cli.main(["--progress", "none", "phantoms", str(out), "--healthy", "1", "--covid", "1", "--seed", "2"])
+    assert rc == 0
+    assert "wrote 2 small phantom studies" in capsys.readouterr().out
+    meta = json.loads((out / "cohort.json").read_text())
+    assert [r["covid"] for r in meta["studies"]] == [False, True]
+    assert (out / "masks" / "study_0002_mask.nii.gz").exists()
+    assert cli.main(["--progress", "none", "phantoms", str(out), "--healthy", "1", "--covid", "0"]) == 2  # exists
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["phantoms", str(tmp_path / "q"), "--healthy", "-1", "--covid", "1"])
+    assert exc.value.code == 2

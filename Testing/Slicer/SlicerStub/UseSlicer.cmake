@@ -1,0 +1,170 @@
+# Stub of Slicer's UseSlicer.cmake: extension metadata checks and the scripted-module macros.
+
+include_guard(GLOBAL)
+
+#-----------------------------------------------------------------------------
+# Extension metadata: what the Extensions Index needs (checked as the real extension build does
+# when it generates the description file; here already at configure time).
+foreach(var EXTENSION_HOMEPAGE EXTENSION_CATEGORY EXTENSION_CONTRIBUTORS EXTENSION_DESCRIPTION
+            EXTENSION_ICONURL EXTENSION_SCREENSHOTURLS EXTENSION_DEPENDS)
+  if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
+    message(FATAL_ERROR "Slicer stub: ${var} is not set (set it before find_package(Slicer))")
+  endif()
+endforeach()
+foreach(var EXTENSION_HOMEPAGE EXTENSION_ICONURL)
+  if(NOT "${${var}}" MATCHES "^https?://")
+    message(FATAL_ERROR "Slicer stub: ${var} must be an http(s) URL, got '${${var}}'")
+  endif()
+endforeach()
+foreach(url ${EXTENSION_SCREENSHOTURLS})
+  if(NOT "${url}" MATCHES "^https?://")
+    message(FATAL_ERROR "Slicer stub: EXTENSION_SCREENSHOTURLS must be http(s) URLs, got '${url}'")
+  endif()
+endforeach()
+
+set(SLICER_STUB_TARGETS "" CACHE INTERNAL "")
+
+#-----------------------------------------------------------------------------
+# _slicer_stub_check_package_complete(<source dir> <listed files...>)
+# Every file of a listed Python package (a folder with a listed __init__.py) must be listed.
+function(_slicer_stub_check_package_complete source_dir)
+  set(listed ${ARGN})
+  set(packages "")
+  foreach(file ${listed})
+    get_filename_component(name "${file}" NAME)
+    if(name STREQUAL "__init__.py")
+      get_filename_component(dir "${file}" DIRECTORY)
+      list(APPEND packages "${dir}")
+    endif()
+  endforeach()
+  list(REMOVE_DUPLICATES packages)
+  foreach(package ${packages})
+    file(GLOB_RECURSE present RELATIVE "${source_dir}" "${source_dir}/${package}/*")
+    foreach(file ${present})
+      if(file MATCHES "(^|/)__pycache__/" OR file MATCHES "\\.py[co]$" OR file MATCHES "(^|/)\\.[^/]*$")
+        continue()
+      endif()
+      list(FIND listed "${file}" index)
+      if(index EQUAL -1)
+        message(FATAL_ERROR "Slicer stub: ${source_dir}/${file} is part of the Python package '${package}' but is not listed: "
+                            "the built extension would lack it")
+      endif()
+    endforeach()
+  endforeach()
+endfunction()
+
+#-----------------------------------------------------------------------------
+# ctkMacroCompilePythonScript(TARGET_NAME SCRIPTS RESOURCES SOURCE_DIR DESTINATION_DIR INSTALL_DIR
+#                             [NO_INSTALL_SUBDIR] [GLOBAL_TARGET])
+# Copies scripts and resources into DESTINATION_DIR (keeping relative paths), byte-compiles the
+# scripts, installs them into INSTALL_DIR; fails on a missing or an unlisted package file.
+function(ctkMacroCompilePythonScript)
+  set(options NO_INSTALL_SUBDIR GLOBAL_TARGET)
+  set(oneValueArgs TARGET_NAME SOURCE_DIR DESTINATION_DIR INSTALL_DIR)
+  set(multiValueArgs SCRIPTS RESOURCES)
+  cmake_parse_arguments(MY "${options}" "${oneValueArgs}" "${multiValueArgs}" ${ARGN})
+  foreach(var TARGET_NAME SCRIPTS DESTINATION_DIR INSTALL_DIR)
+    if(NOT DEFINED MY_${var})
+      message(FATAL_ERROR "Slicer stub: ctkMacroCompilePythonScript: ${var} is mandatory")
+    endif()
+  endforeach()
+  if(NOT DEFINED MY_SOURCE_DIR)
+    set(MY_SOURCE_DIR "${CMAKE_CURRENT_SOURCE_DIR}")
+  endif()
+  if(MY_NO_INSTALL_SUBDIR)
+    set(install_dir "${MY_INSTALL_DIR}")
+  else()
+    get_filename_component(subdir "${MY_DESTINATION_DIR}" NAME)
+    set(install_dir "${MY_INSTALL_DIR}/${subdir}")
+  endif()
+
+  set(all_listed "")
+  set(outputs "")
+  foreach(kind SCRIPTS RESOURCES)
+    foreach(file ${MY_${kind}})
+      if(kind STREQUAL "SCRIPTS" AND NOT file MATCHES "\\.py$")
+        set(file "${file}.py")
+      endif()
+      if(IS_ABSOLUTE "${file}")
+        message(FATAL_ERROR "Slicer stub: ${MY_TARGET_NAME}: list '${file}' relative to ${MY_SOURCE_DIR}")
+      endif()
+      set(src "${MY_SOURCE_DIR}/${file}")
+      if(NOT EXISTS "${src}" OR IS_DIRECTORY "${src}")
+        message(FATAL_ERROR "Slicer stub: ${MY_TARGET_NAME}: listed file ${src} does not exist")
+      endif()
+      list(APPEND all_listed "${file}")
+      set(tgt "${MY_DESTINATION_DIR}/${file}")
+      add_custom_command(OUTPUT "${tgt}" DEPENDS "${src}"
+        COMMAND ${CMAKE_COMMAND} -E copy "${src}" "${tgt}"
+        COMMENT "Copying python ${kind}: ${file}")
+      list(APPEND outputs "${tgt}")
+      get_filename_component(rel_dir "${file}" DIRECTORY)
+      install(FILES "${tgt}" DESTINATION "${install_dir}/${rel_dir}" COMPONENT RuntimeLibraries)
+    endforeach()
+  endforeach()
+  _slicer_stub_check_package_complete("${MY_SOURCE_DIR}" ${all_listed})
+  add_custom_target(Copy${MY_TARGET_NAME}PythonFiles ALL DEPENDS ${outputs})
+  set(SLICER_STUB_TARGETS ${SLICER_STUB_TARGETS} ${MY_TARGET_NAME} CACHE INTERNAL "")
+endfunction()
+
+#-----------------------------------------------------------------------------
+# slicerMacroBuildScriptedModule(NAME SCRIPTS RESOURCES [WITH_GENERIC_TESTS] [VERBOSE])
+function(slicerMacroBuildScriptedModule)
+  set(options WITH_GENERIC_TESTS VERBOSE)
+  set(oneValueArgs NAME)
+  set(multiValueArgs SCRIPTS RESOURCES)
+  cmake_parse_arguments(MY_SLICER "${options}" "${oneValueArgs}" "${multiValueArgs}" ${ARGN})
+  if(MY_SLICER_UNPARSED_ARGUMENTS)
+    message(FATAL_ERROR "Slicer stub: slicerMacroBuildScriptedModule: unknown arguments ${MY_SLICER_UNPARSED_ARGUMENTS}")
+  endif()
+  if(NOT MY_SLICER_NAME)
+    message(FATAL_ERROR "Slicer stub: slicerMacroBuildScriptedModule: NAME is mandatory")
+  endif()
+  list(FIND MY_SLICER_SCRIPTS "${MY_SLICER_NAME}.py" index)
+  if(index EQUAL -1)
+    message(FATAL_ERROR "Slicer stub: module ${MY_SLICER_NAME}: ${MY_SLICER_NAME}.py is not in SCRIPTS")
+  endif()
+  # any .py directly in the module folder is loaded by Slicer as a module: it must be listed
+  file(GLOB top_level_py RELATIVE "${CMAKE_CURRENT_SOURCE_DIR}" "${CMAKE_CURRENT_SOURCE_DIR}/*.py")
+  foreach(file ${top_level_py})
+    list(FIND MY_SLICER_SCRIPTS "${file}" index)
+    if(index EQUAL -1)
+      message(FATAL_ERROR "Slicer stub: module ${MY_SLICER_NAME}: ${file} is in the module folder but not in SCRIPTS")
+    endif()
+  endforeach()
+  # every file under Resources/ is loaded at run time (.ui, icon, requirements): it must be listed
+  file(GLOB_RECURSE resources RELATIVE "${CMAKE_CURRENT_SOURCE_DIR}" "${CMAKE_CURRENT_SOURCE_DIR}/Resources/*")
+  foreach(file ${resources})
+    if(file MATCHES "(^|/)\\.[^/]*$")
+      continue()
+    endif()
+    list(FIND MY_SLICER_RESOURCES "${file}" index)
+    if(index EQUAL -1)
+      message(FATAL_ERROR "Slicer stub: module ${MY_SLICER_NAME}: ${file} is in Resources/ but not in RESOURCES")
+    endif()
+  endforeach()
+  foreach(required "Resources/Icons/${MY_SLICER_NAME}.png" "Resources/UI/${MY_SLICER_NAME}.ui")
+    list(FIND MY_SLICER_RESOURCES "${required}" index)
+    if(index EQUAL -1)
+      message(WARNING "Slicer stub: module ${MY_SLICER_NAME}: ${required} is not in RESOURCES")
+    endif()
+  endforeach()
+  ctkMacroCompilePythonScript(
+    TARGET_NAME ${MY_SLICER_NAME}
+    SCRIPTS "${MY_SLICER_SCRIPTS}"
+    RESOURCES "${MY_SLICER_RESOURCES}"
+    DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}
+    INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}
+    NO_INSTALL_SUBDIR
+    )
+  set(SLICER_STUB_MODULES ${SLICER_STUB_MODULES} ${MY_SLICER_NAME} CACHE INTERNAL "")
+endfunction()
+
+#-----------------------------------------------------------------------------
+# slicer_add_python_unittest(SCRIPT <file> [SLICER_ARGS ...] [TESTNAME_PREFIX ...])
+function(slicer_add_python_unittest)
+  cmake_parse_arguments(MY "" "SCRIPT;TESTNAME_PREFIX" "SLICER_ARGS" ${ARGN})
+  if(NOT EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/${MY_SCRIPT}")
+    message(FATAL_ERROR "Slicer stub: slicer_add_python_unittest: ${MY_SCRIPT} does not exist")
+  endif()
+endfunction()
