@@ -48,6 +48,180 @@ FULL = DemoPlan(train_healthy=24, train_covid=40, test_covid=16, phantom_size="s
 METHODS = ("transunet", "unet", "hu_threshold")
 
 
-def run_demo(out: Path, *, quick: bool = False, device: str = "cpu", plan: DemoPlan | None = None) -> dict[str, Any]:
-    """Run the whole pipeline into ``out``; return the ``metrics.json`` content."""
-    raise NotImplementedError  # filled in once the pipeline pieces land
+def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overwrite: bool = False,
+             plan: DemoPlan | None = None) -> dict[str, Any]:
+    """Run the whole pipeline into ``out`` (written atomically) and return the ``metrics.json`` content."""
+    from CovidGANSegLib.atomic import atomic_directory
+
+    plan = plan or (QUICK if quick else FULL)
+    out = Path(out)
+    start = time.perf_counter()
+    with atomic_directory(out, overwrite=overwrite) as work:
+        metrics = _run(work, plan, device, start)
+    log.info("demo finished in %.0f s: %s", metrics["runtime_s"], out)
+    return metrics
+
+
+def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any]:
+    from CovidGANSegLib.config import PreprocessConfig
+    from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
+    from CovidGANSegLib.gan.training import train_gan
+    from CovidGANSegLib.phantoms import write_cohort
+    from CovidGANSegLib.seg.training import train_segmenter
+
+    train_dir, test_dir = work / "data" / "train", work / "data" / "test"
+    progress.report(0.0, "generating the phantom cohorts")
+    # Training cohort: its lesion masks exist on disk (MosMed layout) but no training code reads them.
+    write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size)
+    # Held-out cohort: other seed and study numbers; its masks are used only by the evaluation below.
+    write_cohort(test_dir, healthy=0, covid=plan.test_covid, seed=plan.seed + 1, size=plan.phantom_size, first_id=5001)
+    timings = {"phantoms_s": time.perf_counter() - start}
+
+    preprocess = PreprocessConfig(grid=plan.grid)
+    t = time.perf_counter()
+    progress.report(0.05, "training the 3D GAN")
+    gan_model = train_gan(train_dir, work / "runs" / "gan", config=plan.gan_config, preprocess=preprocess,
+                          iterations=plan.gan_iterations, device=device, seed=plan.seed)
+    timings["gan_training_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress.report(0.4, "making pseudo-masks")
+    cached = work / "runs" / "gan" / "preprocessed"
+    pseudo = make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, work / "pseudo_masks", device=device)
+    timings["pseudo_masks_s"] = time.perf_counter() - t
+
+    seg_models = {}
+    for i, name in enumerate(("transunet", "unet")):
+        t = time.perf_counter()
+        progress.report(0.45 + 0.2 * i, f"training {name} on the pseudo-masks")
+        seg_models[name] = train_segmenter(pseudo, work / "runs" / name, model=name, config=plan.seg_config,
+                                           iterations=plan.seg_iterations, device=device, seed=plan.seed)
+        timings[f"{name}_training_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress.report(0.85, "segmenting the held-out studies")
+    cases = _segment_held_out(test_dir, seg_models, work / "predictions", device)
+    timings["segmentation_s"] = time.perf_counter() - t
+
+    progress.report(0.95, "evaluating")
+    from CovidGANSegLib.evaluation import evaluate_methods
+
+    summary = evaluate_methods({m: cases["predictions"][m] for m in METHODS}, cases["truths"], cases["spacings"],
+                               lungs=cases["lungs"], ids=cases["ids"], out=work / "evaluation")
+    _save_examples(cases, work / "figures" / "held_out_examples.png")
+    runtime = time.perf_counter() - start
+    metrics = {
+        "cases": summary["cases"],
+        "models": {m: {k: {"mean": summary["models"][m][k]["mean"], "std": summary["models"][m][k]["std"]}
+                       for k in ("dice", "sensitivity", "specificity")} for m in METHODS},
+        "runtime_s": round(runtime, 1),
+    }
+    _write_json(work / "metrics.json", metrics)
+    _write_report(work, plan, device, summary, timings, runtime)
+    progress.report(1.0, "demo done")
+    return metrics
+
+
+def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Path, device: str) -> dict[str, Any]:
+    """Segment every held-out study with each method on its own grid; load the reference masks."""
+    from CovidGANSegLib.datasets import discover_studies, lesion_mask_path
+    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.nifti import load_ct, load_mask, save_like
+    from CovidGANSegLib.preprocessing import preprocess_ct
+    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
+    from CovidGANSegLib.seg.inference import load_segmenter, segment_ct
+
+    models = {name: load_segmenter(path, device=device)[0] for name, path in seg_models.items()}
+    configs = {m.preprocess_config for m in models.values()}
+    if len(configs) != 1:
+        raise ValueError("the two segmenters were trained with different preprocessing")
+    preprocess = configs.pop()
+    cases: dict[str, Any] = {"ids": [], "truths": [], "spacings": [], "lungs": [], "images": [],
+                             "predictions": {m: [] for m in METHODS}}
+    for study in progress.track(discover_studies(test_dir, min_slices=1), desc="segmenting held-out studies"):
+        ct = load_ct(study.path)
+        lung = extract_lung_mask(ct.array, ct.spacing)
+        pv = preprocess_ct(ct, preprocess, lung_mask=lung)
+        preds = {name: segment_ct(ct, model, preprocess, lung_mask=lung, preprocessed=pv).lesion_mask for name, model in models.items()}
+        preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
+        for name, mask in preds.items():
+            save_like(mask.astype("uint8"), ct, pred_dir / name / f"{study.id}.nii.gz", dtype="uint8")
+            cases["predictions"][name].append(mask)
+        mask_path = lesion_mask_path(test_dir, study.id)  # evaluation only
+        if mask_path is None:
+            raise FileNotFoundError(f"{test_dir}: no lesion mask for held-out study {study.id}")
+        cases["truths"].append(load_mask(mask_path, reference=ct))
+        cases["ids"].append(study.id)
+        cases["spacings"].append(ct.spacing)
+        cases["lungs"].append(lung)
+        cases["images"].append(ct.array)
+    return cases
+
+
+def _save_examples(cases: dict[str, Any], path: Path, n: int = 3) -> None:
+    """A few held-out axial slices: reference (yellow) and each method's lesion outline."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    colours = {"truth": "yellow", "transunet": "red", "unet": "cyan", "hu_threshold": "magenta"}
+    order = np.argsort([-t.sum() for t in cases["truths"]])[: min(n, len(cases["truths"]))]
+    fig = Figure(figsize=(4 * len(METHODS), 4 * len(order)), layout="constrained")
+    axes = fig.subplots(len(order), len(METHODS), squeeze=False)
+    for row, idx in enumerate(order):
+        truth = cases["truths"][idx]
+        z = int(np.argmax(truth.sum(axis=(0, 1))))
+        image = np.clip((cases["images"][idx][:, :, z] + 1000.0) / 1400.0, 0, 1)
+        for col, method in enumerate(METHODS):
+            ax = axes[row][col]
+            ax.imshow(np.rot90(image), cmap="gray", vmin=0, vmax=1)
+            ax.contour(np.rot90(truth[:, :, z]).astype(float), levels=[0.5], colors=colours["truth"], linewidths=1.0)
+            pred = cases["predictions"][method][idx][:, :, z]
+            if pred.any():
+                ax.contour(np.rot90(pred).astype(float), levels=[0.5], colors=colours[method], linewidths=1.0)
+            ax.set_title(f"{cases['ids'][idx]} z={z}: {method} ({colours[method]}) vs truth (yellow)", fontsize=8)
+            ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_report(work: Path, plan: DemoPlan, device: str, summary: dict[str, Any], timings: dict[str, float], runtime: float) -> None:
+    from CovidGANSegLib.evaluation import table1_markdown
+
+    models = summary["models"]
+    dice = {m: models[m]["dice"]["mean"] for m in METHODS}
+    beats = dice["transunet"] > dice["hu_threshold"]
+    verdict = (f"TransUNet (Dice {dice['transunet']:.3f}) {'beats' if beats else 'does NOT beat'} the HU-threshold baseline "
+               f"(Dice {dice['hu_threshold']:.3f}); U-Net baseline Dice {dice['unet']:.3f}.")
+    figures = [("GAN loss curves", "runs/gan/loss_curves.png"), ("Pseudo-mask severity box plot (paper Fig. 4)", "pseudo_masks/severity_boxplot.png"),
+               ("TransUNet loss curves", "runs/transunet/loss_curves.png"), ("U-Net loss curves", "runs/unet/loss_curves.png"),
+               ("Per-volume metrics of the held-out studies", "evaluation/boxplots.png"),
+               ("Held-out examples (truth yellow; TransUNet red, U-Net cyan, HU threshold magenta)", "figures/held_out_examples.png")]
+    lines = [
+        "# CovidGANSeg demo report\n",
+        "Synthetic phantom cohort, self-supervised pipeline (3D GAN -> pseudo-masks -> segmenters). "
+        "The segmenters never saw a lesion mask; held-out masks are used only to score. "
+        "Models trained here are demonstration models, not for clinical use.\n",
+        f"- Plan: {json.dumps(dataclasses.asdict(plan))}",
+        f"- Device: {device}; machine: {platform.machine()}, {platform.system()}, {_cpu_count()} CPU cores",
+        f"- Runtime: {runtime:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n",
+        f"**Result:** {verdict}\n",
+        f"## Held-out studies ({summary['cases']}), standard per-volume metrics (mean +- std, scored on each input's own grid)\n",
+        table1_markdown(models),
+        "\nFull tables (per slice, the predecessor's protocol for comparison only, CSV, JSON): `evaluation/`.\n",
+        "## Figures\n",
+    ]
+    lines += [f"### {title}\n\n![{title}]({rel})\n" for title, rel in figures if (work / rel).is_file()]
+    with atomic_path(work / "report.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -296,6 +296,27 @@ class Harness:
         setattr(self.modules, f"{name}Instance", instance)
         return pythonModule
 
+    def shutdown(self) -> None:
+        """Tear down in a fixed order at exit (like the application does): scene emptied, logics
+        detached, then the scene itself. Left to Python's garbage collector, the VTK objects are
+        destroyed in arbitrary order and the interpreter can crash on exit."""
+        try:
+            self.scene.Clear(1)
+            for sliceLogic in self.sliceLogics.values():
+                sliceLogic.SetMRMLScene(None)
+            self._sliceLogicCollection.RemoveAllItems()
+            for logic in self.moduleLogics.values():
+                logic.SetMRMLScene(None)
+            self.layoutLogic.SetMRMLScene(None)
+            self.applicationLogic.SetMRMLScene(None)
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            log.exception("harness shutdown")
+        for name in ("app", "mrmlScene", "modules"):
+            if getattr(self.slicer, name, None) is not None:
+                setattr(self.slicer, name, None)
+        self.sliceLogics.clear()
+        self.moduleLogics.clear()
+
     def reset(self) -> None:
         """``slicer.mrmlScene.Clear()`` as Slicer's tests do between cases (keeps singletons)."""
         self.scene.Clear(0)
@@ -311,7 +332,10 @@ def install(temporaryPath: Path | None = None) -> Harness:
     """Create (once per process) and install the harness; returns it."""
     global _harness
     if _harness is None:
+        import atexit
+
         _harness = Harness(temporaryPath).install()
+        atexit.register(_harness.shutdown)
     elif temporaryPath is not None:
         _harness.app.temporaryPath = str(temporaryPath)
     return _harness
