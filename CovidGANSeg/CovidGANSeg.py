@@ -464,8 +464,9 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
             import json
 
             name = inputVolume.GetName()
-            lesion = volumeio.readMaskArray(paths["lesion"], inputVolume)
-            lungs = volumeio.readMaskArray(paths["lungs"], inputVolume)
+            lesionImage, lesion = segmentations.orientedMaskFromFile(paths["lesion"], inputVolume)  # read in place, no copy
+            lungsImage, lungs = segmentations.orientedMaskFromFile(paths["lungs"], inputVolume)
+            quantity = self._quantifyMasks(lesion.view(bool), lungs.view(bool), inputVolume)
             report = json.loads(reportPath.read_text()) if reportPath.is_file() else {}
             with self._rollbackOnError() as created:
                 result = {"report": report}
@@ -477,10 +478,10 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
                     self._styleOutputs(inputVolume, result["pseudoHealthy"], result["difference"], differenceThreshold)
                 segmentationNode = created(segmentations.createSegmentationNode(
                     slicer.mrmlScene, f"{name} segmentation", inputVolume,
-                    [(segmentations.LUNGS_NAME, lungs, segmentations.LUNGS_COLOR),
-                     (segmentations.LESION_NAME, lesion, segmentations.LESION_COLOR)]))
+                    [(segmentations.LUNGS_NAME, lungsImage, segmentations.LUNGS_COLOR),
+                     (segmentations.LESION_NAME, lesionImage, segmentations.LESION_COLOR)]))
+                del lesion, lungs, lesionImage, lungsImage
                 result["segmentation"] = segmentationNode
-                quantity = self._quantifyMasks(lesion, lungs, inputVolume)
                 table = created(tables.newOrReusedTable(slicer.mrmlScene, None, f"{name} lesion quantification"))
                 tables.fillTable(table, tables.QUANTIFICATION_COLUMNS, [self._quantificationRow(segmentationNode, quantity)])
                 result["quantificationTable"] = table

@@ -27,24 +27,41 @@ LESION_FILL_OPACITY = 0.60
 GROUND_TRUTH_LESION_PATTERN = re.compile(r"lesion|infect|covid|ggo|ground.?glass|consolid|opacit|mask", re.IGNORECASE)
 
 
-def _orientedImageFromMask(mask_kji: np.ndarray, referenceNode):
+def newOrientedMask(referenceNode):
+    """An empty uint8 ``vtkOrientedImageData`` on the reference grid and a ``[k, j, i]`` numpy view of it."""
     import slicer
     import vtk
     from vtk.util import numpy_support
 
-    nk, nj, ni = mask_kji.shape
+    ni, nj, nk = volumeio.dimensions(referenceNode)
     image = slicer.vtkOrientedImageData()
     image.SetDimensions(ni, nj, nk)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)[...] = mask_kji
     m = vtk.vtkMatrix4x4()
     referenceNode.GetIJKToRASMatrix(m)
     image.SetImageToWorldMatrix(m)
+    return image, numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)
+
+
+def orientedMaskFromFile(path, referenceNode):
+    """Read a 0/1 mask file (on the reference grid) straight into a labelmap image: ``(image, view)``."""
+    image, view = newOrientedMask(referenceNode)
+    volumeio.readNiftiInto(path, referenceNode, view)
+    np.minimum(view, 1, out=view)
+    return image, view
+
+
+def _orientedImageFromMask(mask_kji: np.ndarray, referenceNode):
+    image, view = newOrientedMask(referenceNode)
+    if view.shape != mask_kji.shape:
+        raise ValueError(f"mask shape {mask_kji.shape} differs from the reference grid {view.shape}")
+    view[...] = mask_kji
     return image
 
 
-def createSegmentationNode(scene, name: str, referenceNode, masks: list[tuple[str, np.ndarray, tuple[float, float, float]]]):
-    """A new segmentation node on ``referenceNode``'s geometry with one segment per ``(name, mask, colour)``.
+def createSegmentationNode(scene, name: str, referenceNode, masks: list[tuple[str, Any, tuple[float, float, float]]]):
+    """A new segmentation node on ``referenceNode``'s geometry with one segment per ``(name, mask, colour)``;
+    ``mask`` is a ``[k, j, i]`` array or a ``vtkOrientedImageData`` on that geometry.
 
     On error the node is removed again: nothing partial remains in the scene.
     """
@@ -61,7 +78,8 @@ def createSegmentationNode(scene, name: str, referenceNode, masks: list[tuple[st
         if display is not None:
             display.SetOpacity2DFill(1.0)  # the per-segment opacities below are the effective ones
         for segmentName, mask, color in masks:
-            segmentId = node.AddSegmentFromBinaryLabelmapRepresentation(_orientedImageFromMask(mask, referenceNode), segmentName, list(color))
+            image = mask if isinstance(mask, slicer.vtkOrientedImageData) else _orientedImageFromMask(mask, referenceNode)
+            segmentId = node.AddSegmentFromBinaryLabelmapRepresentation(image, segmentName, list(color))
             if not segmentId:
                 raise RuntimeError(f"could not add segment '{segmentName}'")
             if display is not None:

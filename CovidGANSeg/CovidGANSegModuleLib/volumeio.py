@@ -159,15 +159,6 @@ def addVolumeFromNifti(scene, path: str | Path, referenceNode, name: str, *, dty
     return node
 
 
-def readMaskArray(path: str | Path, referenceNode) -> np.ndarray:
-    """A binary output mask as uint8 ``[k, j, i]`` (values 0 / 1) on the reference grid."""
-    dims = dimensions(referenceNode)
-    mask = np.empty((dims[2], dims[1], dims[0]), dtype=np.uint8)
-    readNiftiInto(path, referenceNode, mask)
-    np.minimum(mask, 1, out=mask)
-    return mask
-
-
 def copyGeometry(referenceNode, node) -> None:
     """Give ``node`` the reference's IJKToRAS matrix and parent transform."""
     import vtk

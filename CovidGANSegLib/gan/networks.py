@@ -35,6 +35,7 @@ OUTPUTS = ("residual", "direct")
 NOISES = ("uniform", "perlin", "none")
 LOSSES = ("log", "log-saturating", "lsgan")
 AMP_DTYPES = ("float16", "bfloat16")
+G_UPDATES = ("separate", "joint")
 #: slope of the LeakyReLU activations (the predecessor's value)
 LEAKY_SLOPE = 0.3
 #: initial bias of the residual head: sigmoid(-4) ~ 0.018, so an untrained G is close to identity
@@ -76,7 +77,11 @@ class GANConfig:
         iterations: training iterations (paper 10,000).
         adv_weight: weight of G's adversarial loss (Algorithm 1 line 11).
         rec_weight: weight of the MSE between G(noisy healthy) and the clean healthy volume
-            (Algorithm 1 line 13).
+            (Algorithm 1 line 13). The MSE over a whole volume is small (lesions cover a few % of
+            it), so it is weighted up (like the L1 term of pix2pix) or the untrained
+            discriminator's gradients dominate G's first updates.
+        g_update: ``separate`` (Algorithm 1: one Adam step on the adversarial loss, then one on the
+            reconstruction loss) or ``joint`` (one step on their weighted sum).
         amp: mixed precision (autocast + GradScaler) on CUDA; ignored on CPU.
         amp_dtype: ``float16`` (with GradScaler) or ``bfloat16`` (no scaler needed).
         gradient_checkpointing: recompute G's dense blocks in the backward pass to save memory.
@@ -106,7 +111,8 @@ class GANConfig:
     lr_gamma: float = 0.9
     iterations: int = 10000
     adv_weight: float = 1.0
-    rec_weight: float = 10.0
+    rec_weight: float = 100.0
+    g_update: str = "separate"
     amp: bool = True
     amp_dtype: str = "float16"
     gradient_checkpointing: bool = False
@@ -124,7 +130,7 @@ class GANConfig:
             raise bad(f"disc_filters must be four positive channel counts, got {self.disc_filters}")
         if self.block_layers < 1 or self.bottleneck_layers < 1:
             raise bad("block_layers and bottleneck_layers must be >= 1")
-        for field_name, allowed in (("norm", NORMS), ("output", OUTPUTS), ("noise", NOISES), ("loss", LOSSES), ("amp_dtype", AMP_DTYPES)):
+        for field_name, allowed in (("norm", NORMS), ("output", OUTPUTS), ("noise", NOISES), ("loss", LOSSES), ("amp_dtype", AMP_DTYPES), ("g_update", G_UPDATES)):
             if getattr(self, field_name) not in allowed:
                 raise bad(f"{field_name} must be one of {allowed}, got {getattr(self, field_name)!r}")
         if not self.noise_scale >= 0:

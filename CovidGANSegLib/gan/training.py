@@ -208,20 +208,23 @@ class GANTrainer:
         with self._autocast():
             d_fake_g = D(fake)
         g_adv = generator_adversarial_loss(d_fake_g, cfg.loss)
+        joint = cfg.g_update == "joint"
         if cfg.adv_weight > 0:
             self.scaler_g.scale(cfg.adv_weight * g_adv).backward()
-            self.scaler_g.step(self.opt_g)
-            self.scaler_g.update()
-        del fake
+            if not joint:  # Algorithm 1 line 11: its own update; "joint" adds step 3's gradients first
+                self.scaler_g.step(self.opt_g)
+                self.scaler_g.update()
+                self.opt_g.zero_grad(set_to_none=True)
+        del fake, d_fake_g
         D.requires_grad_(True)
 
         # 3. G reconstruction step: MSE(G(I_H^Pe), I_H)  (eq. 2, third term)
-        self.opt_g.zero_grad(set_to_none=True)
         with self._autocast():
             recon = G(i_pe, m_h)
         g_rec = F.mse_loss(recon.float(), i_h)
         if cfg.rec_weight > 0:
             self.scaler_g.scale(cfg.rec_weight * g_rec).backward()
+        if cfg.rec_weight > 0 or (joint and cfg.adv_weight > 0):
             self.scaler_g.step(self.opt_g)
             self.scaler_g.update()
         self.opt_g.zero_grad(set_to_none=True)

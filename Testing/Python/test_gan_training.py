@@ -73,7 +73,7 @@ def test_training_iterations_change_weights_and_reduce_reconstruction_loss(tiny_
     from CovidGANSegLib.preprocessing import load_preprocessed
 
     ds = load_preprocessed(tiny_data[2])
-    trainer = GANTrainer(_tiny(batch_size=2, lr_g=1e-2, lr_d=1e-2), ds.config, device="cpu", seed=0)
+    trainer = GANTrainer(_tiny(batch_size=2, lr_g=1e-2, lr_d=1e-2, adv_weight=0.1), ds.config, device="cpu", seed=0)
     h, hl, c, cl, sp = trainer.sample_batch(ds.healthy, ds.healthy_lungs, ds.covid, ds.covid_lungs)
     noisy = trainer.make_noisy(h, hl, sp)
     assert np.all(noisy[~hl] == h[~hl]) and np.any(noisy[hl] != h[hl])  # lesions only inside the lungs

@@ -1,0 +1,54 @@
+"""The module as Slicer loads it: Module metadata, the self-test registry, and the module's own
+``CovidGANSegTest`` run under the harness (its Logic tests are real: no ``testLogic = False``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Slicer"))
+from slicer_harness.fixtures import *  # noqa: E402,F401,F403 - pytest fixtures
+
+pytestmark = pytest.mark.slicer
+
+
+def test_module_metadata(harness, scriptedModule):
+    import slicer
+
+    module = slicer.modules.covidganseg
+    assert module.title == "CovidGANSeg" and module.categories == ["Segmentation"]
+    assert module.contributors and "not for clinical use" in module.helpText.lower()
+    assert module.icon and Path(module.icon).name == "CovidGANSeg.png" and Path(module.icon).is_file()
+    assert "CovidGANSeg" in slicer.selfTests
+    instance = slicer.modules.CovidGANSegInstance
+    assert Path(instance.resourcePath("UI/CovidGANSeg.ui")).is_file()
+    # the Widget needs Qt: the harness refuses it loudly instead of faking it
+    with pytest.raises(RuntimeError, match="needs Qt"):
+        scriptedModule.CovidGANSegWidget()
+
+
+def test_module_self_test_without_models(harness, scriptedModule, tmp_path, monkeypatch):
+    """Input checks, quantification and comparison; the inference part is skipped without models."""
+    import slicer
+
+    monkeypatch.setenv("COVIDGANSEG_MODELS", str(tmp_path / "no-models"))
+    slicer.selfTests["CovidGANSeg"](msec=0)
+    assert harness.qtUsage == [], f"the Logic / Test used Qt: {harness.qtUsage}"
+
+
+def test_module_self_test_with_the_real_cli(harness, scriptedModule, tmp_path_factory, monkeypatch):
+    """The whole self-test, including segmentation and cancel through ``python -m CovidGANSegLib``."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed: the library's CLI cannot run")
+    import slicer
+    from slicer_harness.models import writeRandomModels
+
+    models = writeRandomModels(tmp_path_factory.mktemp("models"))
+    monkeypatch.setenv("COVIDGANSEG_MODELS", models["folder"])
+    slicer.modules.CovidGANSegInstance.runTest(msec=0)
+    assert list(Path(harness.app.temporaryPath).glob("CovidGANSeg-*")) == []
+    assert harness.qtUsage == []
