@@ -195,8 +195,8 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
             return
         if str(p.modelsFolder) != self._listedModelsFolder:
             self.updateModelLists()
-        self.logic.setOverlayOpacity(p.overlayOpacity)
-        if p.differenceVolume:
+        if p.differenceVolume:  # only touch the slice views when our overlay is there
+            self.logic.setOverlayOpacity(p.overlayOpacity, p.differenceVolume)
             self.logic.setDifferenceThreshold(p.differenceVolume, p.differenceThreshold)
         idle = self._job is None
         hasInput = bool(p.inputVolume)
@@ -307,6 +307,8 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         table = result.get("quantificationTable")
         if table is not None:
             self.ui.resultsTableView.setMRMLTableNode(table)
+        if result.get("device"):
+            self.ui.statusLabel.text = self.ui.statusLabel.text + "\n" + _("Computed on: {device}").format(device=result["device"])
         if result.get("csv"):
             self.ui.statusLabel.text = self.ui.statusLabel.text + "\n" + _("Results table: {path}").format(path=result["csv"])
 
@@ -441,7 +443,9 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         ``pseudoHealthy``, the pseudo-healthy and difference volumes are added to the scene."""
         volumeio.checkInputVolume(inputVolume)
         self._checkDevice(device)
-        gan = self.checkModel(ganCheckpoint, "gan")
+        # the GAN is needed for the pseudo-healthy / difference volumes; otherwise optional (the CLI
+        # then only checks that both models share their preprocessing)
+        gan = self.checkModel(ganCheckpoint, "gan") if (ganCheckpoint or pseudoHealthy) else None
         seg = self.checkModel(segCheckpoint, "seg")
         work = self._workDirectory()
         try:
@@ -453,9 +457,10 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         reportPath = work / "report.json"
 
         def argv(dev):
-            args = [*self.commandPrefix(), "--progress", "lines", "segment", "--input", str(inputPath),
-                    "--gan", gan["checkpoint_path"], "--seg", seg["checkpoint_path"],
+            args = [*self.commandPrefix(), "--progress", "lines", "segment", "--input", str(inputPath), "--seg", seg["checkpoint_path"],
                     "--output", str(paths["lesion"]), "--lungs", str(paths["lungs"]), "--report", str(reportPath), "--device", dev]
+            if gan is not None:
+                args += ["--gan", gan["checkpoint_path"]]
             if pseudoHealthy:
                 args += ["--pseudo-healthy", str(paths["pseudo_healthy"]), "--difference", str(paths["difference"])]
             return args
@@ -486,6 +491,7 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
                 tables.fillTable(table, tables.QUANTIFICATION_COLUMNS, [self._quantificationRow(segmentationNode, quantity)])
                 result["quantificationTable"] = table
                 result["quantities"] = quantity
+                result["device"] = report.get("device", "")
                 if show:
                     display.showOverlay(slicer.mrmlScene, inputVolume, result.get("difference"), overlayOpacity)
                 return result
@@ -584,8 +590,9 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         display.styleDifferenceVolume(differenceVolume, thresholdHU=threshold)
         display.showOverlay(slicer.mrmlScene, inputVolume, differenceVolume, opacity)
 
-    def setOverlayOpacity(self, opacity: float) -> None:
-        display.setOverlayOpacity(slicer.mrmlScene, opacity)
+    def setOverlayOpacity(self, opacity: float, foregroundVolume=None) -> None:
+        """Foreground opacity in the slice views (only those showing ``foregroundVolume`` if given)."""
+        display.setOverlayOpacity(slicer.mrmlScene, opacity, foregroundVolume)
 
     def setDifferenceThreshold(self, differenceVolume, threshold: float) -> None:
         displayNode = differenceVolume.GetDisplayNode() if differenceVolume is not None else None

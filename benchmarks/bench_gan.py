@@ -291,7 +291,8 @@ def section_quality(args: argparse.Namespace) -> dict:
     from CovidGANSegLib.gan.training import train_gan
     from CovidGANSegLib.nifti import load_ct, load_mask
     from CovidGANSegLib.phantoms import write_cohort
-    from CovidGANSegLib.preprocessing import load_preprocessed
+    from CovidGANSegLib.config import PreprocessConfig
+    from CovidGANSegLib.preprocessing import load_preprocessed, preprocess_dataset
 
     progress.set_mode("none")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-gan-quality-"))
@@ -306,16 +307,20 @@ def section_quality(args: argparse.Namespace) -> dict:
     base = get_gan_config(args.quality_config)
     overrides = json.loads(args.overrides) if args.overrides else {}
     cfg = GANConfig.from_dict({**base.to_dict(), **overrides, "sample_every": 10 ** 6, "checkpoint_every": 10 ** 6})
+    pp = PreprocessConfig(grid=tuple(cfg.grid))
+    pre = work / ("pre-" + "x".join(str(g) for g in cfg.grid))  # preprocessed once per grid, shared by the variants
+    if not pre.exists():
+        preprocess_dataset(train, pre, pp)
     run = work / f"run-{cfg.name}-{args.tag}"
     if run.exists():
         shutil.rmtree(run)
     t0 = time.perf_counter()
-    model = train_gan(train, run, config=cfg, iterations=args.quality_iterations, device=args.device, seed=args.seed)
+    model = train_gan(pre, run, config=cfg, preprocess=pp, iterations=args.quality_iterations, device=args.device, seed=args.seed)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pm = make_pseudo_masks(model, run / "preprocessed", work / f"pm-{cfg.name}-{args.tag}", device=args.device, overwrite=True)
+    pm = make_pseudo_masks(model, pre, work / f"pm-{cfg.name}-{args.tag}", device=args.device, overwrite=True)
     pm_s = time.perf_counter() - t0
-    ds = load_preprocessed(run / "preprocessed")
+    ds = load_preprocessed(pre)
     diff = np.load(pm / "difference.npy")
     masks = np.load(pm / "pseudo_masks.npy")
     lungs = np.load(pm / "lungs.npy")

@@ -68,9 +68,10 @@ def showOverlay(scene, backgroundNode, foregroundNode, opacity: float) -> int:
     return len(views)
 
 
-def setOverlayOpacity(scene, opacity: float) -> None:
+def setOverlayOpacity(scene, opacity: float, foregroundNode=None) -> None:
     for composite in sliceCompositeNodes(scene):
-        composite.SetForegroundOpacity(float(opacity))
+        if foregroundNode is None or composite.GetForegroundVolumeID() == foregroundNode.GetID():
+            composite.SetForegroundOpacity(float(opacity))
 
 
 def layoutNode(scene):

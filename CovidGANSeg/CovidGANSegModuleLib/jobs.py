@@ -103,6 +103,7 @@ class Job:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure ends the job with a message
                 log.exception("%s failed", self.name)
+                self._stop()
                 self._finish(JobState.FAILED, error=str(exc) or type(exc).__name__)
         return self.status()
 
@@ -194,6 +195,9 @@ class CliJob(Job):
         self.childFraction = 0.0
         self.stdoutLog: list[str] = []
         self.attempts: list[tuple[str, int | None]] = []  # (device, exit code) of each finished child
+        self.childSeconds = 0.0  # wall time of the child processes (from start to seen exiting)
+        self.loadSeconds = 0.0  # time spent creating the result nodes
+        self._childStart = 0.0
 
     def start(self) -> "CliJob":
         if self.state == JobState.PENDING:
@@ -202,6 +206,7 @@ class CliJob(Job):
 
     def _startChild(self) -> None:
         argv = list(self.argvForDevice(self.device))
+        self._childStart = time.monotonic()
         self.child = self.runner.start(argv, env=self.env)
         self.state = JobState.RUNNING
         self.childFraction = 0.0
@@ -216,6 +221,9 @@ class CliJob(Job):
             self._startChild()
         for stream, line in self.child.readLines():
             if stream != "stdout":
+                warning = process.WARNING_PATTERN.search(line)
+                if warning and warning.group(1) not in self.messages and len(self.messages) < 10:
+                    self.messages.append(warning.group(1))  # e.g. the library's own CPU fallback
                 continue
             parsed = process.parseProgressLine(line)
             if parsed is None:
@@ -228,13 +236,16 @@ class CliJob(Job):
         code = self.child.poll()
         if code is None:
             return
+        self.childSeconds += time.monotonic() - self._childStart
         self.attempts.append((self.device, code))
         if code != 0:
             self._childFailed(code)
             return
         self.statusText = f"{self.name}: loading results"
         self.fraction = self.progressRange[1]
+        loadStart = time.monotonic()
         self.result = self.onSuccess()
+        self.loadSeconds = time.monotonic() - loadStart
         self._finish(JobState.SUCCEEDED, text=f"{self.name}: done in {self.elapsed:.1f} s")
 
     def _childFailed(self, code: int) -> None:

@@ -39,6 +39,9 @@ CUDA_MISSING_PATTERN = re.compile(
     re.IGNORECASE,
 )
 
+#: a warning logged by the library (``logging`` format of CovidGANSegLib.cli): shown to the user
+WARNING_PATTERN = re.compile(r"\bWARNING [\w.]+: (.*)$")
+
 #: how many stderr lines are kept for error messages
 STDERR_TAIL_LINES = 400
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 #: largest slab (bytes of output voxels) read at once, to keep the GUI process's peak memory low
-SLAB_BYTES = 16 << 20
+SLAB_BYTES = 4 << 20
 #: affine agreement needed between an output file and the input node (mm)
 AFFINE_ATOL_MM = 1e-3
 

@@ -8,7 +8,6 @@ against the real CLI and trained models is in ``test_slicer_real_cli.py``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -20,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Slicer"))
 from slicer_harness.fixtures import *  # noqa: E402,F401,F403 - pytest fixtures
-from slicer_harness.fixtures import OBLIQUE_LPS_IJK_TO_RAS, addCtVolume  # noqa: E402
+from slicer_harness.fixtures import addCtVolume  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -327,6 +326,17 @@ def test_cuda_problems_rerun_on_the_cpu(harness, logic, fakeCli, fakeModels, pro
     assert [c["device"] for c in fakeCli.calls()] == [device, "cpu"]
     assert job.device == "cpu" and any("running again on the CPU" in m for m in job.messages)
     assert ("out of memory" if problem == "oom" else "not available") in job.messages[0]
+
+
+def test_library_warnings_reach_the_user_and_the_gan_is_optional_for_segmentation(harness, logic, fakeCli, fakeModels):
+    fakeCli.set(lesion_box=LESION_BOX, lungs_box=LUNGS_BOX, warning="CUDA requested but not available; running on the CPU")
+    ct = addCtVolume(SHAPE_KJI)
+    job = logic.startSegmentation(ct, None, fakeModels["seg"], "cuda", pseudoHealthy=False)
+    result = job.wait()
+    assert "CUDA requested but not available; running on the CPU" in job.messages
+    assert "--gan" not in fakeCli.calls()[-1]["argv"] and "pseudoHealthy" not in result
+    with pytest.raises(ValueError, match="No pseudo-healthy GAN model is selected"):
+        logic.startSegmentation(ct, None, fakeModels["seg"], "cpu")  # pseudo-healthy volumes need the GAN
 
 
 def test_no_fallback_when_the_cpu_itself_fails(harness, logic, fakeCli, fakeModels):

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Slicer"))
 from slicer_harness.fixtures import *  # noqa: E402,F401,F403 - pytest fixtures
-from slicer_harness.fixtures import MODULE_FILE, ROOT, requireSlicerCore  # noqa: E402
+from slicer_harness.fixtures import ROOT, requireSlicerCore  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 

@@ -6,11 +6,8 @@ connections. No slicer-core needed.
 from __future__ import annotations
 
 import ast
-import typing
 import xml.etree.ElementTree as ET
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 UI_FILE = ROOT / "CovidGANSeg" / "Resources" / "UI" / "CovidGANSeg.ui"

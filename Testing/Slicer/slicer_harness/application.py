@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 import sys
 import tempfile
 import types
@@ -214,7 +215,11 @@ class Harness:
         self.applicationLogic.SetHomeDirectory(self._homeDirectory)
         self.applicationLogic.SetShareDirectory("share/Slicer-5.11")
         (Path(self._homeDirectory) / "share" / "Slicer-5.11" / "ColorFiles").mkdir(parents=True)  # no file colour tables here
-        self.temporaryPath = Path(temporaryPath or tempfile.mkdtemp(prefix="slicer-harness-tmp-"))
+        self._ownedFolders = [self._homeDirectory]
+        if temporaryPath is None:
+            temporaryPath = tempfile.mkdtemp(prefix="slicer-harness-tmp-")
+            self._ownedFolders.append(temporaryPath)
+        self.temporaryPath = Path(temporaryPath)
         self.temporaryPath.mkdir(parents=True, exist_ok=True)
 
         self.modules = _Modules()
@@ -305,8 +310,8 @@ class Harness:
             for sliceLogic in self.sliceLogics.values():
                 sliceLogic.SetMRMLScene(None)
             self._sliceLogicCollection.RemoveAllItems()
-            for logic in self.moduleLogics.values():
-                logic.SetMRMLScene(None)
+            for name in sorted(self.moduleLogics, key=lambda n: n == "SubjectHierarchy"):
+                self.moduleLogics[name].SetMRMLScene(None)  # subject hierarchy last: the others query it
             self.layoutLogic.SetMRMLScene(None)
             self.applicationLogic.SetMRMLScene(None)
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
@@ -316,6 +321,8 @@ class Harness:
                 setattr(self.slicer, name, None)
         self.sliceLogics.clear()
         self.moduleLogics.clear()
+        for folder in self._ownedFolders:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def reset(self) -> None:
         """``slicer.mrmlScene.Clear()`` as Slicer's tests do between cases (keeps singletons)."""

@@ -12,6 +12,7 @@ exactly. Its behaviour comes from a JSON spec in ``$COVIDGANSEG_FAKE_SPEC`` (a f
      "fail_on": null,                          # fail only when the input path contains this text
      "cuda": null,                             # "oom" / "missing": fail like torch does unless --device cpu
      "shift_affine": false,                    # write outputs on a wrong grid (the Logic must refuse them)
+     "warning": null,                          # a logged WARNING line (shown to the user by the Logic)
      "log": "/path/calls.jsonl"}               # one line per call: argv, device, pids
 
 A real child process: the tests exercise the module's process handling (own process group,
@@ -64,9 +65,9 @@ def main(argv=None) -> int:
     ph.add_argument("--difference")
     ph.add_argument("--device", default="auto")
     seg = sub.add_parser("segment")
-    for option in ("--input", "--gan", "--seg", "--output"):
+    for option in ("--input", "--seg", "--output"):
         seg.add_argument(option, required=True)
-    for option in ("--lungs", "--pseudo-healthy", "--difference", "--report"):
+    for option in ("--gan", "--lungs", "--pseudo-healthy", "--difference", "--report"):
         seg.add_argument(option)
     seg.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -80,6 +81,8 @@ def main(argv=None) -> int:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         Path(spec["grandchild"]).write_text(str(child.pid))
 
+    if spec.get("warning"):  # the library's logging format on stderr
+        print(f"2026-01-01 00:00:00,000 WARNING CovidGANSegLib.seg.inference: {spec['warning']}", file=sys.stderr, flush=True)
     cuda = spec.get("cuda")
     if cuda and args.device != "cpu":
         if cuda == "oom":
