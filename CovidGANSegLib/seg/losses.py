@@ -100,21 +100,34 @@ class SensitivityEnhancedLoss(nn.Module):
             return target * (1.0 - prob)
         return ((target >= 0.5) & (prob < self.threshold)).to(prob.dtype)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``logits`` and ``target`` (values in [0, 1]) of the same shape -> scalar loss."""
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` and ``target`` (values in [0, 1]) of the same shape -> scalar loss.
+
+        With ``mask`` (same shape, bool), the mean runs over the masked pixels only (e.g. the lung).
+        """
         if logits.shape != target.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
         target = target.to(logits.dtype)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # stable BCE(sigmoid(logits), t)
         weight = 1.0 + self.beta * self.false_negative(torch.sigmoid(logits), target)
-        return (bce * weight).mean()
+        return masked_mean(bce * weight, mask)
 
 
-def mse_to_pseudo_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over ``mask`` (all elements when None; 0 for an empty mask, graph kept)."""
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} and values {tuple(values.shape)} differ in shape")
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
+
+
+def mse_to_pseudo_mask(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error between sigmoid(logits) and the pseudo-mask (paper Algorithm 1, line 18)."""
     if logits.shape != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
-    return F.mse_loss(torch.sigmoid(logits), target.to(logits.dtype))
+    return masked_mean((torch.sigmoid(logits) - target.to(logits.dtype)) ** 2, mask)
 
 
 def soft_dice(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

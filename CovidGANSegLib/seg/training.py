@@ -239,24 +239,30 @@ class SegTrainer:
         n_pos = int(round(self.config.positive_fraction * b)) if len(positive) else 0
         return torch.cat([self._draw(positive, n_pos), torch.randint(len(slices.images), (b - n_pos,), generator=self.generator)])
 
-    def augment(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random flips (same for image and target) and a small intensity jitter of the image."""
+    def augment(self, x: torch.Tensor, *targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Random flips (the same for the image and every target) and a small intensity jitter of the image."""
         b = x.shape[0]
         r = torch.rand(b, 4, generator=self.generator).to(x.device)
         fh = (r[:, 0] < 0.5)[:, None, None, None]
         fv = (r[:, 1] < 0.5)[:, None, None, None]
-        x = torch.where(fh, x.flip(-1), x)
-        y = torch.where(fh, y.flip(-1), y)
-        x = torch.where(fv, x.flip(-2), x)
-        y = torch.where(fv, y.flip(-2), y)
+
+        def flip(t: torch.Tensor) -> torch.Tensor:
+            t = torch.where(fh, t.flip(-1), t)
+            return torch.where(fv, t.flip(-2), t)
+
         scale = (1.0 + (r[:, 2] * 2 - 1) * 0.05)[:, None, None, None]
         shift = ((r[:, 3] * 2 - 1) * 0.03)[:, None, None, None]
-        return (x * scale + shift).clamp(0.0, 1.0), y
+        return ((flip(x) * scale + shift).clamp(0.0, 1.0), *(flip(t) for t in targets))
 
     # -- one iteration ---------------------------------------------------------------------------
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, phase: int) -> dict[str, float]:
-        """One optimiser step on a batch ``x, y`` (B, 1, H, W) with severity ``labels`` (B,)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, phase: int, lung: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimiser step on a batch ``x, y`` (B, 1, H, W) with severity ``labels`` (B,).
+
+        ``lung`` (B, 1, H, W) bool restricts eq. 5 and the MSE to the lung when the configuration's
+        ``loss_region`` is ``lung``.
+        """
+        region = lung if self.config.loss_region == "lung" else None
         cfg = self.config
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -266,8 +272,8 @@ class SegTrainer:
             loss, sel_v, mse_v = con, nan, nan
         else:
             logits, z = self.model.forward_with_projection(x)
-            sel = self.sensitivity(logits, y)
-            mse = mse_to_pseudo_mask(logits, y)
+            sel = self.sensitivity(logits, y, region)
+            mse = mse_to_pseudo_mask(logits, y, region)
             loss = cfg.weight_sensitivity * sel + cfg.weight_mse * mse
             grouped = labels >= 0
             counts = torch.bincount(labels[grouped]) if bool(grouped.any()) else labels.new_zeros(0)
@@ -296,7 +302,7 @@ class SegTrainer:
 
     @torch.inference_mode()
     def validate(self, val: SliceSet, *, batch: int = 32) -> dict[str, float]:
-        """Loss (eq. 5 + MSE, weighted as in training) and Dice of p > 0.5 in the lung, vs the pseudo-masks."""
+        """Loss (eq. 5 + MSE, weighted and restricted as in training) and Dice of p > 0.5 in the lung, vs the pseudo-masks."""
         was = self.model.training
         self.model.eval()
         cfg = self.config
@@ -305,8 +311,9 @@ class SegTrainer:
             for i in range(0, len(val.images), batch):
                 x, y, lung = val.images[i:i + batch], val.masks[i:i + batch], val.lungs[i:i + batch]
                 logits = self.model(x)
-                n = y.numel()
-                total += float(cfg.weight_sensitivity * self.sensitivity(logits, y) + cfg.weight_mse * mse_to_pseudo_mask(logits, y)) * n
+                region = lung if cfg.loss_region == "lung" else None
+                n = int(lung.sum()) if region is not None else y.numel()
+                total += float(cfg.weight_sensitivity * self.sensitivity(logits, y, region) + cfg.weight_mse * mse_to_pseudo_mask(logits, y, region)) * n
                 pixels += n
                 pred = (torch.sigmoid(logits) > 0.5) & lung
                 t = (y > 0.5) & lung
@@ -531,8 +538,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         t0 = time.perf_counter()
         phase = PHASE_CONTRASTIVE if trainer.iteration < trainer.pretrain_iterations else PHASE_END_TO_END
         idx = trainer.sample(train, phase, high=high, low=low, positive=positive).to(dev)
-        x, y = trainer.augment(train.images[idx], train.masks[idx])
-        row = trainer.step(x, y, train.labels[idx], phase)
+        x, y, lung = trainer.augment(train.images[idx], train.masks[idx], train.lungs[idx])
+        row = trainer.step(x, y, train.labels[idx], phase, lung)
         it = trainer.iteration
         if not math.isfinite(row["loss"]):
             raise RuntimeError(f"segmenter training diverged at iteration {it}: {row}")

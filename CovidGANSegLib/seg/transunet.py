@@ -53,7 +53,9 @@ class SegConfig:
     Training (paper section 4.1.1: Adam 5e-5, x 0.9 every 1,000 steps; tau 0.06):
         learning_rate, lr_step, lr_gamma, batch_size, iterations (total, both phases),
         pretrain_fraction (share of iterations for phase 1, contrastive pre-training),
-        tau_init, beta and fn_mode (eq. 5), loss weights of phase 2, positive_fraction (share of
+        tau_init, beta and fn_mode (eq. 5), loss_region (``lung``: eq. 5 and the MSE are averaged
+        over the slice's lung pixels, where pseudo-masks are defined and where inference keeps
+        lesions; ``all``: over every pixel), loss weights of phase 2, positive_fraction (share of
         each phase-2 batch drawn from slices whose pseudo-mask is not empty), val_fraction
         (share of pseudo-mask VOLUMES held out for model selection), val_every,
         checkpoint_every, log_every.
@@ -83,6 +85,7 @@ class SegConfig:
     tau_init: float = 0.06
     beta: float = 1.0
     fn_mode: str = "soft"
+    loss_region: str = "lung"
     weight_sensitivity: float = 1.0
     weight_mse: float = 1.0
     weight_contrastive: float = 0.1
@@ -121,6 +124,8 @@ class SegConfig:
             raise ValueError("tau_init > 0 and beta >= 0 are required")
         if self.fn_mode not in ("soft", "hard"):
             raise ValueError(f"fn_mode must be 'soft' or 'hard', got {self.fn_mode!r}")
+        if self.loss_region not in ("lung", "all"):
+            raise ValueError(f"loss_region must be 'lung' or 'all', got {self.loss_region!r}")
         if min(self.weight_sensitivity, self.weight_mse, self.weight_contrastive) < 0:
             raise ValueError("loss weights must be >= 0")
         if not 0.0 <= self.positive_fraction <= 1.0 or not 0.0 <= self.val_fraction < 1.0:
@@ -332,7 +337,7 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, cin: int, dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(cin, cin), nn.ReLU(inplace=True), nn.Linear(cin, dim))
+        self.net = nn.Sequential(nn.Linear(cin, cin), nn.GELU(), nn.Linear(cin, dim))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(pooled), dim=1)

@@ -52,3 +52,31 @@ def test_module_self_test_with_the_real_cli(harness, scriptedModule, tmp_path_fa
     slicer.modules.CovidGANSegInstance.runTest(msec=0)
     assert list(Path(harness.app.temporaryPath).glob("CovidGANSeg-*")) == []
     assert harness.qtUsage == []
+
+
+def test_module_loads_before_the_python_dependencies_are_installed(tmp_path):
+    """Slicer imports every module at startup: that must work without torch, nibabel, scipy, scikit-image."""
+    import subprocess
+
+    from slicer_harness.fixtures import MODULE_FILE, requireSlicerCore
+
+    requireSlicerCore()
+    code = f"""
+import sys, importlib.abc
+BLOCKED = ("torch", "nibabel", "scipy", "skimage", "einops", "tqdm")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is not installed (blocked by the test)")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'Slicer')!r})
+import slicer_harness
+h = slicer_harness.install()
+module = h.loadScriptedModule({str(MODULE_FILE)!r})
+logic = module.CovidGANSegLogic()
+p = logic.getParameterNode()
+print(logic.listModels({str(tmp_path)!r}), p.device, sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "([], []) auto []"
