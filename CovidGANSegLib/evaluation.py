@@ -402,8 +402,12 @@ def save_boxplots(per_method: dict[str, list[dict[str, Any]]], path: Path,
     """Box plots of the per-volume metrics, one panel per metric, one box per method (Agg backend)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, safe in Slicer's process
 
-    fig = Figure(figsize=(3.2 * len(metrics_order), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(metrics_order), squeeze=False)[0]
+    cols = min(3, len(metrics_order))
+    rows = -(-len(metrics_order) // cols)
+    fig = Figure(figsize=(3.6 * cols, 3.3 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(metrics_order):]:
+        ax.set_axis_off()
     methods = list(per_method)
     for ax, metric in zip(axes, metrics_order):
         data = []

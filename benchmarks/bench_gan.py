@@ -64,8 +64,12 @@ def machine() -> dict:
     return info
 
 
+_THREADS: list[str] = []
+
+
 def _run_child(args: list[str], timeout: float) -> dict:
     """Run this script as a child worker and return the JSON it prints last."""
+    args = [*args, *_THREADS]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
@@ -376,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="keep the quality cohort / runs here (default: a temporary folder)")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--results", default=str(RESULTS), help="folder of the JSON results")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice). 1 avoids OpenMP spin-wait stalls when the cores are shared")
     # worker arguments
     p.add_argument("--iterations", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
@@ -384,12 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if args.mode != "run":
         fn = {"worker-train": worker_train, "worker-inference": worker_inference, "worker-breakdown": worker_breakdown}[args.mode]
         print(json.dumps(fn(args)))
         return 0
 
+    if args.threads:
+        _THREADS[:] = ["--threads", str(args.threads)]
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     info = machine()

@@ -18,6 +18,7 @@ edge-padded to 40 slices. Results are printed as a table and saved as JSON in
     python benchmarks/bench_segment.py                       # CPU, small + paper, 3 repetitions
     python benchmarks/bench_segment.py --device cuda         # on a GPU machine
     python benchmarks/bench_segment.py --configs small --repeat 5
+    python benchmarks/bench_segment.py train --device cuda   # training seconds per step
 """
 
 from __future__ import annotations
@@ -137,6 +138,40 @@ def breakdown(args: argparse.Namespace) -> None:
     print(json.dumps(times))
 
 
+def train_throughput(args: argparse.Namespace) -> dict:
+    """Seconds per phase-2 training step (batch of the configuration, 128 x 128 slices) per configuration."""
+    import torch
+
+    from CovidGANSegLib.seg.training import PHASE_END_TO_END, SegTrainer
+    from CovidGANSegLib.seg.transunet import SEG_CONFIGS, count_parameters
+
+    out = {}
+    for name in args.configs:
+        for arch in ("transunet", "unet"):
+            cfg = SEG_CONFIGS[name].replace(image_size=128)
+            tr = SegTrainer(arch, cfg, device=args.device, seed=0)
+            dev = tr.device
+            b = cfg.batch_size
+            x = torch.rand(b, 1, 128, 128, device=dev)
+            y = (torch.rand(b, 1, 128, 128, device=dev) > 0.9).float()
+            lung = torch.ones(b, 1, 128, 128, dtype=torch.bool, device=dev)
+            labels = torch.tensor([0, 1] * (b // 2), device=dev)
+            times = []
+            for i in range(args.train_steps + 3):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                tr.step(x, y, labels, PHASE_END_TO_END, lung)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            steady = statistics.median(times[3:])
+            out[f"{name}/{arch}"] = {"parameters": count_parameters(tr.model), "batch": b, "s_per_step": steady,
+                                     "s_per_1000_steps": steady * 1000}
+            print(f"  train {name:6s} {arch:9s} batch {b}: {steady * 1000:.1f} ms/step ({steady * 1000 / 60:.1f} min per 1000 steps)", flush=True)
+    return out
+
+
 def _run_child(mode: str, ckpt: Path, ct: Path, device: str, workdir: Path) -> tuple[dict, float]:
     cmd = [sys.executable, str(Path(__file__).resolve()), mode, "--ckpt", str(ckpt), "--input", str(ct), "--device", device, "--workdir", str(workdir)]
     t = time.perf_counter()
@@ -149,12 +184,14 @@ def _run_child(mode: str, ckpt: Path, ct: Path, device: str, workdir: Path) -> t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "child", "breakdown"], help=argparse.SUPPRESS)
+    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "child", "breakdown", "train"],
+                        help="bench (default): segment end to end; train: seconds per training step of each configuration")
     parser.add_argument("--configs", nargs="+", default=["small", "paper"], choices=["tiny", "small", "paper"])
     parser.add_argument("--arch", default="transunet", choices=["transunet", "unet"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--repeat", type=int, default=3, help="child runs per configuration (default 3)")
     parser.add_argument("--slices", type=int, default=40)
+    parser.add_argument("--train-steps", type=int, default=10, help="timed steps per configuration in 'train' mode (default 10)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -168,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
+
+    if args.mode == "train":
+        res = train_throughput(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"train_step_{args.device}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps({"benchmark": "segmenter training step (phase 2, synthetic batch)", "device": args.device,
+                                    "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "results": res}, indent=2) + "\n")
+        print(f"saved {path}")
+        return 0
 
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_segment_") as tmp:

@@ -14,9 +14,12 @@ read. Training uses the 2D axial slices that contain lung, held in memory as ten
   high-infection and half low-infection slices (positives = same severity group). Skipped, with a
   warning, when the training volumes lack one of the groups.
 * Phase 2: end-to-end, ``w_s * L_sensitivity (eq. 5) + w_m * MSE + w_c * L_contrastive`` where the
-  contrastive term uses the batch's slices that belong to a severity group. ``positive_fraction``
-  of each batch comes from slices whose pseudo-mask is not empty (lesions are a small share of
-  the slices).
+  contrastive term uses the batch's slices that belong to a severity group. eq. 5 and the MSE are
+  averaged over the lung pixels of the batch (``loss_region="lung"``, the default): pseudo-masks
+  only exist inside the lung and inference keeps lesions only there; averaged over every pixel
+  instead, the background outside the lungs dominated and small models learnt to predict nothing
+  (seen on phantoms: validation Dice 0 at any learning rate tried). ``positive_fraction`` of each
+  batch comes from slices whose pseudo-mask is not empty (lesions are a small share of the slices).
 * Adam (learning rate from the configuration: the paper's 5e-5 for ``paper``; 1e-3 for the CPU
   ``small`` and the test ``tiny`` configurations, which train for only hundreds of iterations),
   StepLR x ``lr_gamma`` every ``lr_step`` iterations; the learnable temperature (``log tau``) is

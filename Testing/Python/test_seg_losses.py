@@ -93,3 +93,17 @@ def test_mse_to_pseudo_mask():
     assert mse_to_pseudo_mask(torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]])).item() == pytest.approx((0.25 + 3 * 0.25) / 4)
     big = torch.tensor([[20.0, -20.0]])
     assert mse_to_pseudo_mask(big, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_losses_restricted_to_a_mask():
+    # two pixels inside the mask (t=1 and t=0 at logit 0), one outside that must not count
+    logits = torch.tensor([0.0, 0.0, 5.0])
+    target = torch.tensor([1.0, 0.0, 0.0])
+    mask = torch.tensor([True, True, False])
+    sel = SensitivityEnhancedLoss(beta=2.0)
+    assert sel(logits, target, mask).item() == pytest.approx((2 * math.log(2) + math.log(2)) / 2, rel=1e-6)
+    assert mse_to_pseudo_mask(logits, target, mask).item() == pytest.approx(0.25)
+    empty = torch.zeros(3, dtype=torch.bool)
+    assert sel(logits, target, empty).item() == 0.0
+    with pytest.raises(ValueError):
+        sel(logits, target, mask[:2])
