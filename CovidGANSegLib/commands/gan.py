@@ -87,6 +87,8 @@ def run_train(args: argparse.Namespace) -> int:
     from CovidGANSegLib.gan.networks import get_gan_config
     from CovidGANSegLib.gan.training import train_gan
 
+    if args.iterations is not None and args.iterations < 1:
+        raise InputError(f"--iterations must be >= 1, got {args.iterations}")
     try:
         config = get_gan_config(args.config) if args.config is not None else None
         preprocess = None
@@ -130,6 +132,8 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
         resolve_device(args.device)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    if args.k < 0 or args.floor < 0 or args.min_size < 0:
+        raise InputError("--k, --floor and --min-size must be >= 0")
     out = make_pseudo_masks(args.checkpoint, args.data, args.out, device=args.device, threshold=args.threshold, k=args.k,
                             floor=args.floor, min_size=args.min_size, overwrite=args.overwrite)
     print(out)

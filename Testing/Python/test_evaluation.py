@@ -146,3 +146,12 @@ def test_cli_evaluate(tmp_path, capsys):
     bad = _save(pred[:, :, :4], tmp_path / "bad.nii.gz")
     assert cli.main(["--progress", "none", "evaluate", "--pred", str(bad), "--truth", str(t), "--out", str(tmp_path / "o2")]) == 2
     assert "does not match the grid" in capsys.readouterr().err
+
+
+def test_gui_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import CovidGANSegLib.metrics, CovidGANSegLib.quantify, CovidGANSegLib.evaluation, CovidGANSegLib.seg.hu_threshold; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

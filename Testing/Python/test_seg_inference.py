@@ -15,7 +15,7 @@ from CovidGANSegLib import progress
 from CovidGANSegLib.checkpoints import save_checkpoint, write_model_card
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
-from CovidGANSegLib.nifti import CTVolume, load_ct
+from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
 from CovidGANSegLib.seg.inference import load_segmenter, segment_ct, segment_file
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
