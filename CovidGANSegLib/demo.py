@@ -40,10 +40,10 @@ class DemoPlan:
     seed: int = 2026
 
 
-QUICK = DemoPlan(train_healthy=10, train_covid=16, test_covid=8, phantom_size="small", grid=(64, 64, 16),
-                 gan_config="quick", gan_iterations=300, seg_config="tiny", seg_iterations=400)
-FULL = DemoPlan(train_healthy=24, train_covid=40, test_covid=16, phantom_size="small", grid=(128, 128, 32),
-                gan_config="quick", gan_iterations=1500, seg_config="small", seg_iterations=1500)
+QUICK = DemoPlan(train_healthy=8, train_covid=16, test_covid=8, phantom_size="small", grid=(64, 64, 16),
+                 gan_config="quick", gan_iterations=600, seg_config="small", seg_iterations=400)
+FULL = DemoPlan(train_healthy=16, train_covid=32, test_covid=12, phantom_size="small", grid=(96, 96, 16),
+                gan_config="quick", gan_iterations=1200, seg_config="small", seg_iterations=1000)
 
 METHODS = ("transunet", "unet", "hu_threshold")
 
