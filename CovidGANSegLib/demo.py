@@ -40,10 +40,10 @@ class DemoPlan:
     seed: int = 2026
 
 
-QUICK = DemoPlan(train_healthy=8, train_covid=16, test_covid=8, phantom_size="small", grid=(64, 64, 16),
-                 gan_config="quick", gan_iterations=600, seg_config="small", seg_iterations=400)
-FULL = DemoPlan(train_healthy=16, train_covid=32, test_covid=12, phantom_size="small", grid=(96, 96, 16),
-                gan_config="quick", gan_iterations=1200, seg_config="small", seg_iterations=1000)
+QUICK = DemoPlan(train_healthy=12, train_covid=24, test_covid=10, phantom_size="small", grid=(64, 64, 16),
+                 gan_config="quick", gan_iterations=1600, seg_config="small", seg_iterations=1200)
+FULL = DemoPlan(train_healthy=24, train_covid=48, test_covid=16, phantom_size="small", grid=(96, 96, 16),
+                gan_config="quick", gan_iterations=4000, seg_config="small", seg_iterations=3000)
 
 METHODS = ("transunet", "unet", "hu_threshold")
 
@@ -71,43 +71,50 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any
 
     train_dir, test_dir = work / "data" / "train", work / "data" / "test"
     progress.report(0.0, "generating the phantom cohorts")
-    # Training cohort: its lesion masks exist on disk (MosMed layout) but no training code reads them.
-    write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size)
-    # Held-out cohort: other seed and study numbers; its masks are used only by the evaluation below.
-    write_cohort(test_dir, healthy=0, covid=plan.test_covid, seed=plan.seed + 1, size=plan.phantom_size, first_id=5001)
+    with progress.scope(0.0, 0.03):
+        # Training cohort: its lesion masks exist on disk (MosMed layout) but no training code reads them.
+        write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size)
+    with progress.scope(0.03, 0.05):
+        # Held-out cohort: other seed and study numbers; its masks are used only by the evaluation below.
+        write_cohort(test_dir, healthy=0, covid=plan.test_covid, seed=plan.seed + 1, size=plan.phantom_size, first_id=5001)
     timings = {"phantoms_s": time.perf_counter() - start}
 
     preprocess = PreprocessConfig(grid=plan.grid)
     t = time.perf_counter()
     progress.report(0.05, "training the 3D GAN")
-    gan_model = train_gan(train_dir, work / "runs" / "gan", config=plan.gan_config, preprocess=preprocess,
-                          iterations=plan.gan_iterations, device=device, seed=plan.seed)
+    with progress.scope(0.05, 0.4):
+        gan_model = train_gan(train_dir, work / "runs" / "gan", config=plan.gan_config, preprocess=preprocess,
+                              iterations=plan.gan_iterations, device=device, seed=plan.seed)
     timings["gan_training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     progress.report(0.4, "making pseudo-masks")
     cached = work / "runs" / "gan" / "preprocessed"
-    pseudo = make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, work / "pseudo_masks", device=device)
+    with progress.scope(0.4, 0.45):
+        pseudo = make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, work / "pseudo_masks", device=device)
     timings["pseudo_masks_s"] = time.perf_counter() - t
 
     seg_models = {}
     for i, name in enumerate(("transunet", "unet")):
         t = time.perf_counter()
         progress.report(0.45 + 0.2 * i, f"training {name} on the pseudo-masks")
-        seg_models[name] = train_segmenter(pseudo, work / "runs" / name, model=name, config=plan.seg_config,
-                                           iterations=plan.seg_iterations, device=device, seed=plan.seed)
+        with progress.scope(0.45 + 0.2 * i, 0.65 + 0.2 * i):
+            seg_models[name] = train_segmenter(pseudo, work / "runs" / name, model=name, config=plan.seg_config,
+                                               iterations=plan.seg_iterations, device=device, seed=plan.seed)
         timings[f"{name}_training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     progress.report(0.85, "segmenting the held-out studies")
-    cases = _segment_held_out(test_dir, seg_models, work / "predictions", device)
+    with progress.scope(0.85, 0.95):
+        cases = _segment_held_out(test_dir, seg_models, work / "predictions", device)
     timings["segmentation_s"] = time.perf_counter() - t
 
     progress.report(0.95, "evaluating")
     from CovidGANSegLib.evaluation import evaluate_methods
 
-    summary = evaluate_methods({m: cases["predictions"][m] for m in METHODS}, cases["truths"], cases["spacings"],
-                               lungs=cases["lungs"], ids=cases["ids"], out=work / "evaluation")
+    with progress.scope(0.95, 0.99):
+        summary = evaluate_methods({m: cases["predictions"][m] for m in METHODS}, cases["truths"], cases["spacings"],
+                                   lungs=cases["lungs"], ids=cases["ids"], out=work / "evaluation")
     _save_examples(cases, work / "figures" / "held_out_examples.png")
     runtime = time.perf_counter() - start
     metrics = {

@@ -7,6 +7,7 @@ from its child process to drive one progress bar and a status text.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -15,6 +16,7 @@ T = TypeVar("T")
 
 _MODES = ("bar", "lines", "none")
 _mode = "bar"
+_scopes: list[tuple[float, float]] = []
 
 
 def set_mode(mode: str) -> None:
@@ -28,9 +30,25 @@ def get_mode() -> str:
     return _mode
 
 
+@contextlib.contextmanager
+def scope(start: float, end: float) -> Iterator[None]:
+    """Map the progress reported inside the block (0..1) onto [start, end] of the enclosing scope.
+
+    A multi-step command (the demo, ``segment``) wraps each step so that the steps' own 0..1
+    progress drives one overall bar.
+    """
+    lo, hi = _scopes[-1] if _scopes else (0.0, 1.0)
+    _scopes.append((lo + (hi - lo) * start, lo + (hi - lo) * end))
+    try:
+        yield
+    finally:
+        _scopes.pop()
+
+
 def report(fraction: float, message: str) -> None:
-    """Report overall progress of the current command (0..1) with a short status text."""
-    fraction = min(max(float(fraction), 0.0), 1.0)
+    """Report progress of the current step (0..1, mapped through any enclosing ``scope``) with a status text."""
+    lo, hi = _scopes[-1] if _scopes else (0.0, 1.0)
+    fraction = lo + (hi - lo) * min(max(float(fraction), 0.0), 1.0)
     if _mode == "lines":
         print(f"PROGRESS {fraction:.4f} {message}", file=sys.stdout, flush=True)
     elif _mode == "bar":

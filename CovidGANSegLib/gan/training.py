@@ -28,7 +28,6 @@ Run folder::
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
@@ -41,11 +40,11 @@ import torch
 from torch.nn import functional as F
 
 from CovidGANSegLib import progress
-from CovidGANSegLib.atomic import atomic_path
 from CovidGANSegLib.checkpoints import load_checkpoint, save_checkpoint, write_model_card
 from CovidGANSegLib.config import DEFAULT_PREPROCESS, PreprocessConfig
 from CovidGANSegLib.errors import InputError
 from CovidGANSegLib.gan import GAN_ARCH
+from CovidGANSegLib.losslog import append_losses, read_losses, truncate_losses
 from CovidGANSegLib.gan.networks import DenseUNetGenerator3D, Discriminator3D, GANConfig, get_gan_config, resolve_device
 
 log = logging.getLogger(__name__)
@@ -292,30 +291,7 @@ class GANTrainer:
 
 
 def _read_losses(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def _truncate_losses(path: Path, last_iteration: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (a killed run may have logged more)."""
-    rows = [r for r in _read_losses(path) if r["iteration"] <= last_iteration]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=LOSS_COLUMNS)
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: (int(r[k]) if k == "iteration" else r[k]) for k in LOSS_COLUMNS})
-
-
-def _append_losses(path: Path, row: dict[str, float]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOSS_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{row[k]:.6g}" if k != "iteration" else int(row[k])) for k in LOSS_COLUMNS})
+    return [{k: float(v) for k, v in row.items()} for row in read_losses(path)]
 
 
 def _find_cohort_json(data: Path) -> dict[str, Any] | None:
@@ -467,7 +443,7 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
     losses_csv = run_dir / "losses.csv"
     if payload is not None:
         trainer.load_state(payload)
-        _truncate_losses(losses_csv, trainer.iteration)
+        truncate_losses(losses_csv, trainer.iteration, LOSS_COLUMNS)
         log.info("resumed at iteration %d of %d", trainer.iteration, total)
     elif losses_csv.exists():
         losses_csv.unlink()
@@ -489,7 +465,7 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
         batch = trainer.sample_batch(ds.healthy, ds.healthy_lungs, ds.covid, ds.covid_lungs, healthy_spacing)
         losses = trainer.step(*batch)
         it = trainer.iteration
-        _append_losses(losses_csv, {"iteration": it, **losses, "seconds": time.perf_counter() - t0})
+        append_losses(losses_csv, {"iteration": it, **losses, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
         if not all(np.isfinite(v) for v in losses.values()):
             raise RuntimeError(f"GAN training diverged at iteration {it}: {losses}")
         if it % config.checkpoint_every == 0 or it == total:

@@ -38,7 +38,6 @@ Run folder::
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -52,10 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from CovidGANSegLib import progress
-from CovidGANSegLib.atomic import atomic_path
 from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card, save_checkpoint, write_model_card
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
+from CovidGANSegLib.losslog import append_losses, read_losses, truncate_losses
 from CovidGANSegLib.seg import ARCHS, resolve_device
 from CovidGANSegLib.seg.losses import EnhancedContrastiveLoss, SensitivityEnhancedLoss, mse_to_pseudo_mask
 from CovidGANSegLib.seg.transunet import DOWNSAMPLE, SegConfig, count_parameters, get_seg_config
@@ -373,35 +372,6 @@ class SegTrainer:
 # bookkeeping
 
 
-def read_losses(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [dict(row) for row in csv.DictReader(fh)]
-
-
-def _truncate_losses(path: Path, last_iteration: int) -> None:
-    rows = [r for r in read_losses(path) if int(r["iteration"]) <= last_iteration]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=LOSS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def _append_losses(path: Path, row: dict[str, Any]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOSS_COLUMNS)
-        if new:
-            writer.writeheader()
-        out = {}
-        for k in LOSS_COLUMNS:
-            v = row.get(k)
-            out[k] = "" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.6g}" if isinstance(v, float) else v)
-        writer.writerow(out)
-
-
 def _is_demo(data: PseudoMaskData, data_path: Path | None) -> tuple[bool, str]:
     """Were the pseudo-masks made from synthetic phantoms? Returns (demo, description)."""
     meta = data.meta
@@ -515,7 +485,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     run_dir.mkdir(parents=True, exist_ok=True)
     if payload is not None:
         trainer.load_state(payload)
-        _truncate_losses(losses_csv, trainer.iteration)
+        truncate_losses(losses_csv, trainer.iteration, LOSS_COLUMNS)
         log.info("resumed at iteration %d of %d", trainer.iteration, total)
     else:
         if losses_csv.exists():
@@ -553,7 +523,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
             if trainer.consider(result):
                 log.info("iteration %d: validation Dice %.4f, loss %.5f (best so far)", it, result["val_dice"], result["val_loss"])
             _write_samples(trainer, val, samples / f"iter_{it:05d}.png", it)
-        _append_losses(losses_csv, {"iteration": it, **row, "seconds": time.perf_counter() - t0})
+        append_losses(losses_csv, {"iteration": it, **row, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
         if it % cfg.checkpoint_every == 0 or it == total:
             save_state()
             from CovidGANSegLib.seg.figures import save_loss_curves

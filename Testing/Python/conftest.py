@@ -16,3 +16,18 @@ def real_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
         pytest.skip(f"shared real CT data not found at {REAL_CT_DIR}")
     return REAL_CT_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's small CPU models on one torch thread, then restore the setting.
+
+    Tiny models run fastest on one thread, and OpenMP spin-waits stall badly when the machine's
+    cores are shared.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

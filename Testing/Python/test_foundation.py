@@ -120,6 +120,19 @@ def test_progress_lines(capsys):
         progress.set_mode("fancy")
 
 
+def test_progress_scopes_nest(capsys):
+    progress.set_mode("lines")
+    try:
+        with progress.scope(0.5, 1.0):
+            with progress.scope(0.0, 0.5):
+                progress.report(0.5, "inner")
+            progress.report(1.0, "outer")
+        progress.report(0.25, "top")
+    finally:
+        progress.set_mode("bar")
+    assert capsys.readouterr().out.splitlines() == ["PROGRESS 0.6250 inner", "PROGRESS 1.0000 outer", "PROGRESS 0.2500 top"]
+
+
 def test_cli_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "CovidGANSegLib", "--help"], capture_output=True, text=True, check=True).stdout
     parser = cli.build_parser()

@@ -29,14 +29,7 @@ from CovidGANSegLib.gan.pseudomasks import binarise, make_pseudo_masks, severity
 TINY_GRID = (32, 32, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small CPU models run fastest on one thread, and OpenMP spin-waits stall badly when the CI
-    machine's cores are shared; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _save_generator(path: Path, *, config: str = "tiny", grid=TINY_GRID, seed: int = 0, **extra) -> Path:

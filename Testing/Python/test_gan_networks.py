@@ -19,14 +19,7 @@ from CovidGANSegLib.gan.networks import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small CPU models run fastest on one thread, and OpenMP spin-waits stall badly when the CI
-    machine's cores are shared; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
