@@ -18,6 +18,24 @@ from pathlib import Path
 from typing import Any
 
 
+def dataclass_to_dict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-ready data (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any], what: str, *, tuples: bool = True) -> Any:
+    """Build config dataclass ``cls`` from JSON data, refusing unknown keys (``ValueError``).
+
+    ``what`` names the keys in the message ("unknown <what>: [...]"); with ``tuples`` lists
+    become tuples, as the frozen configs store them.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {what}: {sorted(unknown)} (known: {sorted(names)})")
+    return cls(**{k: tuple(v) if tuples and isinstance(v, list) else v for k, v in data.items()})
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """All preprocessing parameters, with the paper's defaults.
@@ -62,16 +80,11 @@ class PreprocessConfig:
         return (z, y, x)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown preprocessing parameters: {sorted(unknown)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**kwargs)
+        return dataclass_from_dict(cls, data, "preprocessing parameters")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PreprocessConfig":

@@ -22,7 +22,6 @@ onto the input CT (``GridMapping.to_canonical`` then ``nifti.CTVolume.to_origina
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from scipy import ndimage as ndi
 
 from CovidGANSegLib import progress
 from CovidGANSegLib.atomic import atomic_directory
-from CovidGANSegLib.config import DEFAULT_PREPROCESS, PreprocessConfig
+from CovidGANSegLib.config import DEFAULT_PREPROCESS, PreprocessConfig, dataclass_from_dict, dataclass_to_dict
 from CovidGANSegLib.errors import InputError
 from CovidGANSegLib.nifti import CTVolume
 
@@ -279,16 +278,11 @@ class GridMapping:
 
     # ---- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GridMapping":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown GridMapping fields: {sorted(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "GridMapping fields", tuples=False)
 
 
 @dataclass

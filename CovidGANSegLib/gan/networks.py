@@ -18,7 +18,6 @@ Tensors are ``(B, C, D, H, W)`` with D the slice axis (``config.PreprocessConfig
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from CovidGANSegLib.config import dataclass_from_dict, dataclass_to_dict
 
 NORMS = ("group", "batch", "none")
 OUTPUTS = ("residual", "direct")
@@ -164,17 +165,12 @@ class GANConfig:
         return 2 ** self.depth
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GANConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown GAN config fields: {sorted(unknown)} (known: {sorted(names)})")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         try:
-            return cls(**kwargs)
+            return dataclass_from_dict(cls, data, "GAN config fields")
         except TypeError as exc:  # e.g. a string where a number is expected
             raise ValueError(f"bad GAN config: {exc}") from exc
 

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from CovidGANSegLib.config import dataclass_from_dict, dataclass_to_dict
 from torch import nn
 
 #: spatial reduction of the encoder (the token grid is image_size / 16)
@@ -134,15 +136,11 @@ class SegConfig:
             raise ValueError("val_every, checkpoint_every and log_every must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SegConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown segmenter configuration keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return dataclass_from_dict(cls, data, "segmenter configuration keys")
 
     def replace(self, **changes: Any) -> "SegConfig":
         return dataclasses.replace(self, **changes)
