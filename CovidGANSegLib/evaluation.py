@@ -109,27 +109,12 @@ def match_studies(pred: str | Path, truth: str | Path, lungs: str | Path | None 
 
 def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(canonical float32 array (x, y, z), canonical affine, the file's own affine)``."""
-    import nibabel as nib
+    from CovidGANSegLib.nifti import read_canonical
 
-    from CovidGANSegLib.nifti import check_affine
-
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as exc:  # nibabel / gzip / zlib errors
-        raise InputError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", path) from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"expected a 3D volume, got shape {data.shape}", path)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    check_affine(affine, path)
+    data, canon_affine, affine = read_canonical(path, what="mask")
     if not np.all(np.isfinite(data)):
         raise InputError("contains NaN or infinite values", path)
-    ornt = nib.orientations.io_orientation(affine)
-    canonical = nib.orientations.apply_orientation(data, ornt)
-    canon_affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
-    return np.ascontiguousarray(canonical), canon_affine, affine
+    return data, canon_affine, affine
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:

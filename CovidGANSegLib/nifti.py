@@ -205,28 +205,40 @@ def load_ct(path: str | Path, *, min_slices: int = 1) -> CTVolume:
     return ct
 
 
-def load_mask(path: str | Path, reference: CTVolume | None = None) -> np.ndarray:
-    """Read a binary / label mask as bool, canonical orientation, checked against ``reference``."""
+def read_canonical(path: str | Path, *, what: str = "volume") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read any 3D NIfTI image (mask, prediction, map), checked and reoriented to canonical RAS+.
+
+    Returns ``(canonical float32 array (x, y, z), its affine, the file's own affine)``.
+
+    Raises:
+        InputError: missing, unreadable or corrupt file, not 3D, invalid affine.
+    """
     path = Path(path)
-    img, raw = _read_image(path)
-    data = np.asarray(raw)
-    if data.ndim == 4 and data.shape[3] == 1:
+    img, data = _read_image(path)
+    while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"expected a 3D mask, got shape {data.shape}", path)
+        raise InputError(f"expected a 3D {what}, got shape {data.shape}", path)
     affine = np.asarray(img.affine, dtype=np.float64)
     check_affine(affine, path)
     ornt = io_orientation(affine)
-    mask = apply_orientation(data, ornt) > 0
+    canonical = np.ascontiguousarray(apply_orientation(data, ornt))
+    return canonical, affine @ inv_ornt_aff(ornt, data.shape), affine
+
+
+def load_mask(path: str | Path, reference: CTVolume | None = None) -> np.ndarray:
+    """Read a binary / label mask as bool, canonical orientation, checked against ``reference``."""
+    path = Path(path)
+    canonical, canon_affine, _ = read_canonical(path, what="mask")
+    mask = canonical > 0
     if reference is not None:
-        canon_affine = affine @ inv_ornt_aff(ornt, data.shape)
         if mask.shape != reference.shape or not np.allclose(canon_affine, reference.affine, atol=1e-3):
             raise InputError(
                 f"mask grid {mask.shape} does not match the CT grid {reference.shape} "
                 f"({reference.path}); resample it first",
                 path,
             )
-    return np.ascontiguousarray(mask)
+    return mask
 
 
 def save_like(canonical: np.ndarray, reference: CTVolume, path: str | Path, *, dtype: str | np.dtype = np.float32) -> Path:

@@ -105,7 +105,6 @@ def synthetic_volumes(n: int, dhw: tuple[int, int, int], seed: int = 0):
 
 
 def worker_train(args: argparse.Namespace) -> dict:
-    import numpy as np
     import torch
 
     from CovidGANSegLib.config import PreprocessConfig

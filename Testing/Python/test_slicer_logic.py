@@ -9,7 +9,6 @@ against the real CLI and trained models is in ``test_slicer_real_cli.py``.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path
