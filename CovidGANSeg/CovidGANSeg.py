@@ -381,6 +381,15 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         pathlib.Path(base).mkdir(parents=True, exist_ok=True)
         return pathlib.Path(tempfile.mkdtemp(prefix="CovidGANSeg-", dir=base))
 
+    def _writeInput(self, inputVolume):
+        """A fresh work directory holding the input volume as NIfTI: ``(work, inputPath)``."""
+        work = self._workDirectory()
+        try:
+            return work, volumeio.writeVolumeNifti(inputVolume, work / "input.nii")
+        except Exception:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
     # -- models ------------------------------------------------------------------------------
     def listModels(self, folder):
         """``(gan_cards, seg_cards)`` found under ``folder`` (model cards, no torch)."""
@@ -408,12 +417,7 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         volumeio.checkInputVolume(inputVolume)
         self._checkDevice(device)
         gan = self.checkModel(ganCheckpoint, "gan")
-        work = self._workDirectory()
-        try:
-            inputPath = volumeio.writeVolumeNifti(inputVolume, work / "input.nii")
-        except Exception:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        work, inputPath = self._writeInput(inputVolume)
         phPath, diffPath = work / "pseudo_healthy.nii", work / "difference.nii"
 
         def argv(dev):
@@ -447,12 +451,7 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         # then only checks that both models share their preprocessing)
         gan = self.checkModel(ganCheckpoint, "gan") if (ganCheckpoint or pseudoHealthy) else None
         seg = self.checkModel(segCheckpoint, "seg")
-        work = self._workDirectory()
-        try:
-            inputPath = volumeio.writeVolumeNifti(inputVolume, work / "input.nii")
-        except Exception:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        work, inputPath = self._writeInput(inputVolume)
         paths = {k: work / f"{k}.nii" for k in ("lesion", "lungs", "pseudo_healthy", "difference")}
         reportPath = work / "report.json"
 
