@@ -94,10 +94,6 @@ def run_train(args: argparse.Namespace) -> int:
         preprocess = None
         if args.grid is not None and not args.resume:
             preprocess = PreprocessConfig(grid=tuple(args.grid))
-        device = args.device
-        from CovidGANSegLib.gan.networks import resolve_device
-
-        resolve_device(device)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     if args.resume and args.grid is not None:
@@ -105,33 +101,36 @@ def run_train(args: argparse.Namespace) -> int:
 
         logging.getLogger(__name__).warning("--grid is ignored with --resume: the run keeps its own preprocessing")
     path = train_gan(args.data, args.out, config=config, preprocess=preprocess, iterations=args.iterations, resume=args.resume,
-                     device=device, seed=args.seed)
+                     device=_check_device(args.device), seed=args.seed)
     print(path)
     return 0
 
 
-def run_pseudo_healthy(args: argparse.Namespace) -> int:
+def _check_device(device: str) -> str:
+    """``device`` unchanged if usable here; ``InputError`` otherwise (e.g. cuda without a GPU)."""
     from CovidGANSegLib.errors import InputError
-    from CovidGANSegLib.gan.inference import pseudo_healthy_file
     from CovidGANSegLib.gan.networks import resolve_device
 
     try:
-        resolve_device(args.device)
+        resolve_device(device)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    return device
+
+
+def run_pseudo_healthy(args: argparse.Namespace) -> int:
+    from CovidGANSegLib.gan.inference import pseudo_healthy_file
+
+    _check_device(args.device)
     pseudo_healthy_file(args.checkpoint, args.input, args.output, difference=args.difference, device=args.device, lungs=args.lungs)
     return 0
 
 
 def run_pseudo_masks(args: argparse.Namespace) -> int:
     from CovidGANSegLib.errors import InputError
-    from CovidGANSegLib.gan.networks import resolve_device
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
 
-    try:
-        resolve_device(args.device)
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
+    _check_device(args.device)
     if args.k < 0 or args.floor < 0 or args.min_size < 0:
         raise InputError("--k, --floor and --min-size must be >= 0")
     out = make_pseudo_masks(args.checkpoint, args.data, args.out, device=args.device, threshold=args.threshold, k=args.k,
