@@ -66,7 +66,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
     from CovidGANSegLib.gan.training import train_gan
-    from CovidGANSegLib.phantoms import write_cohort
+    from CovidGANSegLib.synth.phantoms import write_cohort
     from CovidGANSegLib.seg.training import train_segmenter
 
     train_dir, test_dir = work / "data" / "train", work / "data" / "test"

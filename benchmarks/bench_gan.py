@@ -177,7 +177,7 @@ def make_ct(path: Path, slices: int = 40, seed: int = 0) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from CovidGANSegLib.phantoms import generate_phantom
+    from CovidGANSegLib.synth.phantoms import generate_phantom
 
     ph = generate_phantom(np.random.default_rng(seed), size="mosmed", covid=True)
     hu = ph.hu[:, :, :slices]
@@ -293,7 +293,7 @@ def section_quality(args: argparse.Namespace) -> dict:
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
     from CovidGANSegLib.gan.training import train_gan
     from CovidGANSegLib.nifti import load_ct, load_mask
-    from CovidGANSegLib.phantoms import write_cohort
+    from CovidGANSegLib.synth.phantoms import write_cohort
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.preprocessing import load_preprocessed, preprocess_dataset
 

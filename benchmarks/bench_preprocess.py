@@ -40,7 +40,7 @@ def _mosmed_volume(path: Path) -> str:
     affine = np.diag([-SPACING[0], SPACING[1], SPACING[2], 1.0])
     affine[:3, 3] = [SHAPE[0] * SPACING[0] / 2, -SHAPE[1] * SPACING[1] / 2, 0.0]
     try:
-        from CovidGANSegLib import phantoms
+        from CovidGANSegLib.synth import phantoms
     except ImportError:
         phantoms = None
     if phantoms is not None:
@@ -99,7 +99,7 @@ def _child(path: str) -> None:
 
 
 def _phantom_times(repeats: int) -> dict:
-    from CovidGANSegLib import phantoms
+    from CovidGANSegLib.synth import phantoms
 
     out = {}
     for size in phantoms.SIZES:

@@ -44,7 +44,7 @@ def make_ct(path: Path, slices: int = 40, seed: int = 0) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from CovidGANSegLib.phantoms import generate_phantom
+    from CovidGANSegLib.synth.phantoms import generate_phantom
 
     ph = generate_phantom(np.random.default_rng(seed), size="mosmed", covid=True)
     hu = ph.hu[:, :, :slices]

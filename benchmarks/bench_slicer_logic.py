@@ -105,7 +105,7 @@ class PeakRSS:
 
 def mosmedPhantom(slices: int):
     import numpy as np
-    from CovidGANSegLib.phantoms import generate_phantom
+    from CovidGANSegLib.synth.phantoms import generate_phantom
 
     for seed in range(50):
         p = generate_phantom(np.random.default_rng(seed), size="mosmed", covid=True, return_labels=False)

@@ -18,7 +18,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from CovidGANSegLib.phantoms import draw_involvement, generate_phantom, study_rng  # noqa: E402
+from CovidGANSegLib.synth.phantoms import draw_involvement, generate_phantom, study_rng  # noqa: E402
 
 COLUMNS = (("healthy", None), ("CT-1", "CT-1"), ("CT-2", "CT-2"), ("CT-3", "CT-3"))
 WINDOW = (-1350.0, 150.0)  # lung window: level -600, width 1500

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from CovidGANSegLib.phantoms import write_cohort
+    from CovidGANSegLib.synth.phantoms import write_cohort
 
     if args.healthy + args.covid < 1:
         args.parser.error("ask for at least one study (--healthy N and/or --covid M)")

@@ -151,7 +151,7 @@ class GANTrainer:
         ``spacing``: ``(B, 3)`` voxel sizes in mm along (D, H, W) (default: the preprocessing's
         target spacing), so lesion blobs have realistic sizes in mm.
         """
-        from CovidGANSegLib.lesions import LesionConfig, synthesize_lesions
+        from CovidGANSegLib.synth.lesions import LesionConfig, synthesize_lesions
 
         if self._lesion_config is None:
             self._lesion_config = LesionConfig()

@@ -43,7 +43,7 @@ def _save_generator(path: Path, *, config: str = "tiny", grid=TINY_GRID, seed: i
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """(cohort folder, preprocessed folder on the tiny grid, untrained tiny G checkpoint)."""
-    from CovidGANSegLib.phantoms import write_cohort
+    from CovidGANSegLib.synth.phantoms import write_cohort
     from CovidGANSegLib.preprocessing import preprocess_dataset
 
     progress.set_mode("none")

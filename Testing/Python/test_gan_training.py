@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def make_cohort(root: Path, *, healthy: int, covid: int, seed: int) -> tuple[Path, Path]:
     """A phantom cohort and a copy of it without lesion masks (the training data)."""
-    from CovidGANSegLib.phantoms import write_cohort
+    from CovidGANSegLib.synth.phantoms import write_cohort
 
     progress.set_mode("none")
     cohort = write_cohort(root / "cohort", healthy=healthy, covid=covid, seed=seed)
@@ -81,7 +81,7 @@ def test_training_iterations_change_weights_and_reduce_reconstruction_loss(tiny_
     noisy = trainer.make_noisy(h, hl, sp)
     assert np.all(noisy[~hl] == h[~hl]) and np.any(noisy[hl] != h[hl])  # lesions only inside the lungs
     # a fixed batch with clearly visible synthetic lesions (20 % of the lung)
-    from CovidGANSegLib.lesions import synthesize_lesions
+    from CovidGANSegLib.synth.lesions import synthesize_lesions
 
     rng = np.random.default_rng(1)
     noisy = np.stack([synthesize_lesions(h[i], hl[i], rng, window=ds.config.hu_window, spacing=(16.0, 8.0, 8.0), coverage=0.2)[0]

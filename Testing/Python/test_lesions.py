@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from CovidGANSegLib.lesions import LesionConfig, synthesize_lesions
+from CovidGANSegLib.synth.lesions import LesionConfig, synthesize_lesions
 
 SPACING = (8.0, 2.0, 2.0)  # (D, H, W) model grid, axis 1 = y: posterior at low indices
 WINDOW = (-1000.0, 400.0)

@@ -98,7 +98,7 @@ def test_real_ct_lung_bases_only(real_masks):
 
 
 # ---- phantoms -----------------------------------------------------------------------------------
-phantoms = pytest.importorskip("CovidGANSegLib.phantoms")
+phantoms = pytest.importorskip("CovidGANSegLib.synth.phantoms")
 
 
 def _phantom(seed, covid, involvement=None):

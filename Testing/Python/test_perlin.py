@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from CovidGANSegLib.perlin import _PERLIN_SCALE, fractal_noise_3d, perlin_noise_3d
+from CovidGANSegLib.synth.perlin import _PERLIN_SCALE, fractal_noise_3d, perlin_noise_3d
 
 
 def _reference_perlin(shape, res, seed):

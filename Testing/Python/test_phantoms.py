@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 
 from CovidGANSegLib import cli
 from CovidGANSegLib.nifti import load_ct, load_mask
-from CovidGANSegLib.phantoms import (
+from CovidGANSegLib.synth.phantoms import (
     CATEGORIES,
     LABELS,
     Phantom,
@@ -233,7 +233,7 @@ def test_cohort_overwrite_and_atomicity(tmp_path, monkeypatch):
     write_cohort(out, healthy=0, covid=1, seed=0, overwrite=True)
     assert not list((out / "studies" / "CT-0").iterdir())
 
-    import CovidGANSegLib.phantoms as phantoms
+    import CovidGANSegLib.synth.phantoms as phantoms
 
     calls = {"n": 0}
     real = phantoms.generate_phantom

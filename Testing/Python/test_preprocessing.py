@@ -169,7 +169,7 @@ def test_preprocess_ct_and_errors(tmp_path):
 # ---- data sets -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    phantoms = pytest.importorskip("CovidGANSegLib.phantoms")
+    phantoms = pytest.importorskip("CovidGANSegLib.synth.phantoms")
     out = tmp_path_factory.mktemp("cohort") / "data"
     phantoms.write_cohort(out, healthy=2, covid=2, seed=5)
     return out

@@ -32,7 +32,7 @@ def _quiet():
 
 @pytest.fixture(scope="module")
 def phantom():
-    from CovidGANSegLib.phantoms import generate_phantom
+    from CovidGANSegLib.synth.phantoms import generate_phantom
 
     return generate_phantom(np.random.default_rng(1), size="small", covid=True)  # CT-1, 128 x 128 x 34 LAS
 
@@ -194,7 +194,7 @@ def test_hu_threshold_baseline():
 def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_path, capsys):
     """phantoms -> GAN (tiny) -> pseudo-masks -> train-seg (both models) -> segment -> evaluate, via the CLI."""
     from CovidGANSegLib import cli
-    from CovidGANSegLib.phantoms import write_cohort
+    from CovidGANSegLib.synth.phantoms import write_cohort
 
     cohort = write_cohort(tmp_path / "cohort", healthy=2, covid=3, seed=11, size="small")
     run = lambda *a: cli.main(["--progress", "none", *map(str, a)])  # noqa: E731

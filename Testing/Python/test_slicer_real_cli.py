@@ -44,7 +44,7 @@ def randomModels(tmp_path_factory):
 def phantomFiles(tmp_path_factory):
     """A COVID phantom CT (LAS, 128 x 128 x 36) with its true lung and lesion masks, as NIfTI files."""
     import nibabel as nib
-    from CovidGANSegLib.phantoms import generate_phantom
+    from CovidGANSegLib.synth.phantoms import generate_phantom
 
     folder = tmp_path_factory.mktemp("phantom")
     p = generate_phantom(np.random.default_rng(3), size="small", covid=True)

@@ -2,7 +2,7 @@
 
     python Testing/Slicer/make_slicer_figures.py --models MODELS_FOLDER [--out docs/figures] [--seed 7]
 
-A synthetic COVID phantom (CovidGANSegLib.phantoms, MosMed size) is loaded through Slicer's own
+A synthetic COVID phantom (CovidGANSegLib.synth.phantoms, MosMed size) is loaded through Slicer's own
 NIfTI reader, segmented through the module's Logic (the library's CLI in a child process, with
 the models found in MODELS_FOLDER), and the Red slice view is rendered with EGL:
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import slicer_harness
     from slicer_harness.render import SliceViewRenderer
 
-    from CovidGANSegLib.phantoms import generate_phantom
+    from CovidGANSegLib.synth.phantoms import generate_phantom
 
     work = Path(tempfile.mkdtemp(prefix="covidganseg-figures-"))
     harness = slicer_harness.install(work / "slicer-temp")

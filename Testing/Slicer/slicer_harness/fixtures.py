@@ -91,7 +91,7 @@ def fakeModels(tmp_path):
         checkpoint.parent.mkdir(parents=True)
         checkpoint.write_bytes(f"fake {kind} weights".encode())
         write_model_card(checkpoint, name=f"phantom-{kind}", kind=kind, arch=arch, config_name="tiny", config={},
-                         trained_on="synthetic phantoms (CovidGANSegLib.phantoms, seed 0)", demo=True)
+                         trained_on="synthetic phantoms (CovidGANSegLib.synth.phantoms, seed 0)", demo=True)
         out[kind] = str(checkpoint)
     return out
 

@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 from CovidGANSegLib import progress
 progress.set_mode("none")
-from CovidGANSegLib.phantoms import write_cohort
+from CovidGANSegLib.synth.phantoms import write_cohort
 from CovidGANSegLib.gan.training import train_gan
 from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
 from CovidGANSegLib.seg.training import train_segmenter

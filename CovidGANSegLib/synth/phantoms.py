@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from CovidGANSegLib.lesions import LesionConfig, synthesize_lesions
-from CovidGANSegLib.perlin import fractal_noise_3d
+from CovidGANSegLib.synth.lesions import LesionConfig, synthesize_lesions
+from CovidGANSegLib.synth.perlin import fractal_noise_3d
 
 log = logging.getLogger(__name__)
 
@@ -1044,7 +1044,7 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
         for cat in CATEGORIES:
             (tmp / "studies" / cat).mkdir(parents=True, exist_ok=True)
         meta = {
-            "generator": "CovidGANSegLib.phantoms",
+            "generator": "CovidGANSegLib.synth.phantoms",
             "generator_version": GENERATOR_VERSION,
             "seed": int(seed), "size": size, "first_id": int(first_id),
             "healthy": int(healthy), "covid": int(covid),

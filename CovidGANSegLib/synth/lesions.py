@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from CovidGANSegLib.perlin import fractal_noise_3d, perlin_noise_3d
+from CovidGANSegLib.synth.perlin import fractal_noise_3d, perlin_noise_3d
 
 Range = tuple[float, float]
 
