@@ -2,7 +2,8 @@
 
 Each subcommand lives in ``CovidGANSegLib/commands/<name>.py`` with ``register(subparsers)``;
 heavy imports (torch) happen inside the handlers so ``--help`` stays fast. Logging is configured
-here and only here.
+here and only here. Exit codes, error lines and the device policy are those of
+:mod:`CovidGANSegLib.protocol` (the contract with the Slicer module).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from CovidGANSegLib import __version__, progress
+from CovidGANSegLib import __version__, progress, protocol
 from CovidGANSegLib.errors import CovidGANSegError
 
 #: command modules, in the order of the pipeline
@@ -37,23 +38,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit codes are :data:`CovidGANSegLib.protocol.EXIT_CODES`."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=getattr(logging, args.log_level), format=protocol.LOG_FORMAT, stream=sys.stderr)
     progress.set_mode(args.progress)
     try:
         result = args.handler(args)
-    except CovidGANSegError as exc:
-        print(f"covidganseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except FileExistsError as exc:
-        print(f"covidganseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"covidganseg {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(protocol.format_interrupted(args.command), file=sys.stderr)
+        return protocol.EXIT_INTERRUPTED
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if code is None:
+            raise  # a bug: the traceback is the message (exit code 1)
+        message = str(exc)
+        if code == protocol.EXIT_GPU_OUT_OF_MEMORY and not isinstance(exc, protocol.GpuOutOfMemoryError):
+            first = message.splitlines()[0][:300] if message else type(exc).__name__
+            message = f"the GPU ran out of memory ({first}); run again with --device cpu"
+        else:  # a device error wrapped in another error: its own message
+            message = next((str(e) for e in _causes(exc) if isinstance(e, protocol.DeviceError)), message)
+        print(protocol.format_error(args.command, message), file=sys.stderr)
+        return code
     return int(result or 0)
 
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code of a command that raised ``exc``; None for an unexpected error (a bug).
+
+    A device problem counts wherever it is in the chain of causes (an ``InputError`` raised from a
+    :class:`~CovidGANSegLib.protocol.CudaMissingError` still means "CUDA missing").
+    """
+    chain = _causes(exc)
+    for current in chain:
+        if _torch_out_of_memory(current):
+            return protocol.EXIT_GPU_OUT_OF_MEMORY
+        if isinstance(current, protocol.DeviceError):
+            return current.exit_code
+    if isinstance(exc, (CovidGANSegError, FileExistsError)):
+        return protocol.EXIT_INPUT_ERROR
+    return None
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 10 and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _torch_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's CUDA out-of-memory error (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    oom_types = tuple(t for t in (getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+                                  getattr(torch, "OutOfMemoryError", None)) if isinstance(t, type))
+    return bool(oom_types) and isinstance(exc, oom_types)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,8 +1,9 @@
 """Progress reporting: tqdm bars for people, parseable lines for the Slicer module.
 
 The CLI chooses the mode (``--progress bar|lines|none``). In ``lines`` mode every update is one
-line on stdout, ``PROGRESS <fraction> <message>``, flushed at once, which the Slicer module reads
-from its child process to drive one progress bar and a status text.
+line on stdout, ``PROGRESS <fraction> <message>`` (format owned by :mod:`CovidGANSegLib.protocol`),
+flushed at once, which the Slicer module reads from its child process to drive one progress bar
+and a status text.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
+
+from CovidGANSegLib import protocol
 
 T = TypeVar("T")
 
@@ -50,7 +53,7 @@ def report(fraction: float, message: str) -> None:
     lo, hi = _scopes[-1] if _scopes else (0.0, 1.0)
     fraction = lo + (hi - lo) * min(max(float(fraction), 0.0), 1.0)
     if _mode == "lines":
-        print(f"PROGRESS {fraction:.4f} {message}", file=sys.stdout, flush=True)
+        print(protocol.format_progress(fraction, message), file=sys.stdout, flush=True)
     elif _mode == "bar":
         print(f"[{fraction * 100:5.1f} %] {message}", file=sys.stderr, flush=True)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_DEVICE_HELP = "auto (CUDA when available, else CPU), cpu or cuda (default auto)"
+from CovidGANSegLib import protocol
+
+_DEVICE_HELP = ("auto (CUDA when available, else CPU), cpu or cuda[:N] (default auto); cuda without a GPU exits with "
+                f"code {protocol.EXIT_CUDA_MISSING}, a GPU out of memory with code {protocol.EXIT_GPU_OUT_OF_MEMORY}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, metavar="NAME|FILE.json", help="GAN configuration: paper, quick, tiny or a JSON file (default paper; --resume keeps the run's)")
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="total iterations of the run (default: the configuration's; with --resume, continue up to N)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt exactly where it stopped")
-    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of a fresh run (default 0)")
     p.add_argument("--grid", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="model grid in voxels, x y z (default: the configuration's, paper 128 128 32); each divisible by 2**depth")
@@ -54,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, required=True, help="pseudo-healthy CT to write (.nii or .nii.gz)")
     p.add_argument("--difference", type=Path, default=None, help="difference map to write (.nii or .nii.gz), HU")
     p.add_argument("--lungs", type=Path, default=None, help="lung mask NIfTI on the input's grid (default: computed)")
-    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.set_defaults(handler=run_pseudo_healthy)
 
     p = subparsers.add_parser(
@@ -77,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--floor", type=float, default=0.05, help="FLOOR of the rule, window units (default 0.05 = 70 HU for a 1400 HU window)")
     p.add_argument("--min-size", type=int, default=5, help="smallest pseudo-mask component kept, voxels (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.set_defaults(handler=run_pseudo_masks)
 
 
@@ -107,22 +110,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _check_device(device: str) -> str:
-    """``device`` unchanged if usable here; ``InputError`` otherwise (e.g. cuda without a GPU)."""
-    from CovidGANSegLib.errors import InputError
-    from CovidGANSegLib.gan.networks import resolve_device
+    """The device this run uses (protocol's one policy: ``auto`` -> CUDA if available, else CPU).
 
-    try:
-        resolve_device(device)
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    return device
+    Raises:
+        protocol.CudaMissingError: ``cuda`` asked for without a CUDA GPU (exit code ``EXIT_CUDA_MISSING``).
+    """
+    return protocol.resolve_device(device)
 
 
 def run_pseudo_healthy(args: argparse.Namespace) -> int:
     from CovidGANSegLib.gan.inference import pseudo_healthy_file
 
-    _check_device(args.device)
-    pseudo_healthy_file(args.checkpoint, args.input, args.output, difference=args.difference, device=args.device, lungs=args.lungs)
+    device = _check_device(args.device)
+    pseudo_healthy_file(args.checkpoint, args.input, args.output, difference=args.difference, device=device, lungs=args.lungs)
     return 0
 
 
@@ -130,10 +130,10 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     from CovidGANSegLib.errors import InputError
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
 
-    _check_device(args.device)
+    device = _check_device(args.device)
     if args.k < 0 or args.floor < 0 or args.min_size < 0:
         raise InputError("--k, --floor and --min-size must be >= 0")
-    out = make_pseudo_masks(args.checkpoint, args.data, args.out, device=args.device, threshold=args.threshold, k=args.k,
+    out = make_pseudo_masks(args.checkpoint, args.data, args.out, device=device, threshold=args.threshold, k=args.k,
                             floor=args.floor, min_size=args.min_size, overwrite=args.overwrite)
     print(out)
     return 0

@@ -6,7 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-_DEVICE_HELP = "auto (CUDA when available, else CPU), cpu or cuda (default auto; cuda falls back to the CPU with a warning)"
+from CovidGANSegLib import protocol
+
+_DEVICE_HELP = ("auto (CUDA when available, else CPU), cpu or cuda[:N] (default auto); cuda without a GPU exits with "
+                f"code {protocol.EXIT_CUDA_MISSING}, a GPU out of memory with code {protocol.EXIT_GPU_OUT_OF_MEMORY}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="small", metavar="NAME|FILE.json", help="tiny, small, paper or a JSON file (default small; --resume keeps the run's)")
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="total iterations of both phases (default: the configuration's)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt exactly where it stopped")
-    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of a fresh run (default 0)")
     p.set_defaults(handler=run_train)
 
@@ -65,42 +68,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, default=None, help="JSON report to write (volumes, percent involved, MosMed category)")
     p.add_argument("--input-lungs", type=Path, default=None, help="use this lung mask (NIfTI on the input grid) instead of computing one")
     p.add_argument("--threshold", type=float, default=None, metavar="P", help="probability threshold in (0, 1) (default: the checkpoint's, 0.5)")
-    p.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.set_defaults(handler=run_segment)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from CovidGANSegLib.errors import InputError
-    from CovidGANSegLib.seg import check_device
     from CovidGANSegLib.seg.training import train_segmenter
     from CovidGANSegLib.seg.transunet import get_seg_config
 
+    device = protocol.resolve_device(args.device)  # CudaMissingError: exit code EXIT_CUDA_MISSING
     try:
         config = get_seg_config(args.config)
-        check_device(args.device)
         if args.iterations is not None and args.iterations < 1:
             raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     path = train_segmenter(args.pseudo_masks, args.out, model=args.model, config=config, iterations=args.iterations, resume=args.resume,
-                           device=args.device, seed=args.seed, data=args.data)
+                           device=device, seed=args.seed, data=args.data)
     print(path)
     return 0
 
 
 def run_segment(args: argparse.Namespace) -> int:
     from CovidGANSegLib.errors import InputError
-    from CovidGANSegLib.seg import check_device
     from CovidGANSegLib.seg.inference import segment_file
 
+    device = protocol.resolve_device(args.device)  # CudaMissingError: exit code EXIT_CUDA_MISSING
     try:
-        check_device(args.device)
         if args.threshold is not None and not 0.0 < args.threshold < 1.0:
             raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     rep = segment_file(args.input, seg=args.seg, gan=args.gan, output=args.output, lungs=args.lungs, pseudo_healthy=args.pseudo_healthy,
-                       difference=args.difference, report=args.report, device=args.device, threshold=args.threshold,
+                       difference=args.difference, report=args.report, device=device, threshold=args.threshold,
                        input_lungs=args.input_lungs)
     summary = {k: rep[k] for k in ("lesion_ml", "lung_ml", "percent_involved", "mosmed_category")}
     print(json.dumps({"output": str(args.output), **summary, "runtime_s": round(rep["runtime_s"], 2)}))

@@ -229,20 +229,16 @@ def get_gan_config(name_or_path: str | Path | GANConfig) -> GANConfig:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given.
+    """``auto`` -> CUDA when available, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given
+    (:mod:`CovidGANSegLib.protocol`'s policy).
 
     Raises:
-        ValueError: unknown device string, or CUDA asked for but not available.
+        ValueError: unknown device string; :class:`~CovidGANSegLib.protocol.CudaMissingError` (a
+            ``ValueError``) when CUDA is asked for but not available.
     """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("CUDA was asked for (--device cuda) but no CUDA GPU is available; use --device cpu or auto")
-        return torch.device(device)
-    raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    from CovidGANSegLib import protocol
+
+    return torch.device(protocol.resolve_device(device, torch.cuda.is_available))
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,24 +26,19 @@ ARCHS = ("transunet", "unet")
 
 def check_device(device: str) -> str:
     """Raise ``ValueError`` unless ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (no torch import)."""
-    if not isinstance(device, str) or (device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit())):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    return device
+    from CovidGANSegLib import protocol
+
+    return protocol.check_device(device)
 
 
 def resolve_device(device: str = "auto") -> str:
-    """Map ``auto|cpu|cuda`` (or ``cuda:N``) to a usable torch device string.
+    """Map ``auto|cpu|cuda`` (or ``cuda:N``) to a usable torch device string (:mod:`CovidGANSegLib.protocol`'s policy).
 
-    ``auto`` picks CUDA when available, else the CPU. An explicit ``cuda`` request on a machine
-    without CUDA falls back to the CPU with a logged warning instead of failing.
+    ``auto`` picks CUDA when available, else the CPU; an explicit ``cuda`` without CUDA raises
+    :class:`~CovidGANSegLib.protocol.CudaMissingError` (a ``ValueError``).
     """
     import torch
 
-    check_device(device)
-    if device == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda" if device == "auto" else device
-    if device != "auto":
-        log.warning("CUDA was requested but is not available here; falling back to the CPU")
-    return "cpu"
+    from CovidGANSegLib import protocol
+
+    return protocol.resolve_device(device, torch.cuda.is_available)
