@@ -7,8 +7,10 @@ once the child has succeeded, calls the job's ``onSuccess`` callback *in the cal
 create the result nodes. So a job that is cancelled or fails creates no node at all, and a job's
 temporary files are removed whatever the outcome.
 
-Device fallback: when the child fails because CUDA is missing or ran out of memory and the device
-was not already ``cpu``, the job reruns the same command on the CPU and says so in its messages.
+Device fallback (:func:`CovidGANSegLib.protocol.fallback_device`, the one policy): when the child
+exits with the protocol's "CUDA missing" or "GPU out of memory" code and the device was not
+already ``cpu``, the job reruns the same command once on the CPU and says so in its messages. The
+decision rests on the exit code alone, never on the child's message text.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from CovidGANSegLib import protocol
 
 from . import process
 
@@ -163,6 +167,20 @@ class Job:
         self._cleanups.clear()
 
 
+def commandLineForDevice(prefix: Sequence[str], parameters: protocol.JobParameters) -> Callable[[str], list[str]]:
+    """The ``argvForDevice`` of a :class:`CliJob` running the library's CLI with ``parameters``
+    (:class:`protocol.PseudoHealthyParameters` / :class:`protocol.SegmentParameters`).
+
+    ``prefix`` starts the CLI, e.g. ``[PythonSlicer, "-m", "CovidGANSegLib"]``.
+    """
+    prefix = [str(p) for p in prefix]
+
+    def build(device: str) -> list[str]:
+        return protocol.command_line(prefix, parameters, device)
+
+    return build
+
+
 class CliJob(Job):
     """One run of the library's command line, with CPU fallback and result loading.
 
@@ -221,9 +239,9 @@ class CliJob(Job):
             self._startChild()
         for stream, line in self.child.readLines():
             if stream != "stdout":
-                warning = process.WARNING_PATTERN.search(line)
-                if warning and warning.group(1) not in self.messages and len(self.messages) < 10:
-                    self.messages.append(warning.group(1))  # e.g. the library's own CPU fallback
+                warning = process.parseWarningLine(line)
+                if warning and warning not in self.messages and len(self.messages) < 10:
+                    self.messages.append(warning)  # something the library wants the user to know
                 continue
             parsed = process.parseProgressLine(line)
             if parsed is None:
@@ -249,16 +267,16 @@ class CliJob(Job):
         self._finish(JobState.SUCCEEDED, text=f"{self.name}: done in {self.elapsed:.1f} s")
 
     def _childFailed(self, code: int) -> None:
-        stderr = "\n".join(self.child.stderrTail)
-        problem = process.cudaProblem(stderr)
-        if problem and self.device != "cpu" and self.fallbackToCpu:
-            note = (f"{self.name}: CUDA {problem} on device '{self.device}'; running again on the CPU "
+        fallback = protocol.fallback_device(self.device, code) if self.fallbackToCpu else None
+        if fallback is not None:
+            reason = protocol.fallback_reason(code)
+            note = (f"{self.name}: {reason} on device '{self.device}' (exit code {code}); running again on the CPU "
                     "(slower, but the result is the same).")
             log.warning(note)
             self.messages.append(note)
-            self.device = "cpu"
+            self.device = fallback
             self._startChild()
-            self.statusText = f"{self.name}: CUDA {problem}, rerunning on CPU"
+            self.statusText = f"{self.name}: {reason}, rerunning on CPU"
             return
         message = process.errorMessage(list(self.child.stderrTail), code, self.replacements)
         self._finish(JobState.FAILED, error=f"{self.name} failed: {message}")

@@ -7,6 +7,9 @@ Widget, a blocking loop in the Python console or in tests). The child is started
 process group (POSIX: a new session; Windows: a new process group) because ``PythonSlicer`` is a
 launcher that starts the real interpreter as *its* child: killing only the launcher would leave
 the interpreter (and the GPU memory it holds) running. :meth:`ChildProcess.kill` ends the group.
+
+What the child's lines and exit codes mean is defined once, in :mod:`CovidGANSegLib.protocol`
+(torch-free), which the library's command line uses too.
 """
 
 from __future__ import annotations
@@ -15,67 +18,46 @@ import collections
 import logging
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Optional
+
+from CovidGANSegLib import protocol
 
 log = logging.getLogger(__name__)
-
-#: ``PROGRESS <fraction> <text>`` (CovidGANSegLib.progress in ``lines`` mode)
-PROGRESS_PATTERN = re.compile(r"^PROGRESS\s+([-+0-9.eE]+)\s?(.*)$")
-#: ``covidganseg <command>: error: <file>: <problem>`` (CovidGANSegLib.cli, exit code 2)
-ERROR_PATTERN = re.compile(r"^covidganseg [\w-]+: (?:error: )?(.*)$")
-#: stderr text that means "CUDA is missing or ran out of memory": rerun on the CPU
-CUDA_OOM_PATTERN = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|cudaErrorMemoryAllocation", re.IGNORECASE)
-CUDA_MISSING_PATTERN = re.compile(
-    r"CUDA (?:is |was requested but is )?not available|Torch not compiled with CUDA|no CUDA(?:-capable)? device|"
-    r"CUDA driver version is insufficient|Found no NVIDIA driver|cuda.*unavailable",
-    re.IGNORECASE,
-)
-
-#: a warning logged by the library (``logging`` format of CovidGANSegLib.cli): shown to the user
-WARNING_PATTERN = re.compile(r"\bWARNING [\w.]+: (.*)$")
 
 #: how many stderr lines are kept for error messages
 STDERR_TAIL_LINES = 400
 
+#: the launcher of Slicer's Python (``bin/PythonSlicer``, on the PATH inside the Slicer application)
+PYTHON_SLICER = "PythonSlicer"
+
 
 def parseProgressLine(line: str) -> tuple[float, str] | None:
-    """``"PROGRESS 0.25 GAN 3/12"`` -> ``(0.25, "GAN 3/12")``; anything else -> None."""
-    match = PROGRESS_PATTERN.match(line.strip())
-    if not match:
-        return None
-    try:
-        fraction = float(match.group(1))
-    except ValueError:
-        return None
-    return min(max(fraction, 0.0), 1.0), match.group(2).strip()
+    """``"PROGRESS 0.25 GAN 3/12"`` -> ``(0.25, "GAN 3/12")``; anything else -> None (:func:`protocol.parse_progress`)."""
+    return protocol.parse_progress(line)
 
 
-def cudaProblem(stderrText: str) -> str | None:
-    """``"out of memory"`` or ``"not available"`` when the child failed because of CUDA, else None."""
-    if CUDA_OOM_PATTERN.search(stderrText):
-        return "out of memory"
-    if CUDA_MISSING_PATTERN.search(stderrText):
-        return "not available"
-    return None
+def parseWarningLine(line: str) -> str | None:
+    """The message of a warning the library logged on stderr, else None (:func:`protocol.parse_warning`)."""
+    return protocol.parse_warning(line)
 
 
 def errorMessage(stderrLines: Sequence[str], returncode: int | None, replacements: Mapping[str, str] | None = None) -> str:
     """The message a user should see for a failed child.
 
-    The library's own errors (``covidganseg CMD: error: ...``) are shown alone; anything else (a
-    crash with a traceback) is shown as its last lines. Temporary file names are replaced by what
-    the user knows (``/tmp/.../input.nii`` -> ``volume 'CT chest'``).
+    The library's own errors (``covidganseg CMD: error: ...``, :func:`protocol.parse_error`) are
+    shown alone; anything else (a crash with a traceback) is shown as its last lines. Temporary
+    file names are replaced by what the user knows (``/tmp/.../input.nii`` -> ``volume 'CT chest'``).
     """
     lines = [line.rstrip() for line in stderrLines if line.strip()]
-    own = [m.group(1) for m in (ERROR_PATTERN.match(line) for line in lines) if m]
+    own = [message for message in (protocol.parse_error(line) for line in lines) if message is not None]
     if own:
         text = "\n".join(own)
     elif lines:
@@ -89,12 +71,24 @@ def errorMessage(stderrLines: Sequence[str], returncode: int | None, replacement
     return text
 
 
-def pythonExecutable() -> str:
-    """Slicer's Python for child processes: ``PythonSlicer`` inside the application, else this Python."""
-    if "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app") and not getattr(sys.modules["slicer"].app, "isTestHarness", False):
-        found = shutil.which("PythonSlicer")
+def runningInsideSlicer() -> bool:
+    """Whether this Python runs inside the Slicer application (``slicer.app`` exists)."""
+    return "slicer" in sys.modules and getattr(sys.modules["slicer"], "app", None) is not None
+
+
+def pythonExecutable(insideSlicer: Optional[bool] = None, which: Callable[[str], Optional[str]] = shutil.which) -> str:
+    """The Python that runs the library's command line in the child process.
+
+    Inside the Slicer application (``insideSlicer``; default :func:`runningInsideSlicer`) that is
+    Slicer's ``PythonSlicer`` launcher, found on the PATH as Slicer sets it (``which``); elsewhere,
+    or when no launcher is found, this process's own interpreter (``sys.executable``). The test
+    harness is an application like any other here: it gets ``PythonSlicer`` when one is on the PATH.
+    """
+    if runningInsideSlicer() if insideSlicer is None else insideSlicer:
+        found = which(PYTHON_SLICER)
         if found:
             return found
+        log.info("%s is not on the PATH; running the library with %s", PYTHON_SLICER, sys.executable)
     return sys.executable
 
 

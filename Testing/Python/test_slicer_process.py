@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 
+from CovidGANSegLib import cli, protocol
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "CovidGANSeg"))
-from CovidGANSegModuleLib import process  # noqa: E402
+from CovidGANSegModuleLib import jobs, process  # noqa: E402
 from CovidGANSegModuleLib.jobs import CliJob, JobFailed, JobState  # noqa: E402
 
 
@@ -35,11 +39,98 @@ def test_error_messages_prefer_the_librarys_own_error_and_hide_temporary_paths()
     assert "exit code 139" in process.errorMessage([], 139)
 
 
-def test_cuda_problems_are_recognised():
-    assert process.cudaProblem("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate") == "out of memory"
-    assert process.cudaProblem("AssertionError: Torch not compiled with CUDA enabled") == "not available"
-    assert process.cudaProblem("error: CUDA was requested but is not available") == "not available"
-    assert process.cudaProblem("ValueError: not Hounsfield units") is None
+def test_no_cuda_text_matching_is_left_in_the_module():
+    """The module decides on exit codes only (issue 9, item 12): no pattern of CUDA message text remains."""
+    source = (Path(process.__file__).read_text() + Path(jobs.__file__).read_text())
+    for leftover in ("CUDA_MISSING_PATTERN", "CUDA_OOM_PATTERN", "cudaProblem", "out of memory|", "not compiled with CUDA"):
+        assert leftover not in source, leftover
+
+
+#: a child that exits with the code given for the device it was asked for, and says something misleading
+DEVICE_CHILD = ("import sys\n"
+                "codes = dict(pair.split('=') for pair in sys.argv[1].split(','))\n"
+                "device = sys.argv[sys.argv.index('--device') + 1]\n"
+                "print(sys.argv[2], file=sys.stderr, flush=True)\n"
+                "print('PROGRESS 1 done', flush=True)\n"
+                "sys.exit(int(codes.get(device, 0)))\n")
+
+
+def _deviceJob(codes: str, device: str, stderrText: str = "", **kwargs) -> CliJob:
+    def argv(dev):
+        return [sys.executable, "-c", DEVICE_CHILD, codes, stderrText or "nothing", "--device", dev]
+
+    return CliJob("Test", argv, device=device, onSuccess=lambda: "ok", runner=process.SubprocessRunner(), **kwargs)
+
+
+@pytest.mark.parametrize("code,device,reason", [
+    (protocol.EXIT_CUDA_MISSING, "cuda", "CUDA not available"),
+    (protocol.EXIT_GPU_OUT_OF_MEMORY, "cuda", "GPU out of memory"),
+    (protocol.EXIT_GPU_OUT_OF_MEMORY, "auto", "GPU out of memory"),
+])
+def test_the_exit_code_alone_makes_the_job_rerun_on_the_cpu(code, device, reason):
+    job = _deviceJob(f"{device}={code}", device, stderrText="some unrelated text")
+    assert job.start().wait(timeout=60) == "ok"
+    assert job.attempts == [(device, code), ("cpu", 0)] and job.device == "cpu"
+    assert len(job.messages) == 1 and reason in job.messages[0] and "running again on the CPU" in job.messages[0]
+
+
+@pytest.mark.parametrize("codes,device,kwargs", [
+    ("cuda=1", "cuda", {}),  # a crash whose text talks about CUDA memory: not the protocol's code, so no rerun
+    ("cuda=2", "cuda", {}),
+    (f"cpu={protocol.EXIT_CUDA_MISSING}", "cpu", {}),  # already on the CPU
+    (f"cuda={protocol.EXIT_GPU_OUT_OF_MEMORY}", "cuda", {"fallbackToCpu": False}),
+])
+def test_other_failures_do_not_rerun(codes, device, kwargs):
+    job = _deviceJob(codes, device, stderrText="torch.OutOfMemoryError: CUDA out of memory. CUDA is not available", **kwargs)
+    with pytest.raises(JobFailed, match="CUDA out of memory"):
+        job.start().wait(timeout=60)
+    assert len(job.attempts) == 1 and job.messages == []
+
+
+def test_job_command_lines_come_from_the_protocol_and_parse_with_the_real_cli():
+    params = protocol.SegmentParameters(input="/w/input.nii", seg="/m/seg.pt", gan="/m/gan.pt", output="/w/lesion.nii",
+                                        lungs="/w/lungs.nii", report="/w/report.json", device="cuda")
+    build = jobs.commandLineForDevice(["/opt/Slicer/bin/PythonSlicer", "-m", "CovidGANSegLib"], params)
+    for device in ("cuda", "cpu"):
+        argv = build(device)
+        assert argv[:3] == ["/opt/Slicer/bin/PythonSlicer", "-m", "CovidGANSegLib"]
+        args = cli.build_parser().parse_args(argv[3:])
+        assert (args.command, args.device, args.progress, str(args.gan)) == ("segment", device, "lines", "/m/gan.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# the launcher: PythonSlicer inside Slicer (issue 9, item 11)
+# --------------------------------------------------------------------------------------------
+
+def test_launcher_choice(monkeypatch):
+    found = {"PythonSlicer": "/opt/Slicer/bin/PythonSlicer"}
+    assert process.pythonExecutable(insideSlicer=True, which=found.get) == "/opt/Slicer/bin/PythonSlicer"
+    assert process.pythonExecutable(insideSlicer=True, which=lambda name: None) == sys.executable
+    assert process.pythonExecutable(insideSlicer=False, which=found.get) == sys.executable
+    # detected: a ``slicer`` module with an application object (Slicer itself, or the test harness)
+    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(app=object()))
+    assert process.runningInsideSlicer()
+    assert process.pythonExecutable(which=found.get) == "/opt/Slicer/bin/PythonSlicer"
+    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace())  # slicer-core alone: no application
+    assert not process.runningInsideSlicer()
+    assert process.pythonExecutable(which=found.get) == sys.executable
+
+
+def test_launcher_is_found_on_the_path_inside_slicer(monkeypatch, tmp_path):
+    """As inside Slicer, where ``bin/`` is on the PATH: a launcher script named ``PythonSlicer`` is used."""
+    launcher = tmp_path / "bin" / "PythonSlicer"
+    launcher.parent.mkdir()
+    launcher.write_text(f"#!/bin/sh\n\"{sys.executable}\" \"$@\"\nexit $?\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{launcher.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(app=object()))
+    assert process.pythonExecutable() == str(launcher)
+    # the launcher is a parent process: the exit code of the interpreter it starts comes through
+    job = _deviceJob(f"cuda={protocol.EXIT_CUDA_MISSING}", "cuda")
+    job.argvForDevice = lambda dev: [process.pythonExecutable(), "-c", DEVICE_CHILD, f"cuda={protocol.EXIT_CUDA_MISSING}", "x",
+                                     "--device", dev]
+    assert job.start().wait(timeout=60) == "ok"
+    assert job.attempts == [("cuda", protocol.EXIT_CUDA_MISSING), ("cpu", 0)]
 
 
 def test_child_output_is_read_on_threads_and_the_tree_is_killed(tmp_path):

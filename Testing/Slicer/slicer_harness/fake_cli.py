@@ -1,8 +1,13 @@
 """A stand-in for ``python -m CovidGANSegLib`` with known outputs, for tests of the module's Logic.
 
-It accepts the real command lines of ``pseudo-healthy`` and ``segment`` (same options), prints
-``PROGRESS`` lines, and writes NIfTI outputs on the input file's grid whose content the test knows
-exactly. Its behaviour comes from a JSON spec in ``$COVIDGANSEG_FAKE_SPEC`` (a file path)::
+It is the library's real command line (:func:`CovidGANSegLib.cli.main`: its argument parser,
+logging format, ``PROGRESS`` lines, error lines and exit codes, all from
+:mod:`CovidGANSegLib.protocol`) with the handlers of ``pseudo-healthy`` and ``segment`` replaced by
+ones that need no torch and write NIfTI outputs on the input file's grid whose content the test
+knows exactly. Devices follow the protocol's policy: ``auto`` takes the (pretended) GPU when there
+is one, an explicit ``cuda`` without one exits with ``EXIT_CUDA_MISSING``, and a GPU that runs out
+of memory exits with ``EXIT_GPU_OUT_OF_MEMORY``, exactly as the real CLI does. Its behaviour comes
+from a JSON spec in ``$COVIDGANSEG_FAKE_SPEC`` (a file path)::
 
     {"lesion_box": [i0, i1, j0, j1, k0, k1],   # lesion voxels (input file order), half-open
      "lungs_box":  [i0, i1, j0, j1, k0, k1],
@@ -10,7 +15,7 @@ exactly. Its behaviour comes from a JSON spec in ``$COVIDGANSEG_FAKE_SPEC`` (a f
      "grandchild": false,                      # start a long-running grandchild (process-tree kill test)
      "fail": null,                             # "message" -> "covidganseg CMD: error: <input>: message", exit 2
      "fail_on": null,                          # fail only when the input path contains this text
-     "cuda": null,                             # "oom" / "missing": fail like torch does unless --device cpu
+     "cuda": null,                             # null: a working GPU; "missing": no GPU; "oom": a GPU too small
      "shift_affine": false,                    # write outputs on a wrong grid (the Logic must refuse them)
      "warning": null,                          # a logged WARNING line (shown to the user by the Logic)
      "log": "/path/calls.jsonl"}               # one line per call: argv, device, pids
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +37,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from CovidGANSegLib import cli, progress, protocol
+from CovidGANSegLib.commands import gan as gan_commands
+from CovidGANSegLib.commands import seg as seg_commands
+from CovidGANSegLib.errors import InputError
 
 
 def _spec() -> dict:
@@ -46,63 +57,40 @@ def _box_mask(shape, box) -> np.ndarray:
     return mask
 
 
-def _save(array, affine, path: str, dtype) -> None:
+def _save(array, affine, path, dtype) -> None:
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    nib.save(image, path)
+    nib.save(image, str(path))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="covidganseg")
-    parser.add_argument("--progress", default="bar")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ph = sub.add_parser("pseudo-healthy")
-    ph.add_argument("--checkpoint", required=True)
-    ph.add_argument("--input", required=True)
-    ph.add_argument("--output", required=True)
-    ph.add_argument("--difference")
-    ph.add_argument("--device", default="auto")
-    seg = sub.add_parser("segment")
-    for option in ("--input", "--seg", "--output"):
-        seg.add_argument(option, required=True)
-    for option in ("--gan", "--lungs", "--pseudo-healthy", "--difference", "--report"):
-        seg.add_argument(option)
-    seg.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
+    """The fake handler of both commands (the real CLI maps its exceptions to exit codes)."""
     spec = _spec()
-
+    cuda = spec.get("cuda")
     if spec.get("log"):
         with open(spec["log"], "a") as fh:
             fh.write(json.dumps({"argv": sys.argv[1:], "command": args.command, "device": args.device, "pid": os.getpid(),
                                  "pgid": os.getpgid(0) if hasattr(os, "getpgid") else None}) + "\n")
+    device = protocol.resolve_device(args.device, cuda_available=cuda != "missing")  # CudaMissingError -> its exit code
     if spec.get("grandchild"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         Path(spec["grandchild"]).write_text(str(child.pid))
 
-    if spec.get("warning"):  # the library's logging format on stderr
-        print(f"2026-01-01 00:00:00,000 WARNING CovidGANSegLib.seg.inference: {spec['warning']}", file=sys.stderr, flush=True)
-    cuda = spec.get("cuda")
-    if cuda and args.device != "cpu":
-        if cuda == "oom":
-            print("Traceback (most recent call last):\n  File \"inference.py\", line 1, in <module>", file=sys.stderr)
-            print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
-            return 1
-        print(f"covidganseg {args.command}: error: CUDA was requested but is not available on this computer", file=sys.stderr)
-        return 2
-    if spec.get("fail") and (not spec.get("fail_on") or spec["fail_on"] in args.input):
-        print(f"covidganseg {args.command}: error: {args.input}: {spec['fail']}", file=sys.stderr)
-        return 2
+    if spec.get("warning"):  # logged through the CLI's own logging set-up
+        logging.getLogger("CovidGANSegLib.seg.inference").warning(spec["warning"])
+    if cuda == "oom" and device != "cpu":
+        raise protocol.GpuOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    if spec.get("fail") and (not spec.get("fail_on") or spec["fail_on"] in str(args.input)):
+        raise InputError(spec["fail"], args.input)
 
     steps = int(spec.get("steps", 5))
     for s in range(steps):
-        if args.progress == "lines":
-            print(f"PROGRESS {s / steps:.4f} step {s + 1}/{steps}", flush=True)
+        progress.report(s / steps, f"step {s + 1}/{steps}")
         print(f"log line {s}", file=sys.stderr, flush=True)
         time.sleep(float(spec.get("step_seconds", 0.0)))
 
-    image = nib.load(args.input)
+    image = nib.load(str(args.input))
     hu = np.asanyarray(image.dataobj).astype(np.float32)
     affine = image.affine.copy()
     if spec.get("shift_affine"):
@@ -129,10 +117,23 @@ def main(argv=None) -> int:
             lung_ml = float(np.count_nonzero(lungs)) * voxel_ml
             Path(args.report).write_text(json.dumps({"lesion_ml": lesion_ml, "lung_ml": lung_ml,
                                                      "percent_involved": 100.0 * lesion_ml / lung_ml if lung_ml else 0.0,
-                                                     "mosmed_category": "CT-1"}))
-    if args.progress == "lines":
-        print("PROGRESS 1.0000 done", flush=True)
+                                                     "mosmed_category": "CT-1", "device": device}))
+    progress.report(1.0, "done")
     return 0
+
+
+def main(argv=None) -> int:
+    # the real parser binds these handlers when cli.main builds it; every other command is refused
+    gan_commands.run_pseudo_healthy = _run
+    seg_commands.run_segment = _run
+    for module, names in ((gan_commands, ("run_train", "run_pseudo_masks")), (seg_commands, ("run_train",))):
+        for name in names:
+            setattr(module, name, _not_faked)
+    return cli.main(argv)
+
+
+def _not_faked(args: argparse.Namespace) -> int:
+    raise InputError(f"the fake CLI runs only pseudo-healthy and segment, not {args.command}")
 
 
 if __name__ == "__main__":
