@@ -8,6 +8,10 @@ from pathlib import Path
 class CovidGANSegError(Exception):
     """Base class of the library's own errors (the CLI prints them without a traceback)."""
 
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if text.strip() else f"{type(self).__name__} (no details)"
+
 
 class InputError(CovidGANSegError, ValueError):
     """Bad input data: the message names the file (when there is one) and the problem."""
@@ -20,3 +24,15 @@ class InputError(CovidGANSegError, ValueError):
 
 class CheckpointError(InputError):
     """A checkpoint that is missing, corrupt, truncated, of another format or architecture."""
+
+
+class OutputError(CovidGANSegError):
+    """An output that cannot be written (read-only folder, disk full, file-size limit...).
+
+    The message names the output file the user asked for, never the temporary file beside it.
+    """
+
+    def __init__(self, problem: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)

@@ -27,6 +27,21 @@ _HU_MIN_BELOW = -500.0
 #: ...and a real CT spans well over this range (air to soft tissue at least).
 _HU_MIN_RANGE = 600.0
 
+#: Plausible CT voxel sizes in mm (each axis). Clinical reconstructions range from about 0.15 mm
+#: in-plane (ultra-high-resolution scanners, small field of view) to 10 mm slices (MosMedData: 8 mm);
+#: the bounds leave a margin of 3x below and 2x above. Outside them a header is broken, and the
+#: volume maths would be absurd (1e4 mm voxels: 1e12 mL of lung) or the lung-mask working grid
+#: explode (1e-4 mm voxels: a 2 mm working grid 20,000 times the image in each in-plane axis).
+SPACING_RANGE_MM = (0.05, 20.0)
+#: Largest image accepted, in voxels: 2**30 (e.g. 1024 x 1024 x 1024; 4 GiB as float32, which the
+#: pipeline holds a few times). A clinical chest CT has 512 x 512 x 30..1000 = 8..260 M voxels.
+#: Checked from the header before the data are read or decompressed.
+MAX_VOXELS = 2**30
+#: Largest header + extensions before the image data (a header's vox_offset), bytes.
+_MAX_DATA_OFFSET = 64 * 2**20
+#: Most bytes accepted after the image data in a .nii.gz (they are read only to check the gzip CRC).
+_MAX_TRAILING_BYTES = 64 * 2**20
+
 
 @dataclass
 class CTVolume:
@@ -89,16 +104,78 @@ def _canonicalise(data: np.ndarray, affine: np.ndarray, path: str | Path | None)
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
+def _bytes_needed(head: bytes, path: Path) -> int | None:
+    """Bytes of header, extensions and image data that the header at the start of ``head`` declares.
+
+    None when ``head`` is not a NIfTI header (the caller's parser then says what is wrong).
+
+    Raises:
+        InputError: the declared image is larger than :data:`MAX_VOXELS` or its data offset is
+            implausible (a header-driven memory bomb), checked before anything large is read.
+    """
+    if len(head) < 348:
+        return None
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    klass = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header if 540 in sizes and len(head) >= 540 else None
+    if klass is None:
+        return None
+    try:
+        header = klass.from_fileobj(io.BytesIO(head[: klass.template_dtype.itemsize]), check=False)
+        ndim = int(header["dim"][0])
+        if not 1 <= ndim <= 7:
+            return None
+        shape = [int(d) for d in header["dim"][1 : 1 + ndim]]
+        itemsize = int(header.get_data_dtype().itemsize)
+        offset = int(header["vox_offset"])
+    except Exception:  # nibabel raises many types for a broken header; the full parser reports it
+        return None
+    if any(d < 0 for d in shape):
+        raise InputError(f"the header declares a negative image size {tuple(shape)}", path)
+    voxels = 1
+    for d in shape:
+        voxels *= max(d, 1)
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"the header declares an image of {tuple(shape)} = {voxels:,} voxels, more than the {MAX_VOXELS:,} "
+            f"this tool handles (about {MAX_VOXELS * 4 / 2**30:.0f} GiB as float32); the header is broken or the "
+            "image must be split or downsampled first",
+            path,
+        )
+    if offset > _MAX_DATA_OFFSET:
+        raise InputError(f"the header declares the image data at byte {offset:,}, which is implausible", path)
+    return max(offset, klass.template_dtype.itemsize) + voxels * itemsize
+
+
 def _read_bytes(path: Path) -> bytes:
-    """The file's NIfTI bytes; gzip files are decompressed completely so that truncation and
-    corruption are detected (CRC and length check at the end of the stream), which reading only
-    the bytes the image needs would miss."""
+    """The file's NIfTI bytes, read only after the header's image size passed the voxel budget.
+
+    gzip files are decompressed to their end so that truncation and corruption are detected (CRC
+    and length check at the end of the stream); bytes after the image are only counted.
+    """
     with open(path, "rb") as fh:
         magic = fh.read(2)
-    if magic == _GZIP_MAGIC or path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as fh:
-            return fh.read()
-    return path.read_bytes()
+    gz = magic == _GZIP_MAGIC or path.name.endswith(".gz")
+    opener = gzip.open if gz else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+        needed = _bytes_needed(head, path)
+        if needed is None:
+            return head + (fh.read(4096) if len(head) == 540 else b"")
+        parts = [head]
+        if needed > len(head):
+            parts.append(fh.read(needed - len(head)))
+        elif needed < len(head):
+            parts = [head[:needed]]
+        if gz:
+            trailing = 0
+            while True:
+                block = fh.read(1 << 20)
+                if not block:
+                    break
+                trailing += len(block)
+                if trailing > _MAX_TRAILING_BYTES:
+                    raise InputError(f"more than {_MAX_TRAILING_BYTES:,} bytes of unexpected data after the image", path)
+    return b"".join(parts)
 
 
 def _image_from_bytes(raw: bytes, path: Path) -> nib.Nifti1Image:
@@ -157,22 +234,53 @@ def _read_image(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
 
 
 def check_affine(affine: np.ndarray, path: str | Path | None) -> None:
-    """Refuse affines with non-finite entries or zero / negative / non-finite voxel spacing."""
-    if not np.all(np.isfinite(affine)):
+    """Refuse affines that cannot place a CT in space.
+
+    Refused: non-finite entries; zero / negative voxel spacing; a singular (or nearly singular)
+    matrix, i.e. voxel axes that are parallel; voxel spacing outside :data:`SPACING_RANGE_MM`.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise InputError("affine has non-finite entries", path)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    matrix = affine[:3, :3]
+    spacing = np.sqrt((matrix**2).sum(axis=0))
+    text = ", ".join(f"{v:.4g}" for v in spacing)
     if np.any(spacing <= 1e-6):
-        text = ", ".join(f"{v:.4g}" for v in spacing)
         raise InputError(f"voxel spacing must be positive, got {text} mm", path)
+    # |det| / product of the axis lengths: 1 for orthogonal axes, 0 when two axes are parallel
+    independence = abs(float(np.linalg.det(matrix))) / float(np.prod(spacing))
+    if not independence > 1e-3:
+        raise InputError(
+            "affine is singular: two or more voxel axes point the same way (|det| / product of spacings = "
+            f"{independence:.2g}), so the image cannot be placed in space; the header's sform / qform is broken",
+            path,
+        )
+    lo, hi = SPACING_RANGE_MM
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise InputError(
+            f"voxel spacing {text} mm is implausible for a CT (each must be within {lo:g}..{hi:g} mm); "
+            "the header's pixdim / affine is broken",
+            path,
+        )
 
 
 def check_hu(array: np.ndarray, path: str | Path | None) -> None:
-    """Refuse arrays that are not a CT in Hounsfield units (non-finite, or already scaled)."""
+    """Refuse arrays that are not a CT in Hounsfield units (non-finite, already scaled) or are blank.
+
+    A uniform image, or one with nothing denser than lung, has values that may well be HU; it is
+    refused as having no lungs (with its value range) rather than as "not Hounsfield units".
+    """
     if not np.all(np.isfinite(array)):
         n = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise InputError(f"{n} voxels are NaN or infinite", path)
     lo, hi = float(array.min()), float(array.max())
-    if lo > _HU_MIN_BELOW or hi - lo < _HU_MIN_RANGE:
+    if lo == hi:
+        raise InputError(f"no lungs found: the image is blank (every voxel is {lo:.6g})", path)
+    if lo <= _HU_MIN_BELOW and hi - lo < _HU_MIN_RANGE:
+        raise InputError(
+            f"no lungs found: intensities range {lo:.4g}..{hi:.4g} HU, air without any body tissue around it", path
+        )
+    if lo > _HU_MIN_BELOW:
         raise InputError(
             f"intensities range {lo:.4g}..{hi:.4g}, which is not Hounsfield units "
             "(expected air near -1000 HU; is the image already scaled to 0..1 or 0..255?)",

@@ -302,6 +302,33 @@ class PreprocessedVolume:
     lung_mask_canonical: np.ndarray
 
 
+def check_voxel_budget(ct: CTVolume, config: PreprocessConfig = DEFAULT_PREPROCESS, *, work_spacing_mm: float = 2.0) -> None:
+    """Refuse, before anything is allocated, a CT whose grids would exceed :data:`nifti.MAX_VOXELS`.
+
+    Checked: the CT itself, the lung mask's working grid (``lungmask.extract_lung_mask`` averages
+    blocks of about ``work_spacing_mm`` in-plane and pads the image to whole blocks, so a header
+    with tiny voxels would blow it up) and the model grid of ``config``.
+
+    Raises:
+        InputError: naming the CT file, the grid and its size.
+    """
+    from CovidGANSegLib.nifti import MAX_VOXELS
+
+    nx, ny, nz = ct.shape
+    sx, sy, _ = ct.spacing
+    fx, fy = (max(1, int(round(work_spacing_mm / s))) for s in (sx, sy))
+    grids = {
+        "image": (nx, ny, nz),
+        "lung-mask working grid (padded to whole blocks)": (-(-nx // fx) * fx, -(-ny // fy) * fy, nz),
+        "model grid": tuple(int(v) for v in config.grid),
+    }
+    for name, shape in grids.items():
+        voxels = math.prod(int(v) for v in shape)
+        if voxels > MAX_VOXELS:
+            raise InputError(f"the {name} {shape} would have {voxels:,} voxels, more than the budget of {MAX_VOXELS:,} "
+                             f"(spacing {', '.join(f'{v:.4g}' for v in ct.spacing)} mm)", ct.path)
+
+
 def preprocess_ct(ct: CTVolume, config: PreprocessConfig = DEFAULT_PREPROCESS, *,
                   lung_mask: np.ndarray | None = None) -> PreprocessedVolume:
     """Lung mask, crop to the lungs with a margin, HU window to [0, 1], resample into the model grid.
@@ -313,10 +340,11 @@ def preprocess_ct(ct: CTVolume, config: PreprocessConfig = DEFAULT_PREPROCESS, *
             :func:`lungmask.extract_lung_mask` when None.
 
     Raises:
-        InputError: no lungs are found (naming the file).
+        InputError: no lungs are found, or a grid exceeds the voxel budget (naming the file).
     """
     from CovidGANSegLib.lungmask import extract_lung_mask
 
+    check_voxel_budget(ct, config)
     if lung_mask is None:
         lung_mask = extract_lung_mask(ct.array, ct.spacing)
     else:
@@ -395,6 +423,10 @@ def preprocess_dataset(data: str | Path, out: str | Path, config: PreprocessConf
     healthy = [s for s in studies if not s.covid]
     covid = [s for s in studies if s.covid]
     shape = config.grid_dhw
+    from CovidGANSegLib.nifti import MAX_VOXELS
+
+    if math.prod(shape) > MAX_VOXELS:
+        raise InputError(f"model grid {tuple(config.grid)} has {math.prod(shape):,} voxels, more than the budget of {MAX_VOXELS:,}")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         arrays = {
             "healthy": _open_array(tmp / "healthy.npy", (len(healthy), *shape), np.float32),

@@ -18,16 +18,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from CovidGANSegLib.checkpoints import find_models, read_model_card
+    from CovidGANSegLib.errors import CheckpointError, InputError
 
-    cards = find_models(args.folder)
+    if not args.folder.is_dir():
+        raise InputError("models folder not found" if not args.folder.exists() else "not a folder", args.folder)
+    problems: list[CheckpointError] = []
+    cards = find_models(args.folder, problems=problems)
     if args.verify:
-        cards = [read_model_card(c["checkpoint_path"], verify=True) for c in cards]
+        verified = []
+        for c in cards:
+            try:
+                verified.append(read_model_card(c["checkpoint_path"] + ".json", verify=True))
+            except CheckpointError as exc:
+                problems.append(exc)
+        cards = verified
     if args.json:
         print(json.dumps(cards, indent=2))
-        return 0
-    if not cards:
-        print(f"no models in {args.folder}")
-    for c in cards:
-        flag = "DEMO (phantoms), not for clinical use" if c.get("demo") else c.get("intended_use", "")
-        print(f"{c['kind']:4s} {c['name']:24s} {c['arch']:10s} {c.get('config_name', '?'):8s} {c.get('created', '?')} sha256={c['sha256'][:12]}  {flag}")
+    else:
+        if not cards and not problems:
+            print(f"no models in {args.folder}")
+        for c in cards:
+            flag = "DEMO (phantoms), not for clinical use" if c.get("demo") else c.get("intended_use", "")
+            print(f"{c['kind']:4s} {c['name']:24s} {c['arch']:10s} {c.get('config_name', '?'):8s} {c.get('created', '?')} "
+                  f"sha256={c['sha256'][:12]}  {flag}")
+    if problems:
+        more = f" (and {len(problems) - 1} more: {', '.join(str(p.path) for p in problems[1:])})" if len(problems) > 1 else ""
+        first = problems[0]
+        raise CheckpointError(f"{first.problem}{more}", first.path)
     return 0

@@ -78,8 +78,8 @@ def run_train(args: argparse.Namespace) -> int:
     from CovidGANSegLib.seg.transunet import get_seg_config
 
     device = protocol.resolve_device(args.device)  # CudaMissingError: exit code EXIT_CUDA_MISSING
+    config = _seg_config(args.config, get_seg_config)
     try:
-        config = get_seg_config(args.config)
         if args.iterations is not None and args.iterations < 1:
             raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     except ValueError as exc:
@@ -90,7 +90,62 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seg_config(name: str, get_seg_config):
+    """The segmenter configuration ``name`` (a registry name or a JSON file); errors name the file."""
+    from CovidGANSegLib.errors import InputError
+    from CovidGANSegLib.seg.transunet import SEG_CONFIGS
+
+    if name in SEG_CONFIGS:
+        return get_seg_config(name)
+    path = Path(name)
+    if not path.is_file():
+        if path.suffix.lower() == ".json" or path.exists():
+            raise InputError("segmenter config file not found" if not path.exists() else "not a file", path)
+        raise InputError(f"unknown segmenter configuration {name!r}: use one of {sorted(SEG_CONFIGS)} or a JSON file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot read the segmenter config JSON ({exc})", path) from exc
+    if not isinstance(data, dict):
+        raise InputError(f"a segmenter config JSON must be an object of fields, got {type(data).__name__}", path)
+    try:
+        return get_seg_config(path)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        message = str(exc).replace(f"{path}: ", "")
+        raise InputError(f"invalid segmenter config ({message})", path) from exc
+
+
+_SEGMENT_OUTPUTS = ("output", "lungs", "pseudo_healthy", "difference", "report")
+
+
+def _segment_outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The output files of ``segment``, checked before anything is computed or written."""
+    from CovidGANSegLib.errors import InputError
+
+    given = {k: Path(getattr(args, k)) for k in _SEGMENT_OUTPUTS if getattr(args, k) is not None}
+    if ("pseudo_healthy" in given or "difference" in given) and args.gan is None:
+        raise InputError("--pseudo-healthy and --difference need the GAN checkpoint (--gan)", given.get("pseudo_healthy", given.get("difference")))
+    seen: dict[Path, str] = {}
+    for key, p in given.items():
+        option = "--" + key.replace("_", "-")
+        if key != "report" and not (p.name.endswith(".nii") or p.name.endswith(".nii.gz")):
+            raise InputError(f"{option} must be a NIfTI file name ending in .nii or .nii.gz", p)
+        if key == "report" and p.suffix.lower() != ".json":
+            raise InputError("--report must be a .json file name", p)
+        if p.is_dir():
+            raise InputError(f"{option} is a folder; give a file name", p)
+        resolved = p.resolve()
+        if resolved == args.input.resolve():
+            raise InputError(f"{option} would overwrite the input CT; choose another file name", p)
+        if resolved in seen:
+            raise InputError(f"{option} and {seen[resolved]} name the same file", p)
+        seen[resolved] = option
+    return given
+
+
 def run_segment(args: argparse.Namespace) -> int:
+    from CovidGANSegLib.atomic import atomic_files, atomic_path
+    from CovidGANSegLib.checkpoints import verify_checkpoint
     from CovidGANSegLib.errors import InputError
     from CovidGANSegLib.seg.inference import segment_file
 
@@ -100,9 +155,19 @@ def run_segment(args: argparse.Namespace) -> int:
             raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    rep = segment_file(args.input, seg=args.seg, gan=args.gan, output=args.output, lungs=args.lungs, pseudo_healthy=args.pseudo_healthy,
-                       difference=args.difference, report=args.report, device=device, threshold=args.threshold,
-                       input_lungs=args.input_lungs)
+    outputs = _segment_outputs(args)
+    verify_checkpoint(args.seg)  # SHA-256 against the model card, before the weights are used
+    if args.gan is not None:
+        verify_checkpoint(args.gan)
+    # all outputs are staged beside their destinations and appear together at the end (or none do)
+    with atomic_files(outputs) as staged:
+        rep = segment_file(args.input, seg=args.seg, gan=args.gan, output=staged["output"], lungs=staged.get("lungs"),
+                           pseudo_healthy=staged.get("pseudo_healthy"), difference=staged.get("difference"), report=None,
+                           device=device, threshold=args.threshold, input_lungs=args.input_lungs)
+        rep["outputs"] = {k: str(outputs[k]) if k in outputs else None for k in _SEGMENT_OUTPUTS}
+        if "report" in staged:
+            with atomic_path(staged["report"]) as tmp:
+                tmp.write_text(json.dumps(rep, indent=2) + "\n")
     summary = {k: rep[k] for k in ("lesion_ml", "lung_ml", "percent_involved", "mosmed_category")}
     print(json.dumps({"output": str(args.output), **summary, "runtime_s": round(rep["runtime_s"], 2)}))
     return 0
