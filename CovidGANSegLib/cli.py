@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from CovidGANSegLib import __version__, progress, protocol
+from CovidGANSegLib import __version__, atomic, progress, protocol
 from CovidGANSegLib.errors import CovidGANSegError
 
 #: command modules, in the order of the pipeline
@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format=protocol.LOG_FORMAT, stream=sys.stderr)
     progress.set_mode(args.progress)
+    atomic.install_signal_handlers()  # SIGTERM / SIGHUP raise KeyboardInterrupt, so temporary files are removed
     try:
         result = args.handler(args)
     except KeyboardInterrupt:

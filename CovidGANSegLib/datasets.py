@@ -98,8 +98,9 @@ def slice_count(path: str | Path) -> int:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"expected a 3D volume, got shape {tuple(shape)}", path)
-    if not np.all(np.isfinite(affine)):
-        raise InputError("affine has non-finite entries", path)
+    from CovidGANSegLib.nifti import check_affine
+
+    check_affine(affine, path)  # non-finite, singular or implausible: io_orientation would fail or mislead
     ornt = io_orientation(affine)
     slice_axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
     return int(shape[slice_axis])

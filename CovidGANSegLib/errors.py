@@ -9,8 +9,8 @@ class CovidGANSegError(Exception):
     """Base class of the library's own errors (the CLI prints them without a traceback)."""
 
     def __str__(self) -> str:
-        text = super().__str__()
-        return text if text.strip() else f"{type(self).__name__} (no details)"
+        text = " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())  # one line
+        return text or f"{type(self).__name__} (no details)"
 
 
 class InputError(CovidGANSegError, ValueError):

@@ -122,8 +122,17 @@ def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
 
 
 def _check_same_grid(a: np.ndarray, a_aff: np.ndarray, a_path: Path, b: np.ndarray, b_aff: np.ndarray, b_path: Path) -> None:
-    if a.shape != b.shape or not np.allclose(a_aff, b_aff, atol=1e-3):
+    if a.shape != b.shape:
         raise InputError(f"grid {a.shape} does not match the grid {b.shape} of {b_path} (shape and affine must agree; "
+                         "resample the prediction onto the reference grid first)", a_path)
+    if not np.allclose(a_aff, b_aff, atol=1e-3):
+        a_aff, b_aff = np.asarray(a_aff, dtype=np.float64), np.asarray(b_aff, dtype=np.float64)
+        if np.allclose(a_aff[:3, :3], b_aff[:3, :3], atol=1e-3):
+            shift = a_aff[:3, 3] - b_aff[:3, 3]
+            what = f"its affine is shifted by ({', '.join(f'{v:.4g}' for v in shift)}) mm"
+        else:
+            what = f"its affine's voxel axes differ (max difference {float(np.abs(a_aff[:3, :3] - b_aff[:3, :3]).max()):.4g} mm)"
+        raise InputError(f"same shape {a.shape} as {b_path} but {what} (shape and affine must agree; "
                          "resample the prediction onto the reference grid first)", a_path)
 
 

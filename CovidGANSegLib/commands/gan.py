@@ -118,11 +118,34 @@ def _check_device(device: str) -> str:
     return protocol.resolve_device(device)
 
 
+def _pseudo_healthy_outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The output files of ``pseudo-healthy``, checked before anything is computed or written."""
+    from CovidGANSegLib.errors import InputError
+
+    given = {k: Path(getattr(args, k)) for k in ("output", "difference") if getattr(args, k) is not None}
+    for key, p in given.items():
+        if not (p.name.endswith(".nii") or p.name.endswith(".nii.gz")):
+            raise InputError(f"--{key} must be a NIfTI file name ending in .nii or .nii.gz", p)
+        if p.is_dir():
+            raise InputError(f"--{key} is a folder; give a file name", p)
+        if p.resolve() == args.input.resolve():
+            raise InputError(f"--{key} would overwrite the input CT; choose another file name", p)
+    if len({p.resolve() for p in given.values()}) != len(given):
+        raise InputError("--output and --difference must be different files", given["difference"])
+    return given
+
+
 def run_pseudo_healthy(args: argparse.Namespace) -> int:
+    from CovidGANSegLib.atomic import atomic_files
+    from CovidGANSegLib.checkpoints import verify_checkpoint
     from CovidGANSegLib.gan.inference import pseudo_healthy_file
 
     device = _check_device(args.device)
-    pseudo_healthy_file(args.checkpoint, args.input, args.output, difference=args.difference, device=device, lungs=args.lungs)
+    outputs = _pseudo_healthy_outputs(args)
+    verify_checkpoint(args.checkpoint)  # SHA-256 against the model card, before the weights are used
+    with atomic_files(outputs) as staged:  # both outputs appear together, or neither
+        pseudo_healthy_file(args.checkpoint, args.input, staged["output"], difference=staged.get("difference"), device=device,
+                            lungs=args.lungs)
     return 0
 
 
@@ -130,9 +153,12 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     from CovidGANSegLib.errors import InputError
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
 
+    from CovidGANSegLib.checkpoints import verify_checkpoint
+
     device = _check_device(args.device)
     if args.k < 0 or args.floor < 0 or args.min_size < 0:
         raise InputError("--k, --floor and --min-size must be >= 0")
+    verify_checkpoint(args.checkpoint)
     out = make_pseudo_masks(args.checkpoint, args.data, args.out, device=device, threshold=args.threshold, k=args.k,
                             floor=args.floor, min_size=args.min_size, overwrite=args.overwrite)
     print(out)

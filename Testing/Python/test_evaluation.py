@@ -92,7 +92,7 @@ def test_grid_mismatch_is_a_clear_error(tmp_path):
     pred, truth, _ = _case(0)
     p = _save(pred, tmp_path / "p.nii.gz", affine=np.diag([-0.8, 0.8, 2.5, 1.0]))
     t = _save(truth, tmp_path / "t.nii.gz")
-    with pytest.raises(InputError, match="does not match the grid"):
+    with pytest.raises(InputError, match="affine's voxel axes differ"):
         evaluation.evaluate_paths(p, t, tmp_path / "out")
     p2 = _save(pred[:, :, :5], tmp_path / "p2.nii.gz")
     with pytest.raises(InputError, match="does not match the grid"):
