@@ -10,6 +10,7 @@ grid, and the library's lung mask must coincide with the phantom's true lungs in
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -136,6 +137,68 @@ def test_real_cli_errors_reach_the_user(harness, logic, randomModels, phantomFil
         logic.generatePseudoHealthy(scaled, randomModels["gan"], "cpu")
     assert "input volume 'scaled CT'" in str(info.value) and "Hounsfield" in str(info.value)
     assert harness.scene.GetNumberOfNodes() == before + 2  # only the scaled volume (and its display node) the test added
+    assert list(Path(harness.app.temporaryPath).glob("CovidGANSeg-*")) == []
+
+
+@pytest.fixture
+def pythonSlicerOnPath(tmp_path, monkeypatch):
+    """A ``PythonSlicer`` launcher on the PATH, as inside the Slicer application: a shell script that
+    logs its command line and runs this interpreter as its child (a parent process like Slicer's
+    launcher, so the exit code has to come through it)."""
+    launcher = tmp_path / "Slicer" / "bin" / "PythonSlicer"
+    launcher.parent.mkdir(parents=True)
+    log = tmp_path / "launcher_calls.txt"
+    launcher.write_text("#!/bin/sh\n"
+                        f"echo \"$*\" >> \"{log}\"\n"
+                        f"\"{sys.executable}\" \"$@\"\n"
+                        "exit $?\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{launcher.parent}:{os.environ.get('PATH', '')}")
+    return launcher, log
+
+
+def test_real_cli_through_python_slicer_falls_back_to_the_cpu_for_both_jobs(harness, logic, randomModels, phantomFiles,
+                                                                            pythonSlicerOnPath):
+    """Issue 9, items 11 and 12: the module's own launcher path (``PythonSlicer -m CovidGANSegLib``)
+    and the real CLI's CUDA-missing exit code, for Pseudo-healthy and Segment, on a machine
+    without CUDA (``CUDA_VISIBLE_DEVICES`` empty, so also on a GPU machine): each job runs once on
+    ``cuda``, gets ``EXIT_CUDA_MISSING``, says so, reruns on the CPU and loads correct outputs."""
+    import slicer
+    from CovidGANSegLib import protocol
+    from CovidGANSegModuleLib import segmentations, volumeio
+
+    launcher, launcherLog = pythonSlicerOnPath
+    logic.extraEnvironment = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    assert logic.cliCommand is None and logic.commandPrefix() == [str(launcher), "-m", "CovidGANSegLib"]
+    ct = _load(harness, phantomFiles["ct"], "phantom CT")
+    trueLungs = _load(harness, phantomFiles["lungs"], "true lungs", labelmap=True)
+    truth, _ = segmentations.groundTruthMask(trueLungs, ct)
+    hu = slicer.util.arrayFromVolume(ct)
+
+    ph = logic.startPseudoHealthy(ct, randomModels["gan"], "cuda")
+    phResult = ph.wait(timeout=300)
+    seg = logic.startSegmentation(ct, randomModels["gan"], randomModels["seg"], "cuda")
+    segResult = seg.wait(timeout=300)
+
+    for job in (ph, seg):
+        assert job.attempts == [("cuda", protocol.EXIT_CUDA_MISSING), ("cpu", protocol.EXIT_OK)], job.name
+        assert len(job.messages) == 1 and "CUDA not available on device 'cuda'" in job.messages[0], job.messages
+        assert "running again on the CPU" in job.messages[0]
+    calls = launcherLog.read_text().splitlines()
+    assert [call.split("--device ")[1].split()[0] for call in calls] == ["cuda", "cpu", "cuda", "cpu"]
+    assert [call.split()[4] for call in calls] == ["pseudo-healthy", "pseudo-healthy", "segment", "segment"]
+
+    # the outputs of the CPU rerun are right: on the CT's grid, difference = CT - pseudo-healthy,
+    # unchanged outside the lungs, lungs where the phantom's lungs are, lesions inside them
+    for result in (phResult, segResult):
+        assert volumeio.sameGeometry(result["pseudoHealthy"], ct) and volumeio.sameGeometry(result["difference"], ct)
+        phArray = slicer.util.arrayFromVolume(result["pseudoHealthy"])
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(result["difference"]), hu - phArray, atol=1e-3)
+        assert np.mean(np.isclose(phArray[~truth], hu[~truth], atol=1.0)) > 0.99
+    lungs = segmentations.segmentMask(segResult["segmentation"], "Lungs", ct)
+    lesion = segmentations.segmentMask(segResult["segmentation"], "Lesion", ct)
+    assert _dice(lungs, truth) > 0.75 and not np.any(lesion & ~lungs)
+    assert segResult["report"]["device"] == "cpu"
     assert list(Path(harness.app.temporaryPath).glob("CovidGANSeg-*")) == []
 
 
