@@ -16,7 +16,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Annotated, Union
+from typing import Annotated, Optional, Union
 
 import vtk
 
@@ -32,9 +32,10 @@ except ImportError:  # Slicer < 5.4
     def _(text):
         return text
 
+from CovidGANSegLib import protocol
 from CovidGANSegModuleLib import dependencies, display, jobs, models, process, segmentations, tables, volumeio
 
-DEVICES = ["auto", "cpu", "cuda"]
+DEVICES = list(protocol.DEVICES)
 
 
 #
@@ -92,7 +93,7 @@ class CovidGANSegParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     differenceThreshold: Annotated[float, WithinRange(0.0, 1000.0)] = 100.0
-    groundTruth: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    groundTruth: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]  # None must be declared: Slicer's union default
     pseudoHealthyVolume: vtkMRMLScalarVolumeNode
     differenceVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
@@ -420,9 +421,8 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         work, inputPath = self._writeInput(inputVolume)
         phPath, diffPath = work / "pseudo_healthy.nii", work / "difference.nii"
 
-        def argv(dev):
-            return [*self.commandPrefix(), "--progress", "lines", "pseudo-healthy", "--checkpoint", gan["checkpoint_path"],
-                    "--input", str(inputPath), "--output", str(phPath), "--difference", str(diffPath), "--device", dev]
+        argv = jobs.commandLineForDevice(self.commandPrefix(), protocol.PseudoHealthyParameters(
+            checkpoint=gan["checkpoint_path"], input=inputPath, output=phPath, difference=diffPath, device=device))
 
         def onSuccess():
             with self._rollbackOnError() as created:
@@ -455,14 +455,11 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         paths = {k: work / f"{k}.nii" for k in ("lesion", "lungs", "pseudo_healthy", "difference")}
         reportPath = work / "report.json"
 
-        def argv(dev):
-            args = [*self.commandPrefix(), "--progress", "lines", "segment", "--input", str(inputPath), "--seg", seg["checkpoint_path"],
-                    "--output", str(paths["lesion"]), "--lungs", str(paths["lungs"]), "--report", str(reportPath), "--device", dev]
-            if gan is not None:
-                args += ["--gan", gan["checkpoint_path"]]
-            if pseudoHealthy:
-                args += ["--pseudo-healthy", str(paths["pseudo_healthy"]), "--difference", str(paths["difference"])]
-            return args
+        argv = jobs.commandLineForDevice(self.commandPrefix(), protocol.SegmentParameters(
+            input=inputPath, seg=seg["checkpoint_path"], gan=gan["checkpoint_path"] if gan is not None else None,
+            output=paths["lesion"], lungs=paths["lungs"], report=reportPath,
+            pseudo_healthy=paths["pseudo_healthy"] if pseudoHealthy else None,
+            difference=paths["difference"] if pseudoHealthy else None, device=device))
 
         def onSuccess():
             import json
@@ -533,9 +530,9 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
                                         outputFolder / f"{caseId}_report.json"))
 
         def argvForCase(case, dev):
-            return [*self.commandPrefix(), "--progress", "lines", "segment", "--input", str(case.input),
-                    "--gan", gan["checkpoint_path"], "--seg", seg["checkpoint_path"], "--output", str(case.lesion),
-                    "--lungs", str(case.lungs), "--report", str(case.report), "--device", dev]
+            return protocol.command_line(self.commandPrefix(), protocol.SegmentParameters(
+                input=case.input, gan=gan["checkpoint_path"], seg=seg["checkpoint_path"], output=case.lesion, lungs=case.lungs,
+                report=case.report), dev)
 
         return jobs.BatchJob(_("Batch segmentation"), cases, argvForCase, device=device, runner=self.processRunner,
                              env=process.childEnvironment(self.extraEnvironment), csvPath=outputFolder / "covidganseg_results.csv")

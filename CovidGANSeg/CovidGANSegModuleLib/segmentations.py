@@ -72,8 +72,10 @@ def createSegmentationNode(scene, name: str, referenceNode, masks: list[tuple[st
     scene.AddNode(node)
     try:
         node.CreateDefaultDisplayNodes()
-        node.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
+        # the transform first: the reference geometry is computed in the segmentation's own frame
+        # (set before, it would include the CT's transform and the stored grid would be shifted)
         node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
+        node.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
         display = node.GetDisplayNode()
         if display is not None:
             display.SetOpacity2DFill(1.0)  # the per-segment opacities below are the effective ones
@@ -105,8 +107,9 @@ def segmentId(segmentationNode, segmentName: str) -> str:
 def segmentMask(segmentationNode, segmentName: str, referenceNode) -> np.ndarray:
     """Binary ``[k, j, i]`` mask of a segment on ``referenceNode``'s grid, as the segment is now (after edits).
 
-    Resampled in memory (``vtkOrientedImageDataResample``, nearest neighbour, parent transforms
-    applied): unlike ``slicer.util.arrayFromSegmentBinaryLabelmap`` this adds no temporary node to
+    Resampled in memory (``vtkOrientedImageDataResample``, nearest neighbour): the labelmap is
+    taken in the segmentation's own frame and mapped once into the reference's frame (the
+    transform between their parent transforms; identity when they share one). Unlike ``slicer.util.arrayFromSegmentBinaryLabelmap`` this adds no temporary node to
     the scene (that function leaves a labelmap display node behind on every call).
     """
     sid = segmentId(segmentationNode, segmentName)
@@ -151,7 +154,8 @@ def _segmentsOnReference(segmentationNode, segmentIds, referenceNode) -> np.ndar
     union = None
     for sid in segmentIds:
         image = slicer.vtkOrientedImageData()
-        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, sid, image):
+        # applyParentTransform=False: the transform to the reference frame is applied once, below
+        if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentationNode, sid, image, False):
             raise RuntimeError(f"segment '{sid}' of '{segmentationNode.GetName()}' has no binary labelmap")
         dims = image.GetDimensions()
         if min(dims) <= 0 or image.GetPointData().GetScalars() is None:
@@ -210,8 +214,11 @@ def groundTruthMask(groundTruthNode, referenceNode) -> tuple[np.ndarray, dict[st
         if not _overlap(_rasBounds(groundTruthNode), referenceBounds):
             raise ValueError(_noOverlapMessage(name, referenceNode.GetName()))
         info["resampled"] = True
-        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(groundTruthNode)
-        return _resampleToReference(image, referenceNode, _transformToReference(groundTruthNode, referenceNode)) > 0, info
+        # the labelmap's grid expressed in the CT's frame (its parent transform and the inverse of the
+        # CT's are applied here); no further transform when resampling
+        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
+            groundTruthNode, referenceNode.GetParentTransformNode())
+        return _resampleToReference(image, referenceNode, None) > 0, info
 
     segmentation = groundTruthNode.GetSegmentation()
     n = segmentation.GetNumberOfSegments()

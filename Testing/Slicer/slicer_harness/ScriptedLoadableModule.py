@@ -10,8 +10,9 @@ Behaviour kept from Slicer (``Base/Python/slicer/ScriptedLoadableModule.py``):
 * ``ScriptedLoadableModuleTest`` is a ``unittest.TestCase`` whose ``delayDisplay`` goes through
   ``slicer.util.delayDisplay`` (with ``msec < 400`` that is ``slicer.app.processEvents()``).
 
-Not emulated: ``ScriptedLoadableModuleWidget`` needs Qt. Constructing it raises, so a test that
-reaches widget code by mistake fails loudly instead of passing on a fake.
+* ``ScriptedLoadableModuleWidget`` builds its panel from the stand-in widgets of :mod:`.widgets`.
+
+Not emulated: the developer section (Reload / Test / Edit buttons).
 """
 
 from __future__ import annotations
@@ -67,11 +68,60 @@ class ScriptedLoadableModule:
 
 
 class ScriptedLoadableModuleWidget:
-    """Needs Qt, which the harness does not have: constructing a widget is an error here."""
+    """The Widget base class over the stand-in widgets of :mod:`.widgets` (Slicer v5.6.0 behaviour).
+
+    As in Slicer: without a parent it creates a ``qMRMLWidget`` with a ``QVBoxLayout``, gives it
+    the scene, calls ``setup()`` and shows it; ``resourcePath`` resolves through the module's
+    path; ``moduleAboutToBeUnloaded(QString)`` of the module manager calls ``cleanup()``; the
+    developer section is absent (``Developer/DeveloperMode`` is false in a fresh profile).
+    The application calls ``enter()`` / ``exit()``; tests do that through
+    :meth:`Harness.enterModule` / :meth:`Harness.exitModule`.
+    """
 
     def __init__(self, parent=None):
-        raise RuntimeError("ScriptedLoadableModuleWidget needs Qt and the Slicer application; the slicer-core test harness "
-                           "runs the Logic only (check the .ui statically instead)")
+        import qt
+
+        super().__init__()
+        self.moduleName = self.__class__.__name__
+        if self.moduleName.endswith("Widget"):
+            self.moduleName = self.moduleName[:-6]
+        self.developerMode = slicer.util.settingsValue("Developer/DeveloperMode", False, converter=slicer.util.toBool)
+        if not parent:
+            self.parent = slicer.qMRMLWidget()
+            self.parent.setLayout(qt.QVBoxLayout())
+            self.parent.setMRMLScene(slicer.mrmlScene)
+        else:
+            self.parent = parent
+        self.layout = self.parent.layout()
+        if not parent:
+            self.setup()
+            self.parent.show()
+        slicer.app.moduleManager().connect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
+
+    def resourcePath(self, filename):
+        scriptedModulesPath = os.path.dirname(slicer.util.modulePath(self.moduleName))
+        return os.path.join(scriptedModulesPath, "Resources", filename)
+
+    def cleanup(self):
+        pass
+
+    def _onModuleAboutToBeUnloaded(self, moduleName):
+        if moduleName == self.moduleName:
+            self.cleanup()
+            slicer.app.moduleManager().disconnect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
+
+    def setupDeveloperSection(self):
+        if self.developerMode:
+            raise RuntimeError("the harness has no developer section (Reload and Test)")
+
+    def setup(self):
+        self.setupDeveloperSection()
+
+    def enter(self):
+        pass
+
+    def exit(self):
+        pass
 
 
 class ScriptedLoadableModuleLogic:

@@ -37,11 +37,14 @@ class QtUnavailable(RuntimeError):
 
 
 class _QtStubModule(types.ModuleType):
-    """``qt`` / ``ctk`` stand-in: attribute access gives a class that raises when used."""
+    """``qt`` / ``ctk`` stand-in module: the stand-in classes of :mod:`.widgets` where the harness
+    has one, else a class that raises when used. Every attribute access is recorded, so a test can
+    assert that the Logic never touched Qt."""
 
-    def __init__(self, name: str, usage: list[str]) -> None:
+    def __init__(self, name: str, usage: list[str], classes: dict) -> None:
         super().__init__(name)
         self.__dict__["_usage"] = usage
+        self.__dict__["_classes"] = classes
         self.__file__ = f"<slicer-harness {name} stub>"
 
     def __getattr__(self, attr: str):
@@ -50,10 +53,12 @@ class _QtStubModule(types.ModuleType):
         usage = self.__dict__["_usage"]
         qualified = f"{self.__name__}.{attr}"
         usage.append(qualified)
+        if attr in self.__dict__["_classes"]:
+            return self.__dict__["_classes"][attr]
 
         class _Unavailable:
             def __init__(self, *args, **kwargs):
-                raise QtUnavailable(f"{qualified} is not available in the slicer-core test harness (no Qt)")
+                raise QtUnavailable(f"{qualified} is not available in the slicer-core test harness (no stand-in)")
 
             def __class_getitem__(cls, item):
                 return cls
@@ -73,6 +78,7 @@ class _CommandOptions:
 class _ModuleManager:
     def __init__(self, modules: "_Modules") -> None:
         self._modules = modules
+        self._slots: dict[str, list] = {}
 
     def module(self, name: str):
         return self._modules.byName(name)
@@ -83,11 +89,19 @@ class _ModuleManager:
     def loadedModuleNames(self) -> list[str]:
         return self._modules.names()
 
-    def connect(self, *args) -> bool:  # signals: nothing to connect without Qt
+    def connect(self, signal: str, slot) -> bool:
+        self._slots.setdefault(signal, []).append(slot)
         return True
 
-    def disconnect(self, *args) -> bool:
+    def disconnect(self, signal: str, slot) -> bool:
+        slots = self._slots.get(signal, [])
+        if slot in slots:
+            slots.remove(slot)
         return True
+
+    def emit(self, signal: str, *args) -> None:
+        for slot in list(self._slots.get(signal, [])):
+            slot(*args)
 
 
 class LoadableModule:
@@ -134,8 +148,9 @@ class FakeApplication:
 
     isTestHarness = True
     applicationName = "3D Slicer (slicer-core test harness)"
-    applicationVersion = "5.11.0"
-    majorVersion, minorVersion = 5, 11
+    #: the emulated release (see :meth:`Harness.emulate`); the oldest supported one by default
+    applicationVersion = "5.6.0"
+    majorVersion, minorVersion = 5, 6
     documentationBaseUrl = "https://slicer.readthedocs.io/en/latest/"
 
     def __init__(self, scene, applicationLogic, modules: _Modules, temporaryPath: Path) -> None:
@@ -147,9 +162,17 @@ class FakeApplication:
         self.temporaryPath = str(temporaryPath)
         self.processEventsCalls = 0
         self.startupCompletedCallbacks: list = []
+        self.mainWindowWidget = None  # --no-main-window
 
     def testingEnabled(self) -> bool:
         return self._commandOptions.testingEnabled
+
+    def setTestingEnabled(self, enabled: bool) -> None:
+        """``--testing`` on (message boxes logged) or off (boxes shown: the stand-in records them)."""
+        self._commandOptions.testingEnabled = bool(enabled)
+
+    def topLevelWidgets(self) -> list:
+        return [self.mainWindowWidget] if self.mainWindowWidget is not None else []
 
     def commandOptions(self) -> _CommandOptions:
         return self._commandOptions
@@ -270,10 +293,60 @@ class Harness:
                              ("i18n", i18n)):
             sys.modules[f"slicer.{name}"] = module
             setattr(slicer, name, module)
-        for name in ("qt", "ctk"):
+        from . import widgets
+
+        for name, classes in (("qt", {**widgets.QT_CLASSES, **{c.__name__: c for c in (
+                widgets.Qt, widgets.QTimer, widgets.QSettings, widgets.QFile, widgets.QUiLoader, widgets.QMessageBox, widgets.QObject)}}),
+                              ("ctk", {**widgets.CTK_CLASSES, "ctkMessageBox": widgets.ctkMessageBox})):
             if name not in sys.modules or isinstance(sys.modules[name], _QtStubModule):
-                sys.modules[name] = _QtStubModule(name, self.qtUsage)
+                sys.modules[name] = _QtStubModule(name, self.qtUsage, classes)
+        for name, cls in widgets.QMRML_CLASSES.items():
+            setattr(slicer, name, cls)
         return self
+
+    # -- emulated release, testing mode, main window -------------------------------------------
+    def emulate(self, version: tuple[int, int]) -> "Harness":
+        """Behave as Slicer ``major.minor`` (5.6, 5.8 or 5.10) where the fakes differ between them."""
+        if tuple(version) not in ((5, 6), (5, 8), (5, 10)):
+            raise ValueError(f"unsupported Slicer version {version}")
+        self.app.majorVersion, self.app.minorVersion = version
+        self.app.applicationVersion = f"{version[0]}.{version[1]}.0"
+        return self
+
+    def setMainWindow(self, present: bool) -> None:
+        """A main window (message boxes shown when testing is off) or none (``--no-main-window``)."""
+        from . import widgets
+
+        if present:
+            window = widgets.QWidget()
+            window.objectName = "qSlicerMainWindow"
+            self.app.mainWindowWidget = window
+        else:
+            self.app.mainWindowWidget = None
+
+    # -- module widgets ------------------------------------------------------------------------
+    def createModuleWidget(self, pythonModule, name: str):
+        """What ``qSlicerScriptedLoadableModuleWidget`` does: a panel widget (with ``isEntered``) as
+        parent, the Python ``<Name>Widget(parent)``, then its ``setup()``."""
+        from . import widgets
+
+        panel = widgets.qSlicerScriptedLoadableModuleWidget()
+        panel.setLayout(widgets.QVBoxLayout())
+        panel.setMRMLScene(self.scene)
+        widget = getattr(pythonModule, f"{name}Widget")(panel)
+        widget.setup()
+        return widget
+
+    def enterModule(self, widget) -> None:
+        widget.parent.isEntered = True
+        widget.enter()
+
+    def exitModule(self, widget) -> None:
+        widget.exit()
+        widget.parent.isEntered = False
+
+    def unloadModule(self, name: str) -> None:
+        self.app.moduleManager().emit("moduleAboutToBeUnloaded(QString)", name)
 
     # -- scripted modules ----------------------------------------------------------------------
     def loadScriptedModule(self, moduleFile: str | Path):
@@ -316,7 +389,7 @@ class Harness:
             self.applicationLogic.SetMRMLScene(None)
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             log.exception("harness shutdown")
-        for name in ("app", "mrmlScene", "modules"):
+        for name in ("app", "mrmlScene", "modules"):  # noqa: B007
             if getattr(self.slicer, name, None) is not None:
                 setattr(self.slicer, name, None)
         self.sliceLogics.clear()
@@ -325,8 +398,16 @@ class Harness:
             shutil.rmtree(folder, ignore_errors=True)
 
     def reset(self) -> None:
-        """``slicer.mrmlScene.Clear()`` as Slicer's tests do between cases (keeps singletons)."""
+        """``slicer.mrmlScene.Clear()`` as Slicer's tests do between cases (keeps singletons); back to
+        the defaults: Slicer 5.6, testing mode, no main window."""
         self.scene.Clear(0)
+        self.emulate((5, 6))
+        self.app.setTestingEnabled(True)
+        self.setMainWindow(False)
+        from . import widgets
+
+        del widgets.QMessageBox.shown[:]
+        del widgets.QMessageBox._answers[:]
 
     def userNodeCount(self) -> int:
         return self.scene.GetNumberOfNodes()
