@@ -83,6 +83,8 @@ def pythonExecutable(insideSlicer: Optional[bool] = None, which: Callable[[str],
     Slicer's ``PythonSlicer`` launcher, found on the PATH as Slicer sets it (``which``); elsewhere,
     or when no launcher is found, this process's own interpreter (``sys.executable``). The test
     harness is an application like any other here: it gets ``PythonSlicer`` when one is on the PATH.
+    The launcher (CTK's AppLauncher) exits with the exit code of the interpreter it starts, so the
+    protocol's exit codes come through it.
     """
     if runningInsideSlicer() if insideSlicer is None else insideSlicer:
         found = which(PYTHON_SLICER)

@@ -87,6 +87,20 @@ def test_other_failures_do_not_rerun(codes, device, kwargs):
     assert len(job.attempts) == 1 and job.messages == []
 
 
+def test_a_batch_falls_back_once_and_stays_on_the_cpu(tmp_path):
+    cases = [jobs.BatchCase(f"case{i}", tmp_path / f"case{i}.nii", tmp_path / f"case{i}_lesion.nii.gz", tmp_path / f"case{i}_lungs.nii.gz",
+                            tmp_path / f"case{i}_report.json") for i in range(3)]
+
+    def argvForCase(case, device):
+        return [sys.executable, "-c", DEVICE_CHILD, f"cuda={protocol.EXIT_CUDA_MISSING}", "x", "--device", device]
+
+    batch = jobs.BatchJob("Batch", cases, argvForCase, device="cuda", runner=process.SubprocessRunner(), env=None,
+                          csvPath=tmp_path / "results.csv")
+    result = batch.wait(timeout=120)
+    assert [row["device"] for row in result["rows"]] == ["cpu", "cpu", "cpu"] and result["failed"] == 0
+    assert len(batch.messages) == 1 and "CUDA not available" in batch.messages[0]
+
+
 def test_job_command_lines_come_from_the_protocol_and_parse_with_the_real_cli():
     params = protocol.SegmentParameters(input="/w/input.nii", seg="/m/seg.pt", gan="/m/gan.pt", output="/w/lesion.nii",
                                         lungs="/w/lungs.nii", report="/w/report.json", device="cuda")
