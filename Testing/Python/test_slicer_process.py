@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 import types
@@ -110,6 +111,25 @@ def test_job_command_lines_come_from_the_protocol_and_parse_with_the_real_cli():
         assert argv[:3] == ["/opt/Slicer/bin/PythonSlicer", "-m", "CovidGANSegLib"]
         args = cli.build_parser().parse_args(argv[3:])
         assert (args.command, args.device, args.progress, str(args.gan)) == ("segment", device, "lines", "/m/gan.pt")
+
+
+def test_fallback_runs_under_python_3_9():
+    """Slicer 5.6 / 5.8 run the module with Python 3.9: process, jobs and protocol together, there."""
+    python = Path.home() / ".pyenv" / "versions" / "3.9.18" / "bin" / "python3.9"
+    if not python.is_file():
+        pytest.skip("no Python 3.9 interpreter here")
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/CovidGANSeg']\n"
+            "from CovidGANSegLib import protocol\n"
+            "from CovidGANSegModuleLib import jobs, process\n"
+            "child = [sys.executable, '-c', 'import sys; sys.exit(%d if \"cuda\" in sys.argv else 0)' % protocol.EXIT_CUDA_MISSING]\n"
+            "job = jobs.CliJob('t', jobs.commandLineForDevice(child, protocol.PseudoHealthyParameters('g', 'i', 'o')), device='cuda',\n"
+            "                  onSuccess=lambda: 'ok', runner=process.SubprocessRunner())\n"
+            "assert job.start().wait(timeout=60) == 'ok', job.errorText\n"
+            "print(job.attempts)\n")
+    result = subprocess.run([str(python), "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"[('cuda', {protocol.EXIT_CUDA_MISSING}), ('cpu', 0)]"
 
 
 # --------------------------------------------------------------------------------------------
