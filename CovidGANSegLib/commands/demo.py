@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from CovidGANSegLib import protocol
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -21,12 +23,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="smaller cohort and shorter training: about 10 minutes on 2 CPU cores")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="device for training and inference (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="score on the held-out test cohort (default) or on the validation cohort used for development choices")
+    p.add_argument("--real-normal", type=Path, default=None, metavar="DIR",
+                   help="folder of real normal chest CTs (NIfTI, HU) for the specificity check "
+                        "(default: shared/data/real_ct beside the checkout when present; skipped otherwise)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from CovidGANSegLib.demo import run_demo
 
-    metrics = run_demo(args.out, quick=args.quick, device=args.device, overwrite=args.overwrite)
+    device = protocol.resolve_device(args.device)  # before any work: cuda without a GPU exits with EXIT_CUDA_MISSING
+    if args.real_normal is not None and not args.real_normal.is_dir():
+        from CovidGANSegLib.errors import InputError
+
+        raise InputError("--real-normal: folder not found", args.real_normal)
+    metrics = run_demo(args.out, quick=args.quick, device=device, overwrite=args.overwrite, split=args.split, real_normal=args.real_normal)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'metrics.json'} ({metrics['cases']} held-out cases)")
     return 0

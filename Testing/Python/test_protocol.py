@@ -215,6 +215,7 @@ DEVICE_COMMANDS = {
     "pseudo-masks": ["pseudo-masks", "--checkpoint", "g.pt", "--data", "d", "--out", "pm"],
     "train-gan": ["train-gan", "--data", "d", "--out", "run"],
     "train-seg": ["train-seg", "--pseudo-masks", "pm", "--out", "run"],
+    "demo": ["demo", "--out", "out"],
 }
 
 
@@ -236,6 +237,15 @@ def test_unknown_device_is_a_usage_error(capsys):
     assert "invalid device value: 'tpu'" in capsys.readouterr().err
 
 
+@pytest.fixture
+def inWorkFolder(monkeypatch, tmp_path):
+    """Run the CLI in an empty folder with the checkpoints' checksum check switched off (the
+    library functions are replaced; what is tested is the CLI's mapping of their exceptions)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("CovidGANSegLib.checkpoints.verify_checkpoint", lambda *args, **kwargs: None)
+    return tmp_path
+
+
 def _raise_oom(*args, **kwargs):
     import torch
 
@@ -243,13 +253,14 @@ def _raise_oom(*args, **kwargs):
 
 
 @pytest.mark.parametrize("command,target", [
+    ("demo", "CovidGANSegLib.demo.run_demo"),
     ("segment", "CovidGANSegLib.seg.inference.segment_file"),
     ("pseudo-healthy", "CovidGANSegLib.gan.inference.pseudo_healthy_file"),
     ("pseudo-masks", "CovidGANSegLib.gan.pseudomasks.make_pseudo_masks"),
     ("train-gan", "CovidGANSegLib.gan.training.train_gan"),
     ("train-seg", "CovidGANSegLib.seg.training.train_segmenter"),
 ])
-def test_gpu_out_of_memory_exits_with_its_code(command, target, monkeypatch, capsys):
+def test_gpu_out_of_memory_exits_with_its_code(command, target, monkeypatch, capsys, inWorkFolder):
     pytest.importorskip("torch")
     monkeypatch.setattr(protocol, "_torch_cuda_available", lambda: True)
     monkeypatch.setattr(target, _raise_oom)
@@ -260,7 +271,7 @@ def test_gpu_out_of_memory_exits_with_its_code(command, target, monkeypatch, cap
     assert message.startswith("the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)")
 
 
-def test_device_errors_count_wherever_they_are_in_the_chain(monkeypatch, capsys):
+def test_device_errors_count_wherever_they_are_in_the_chain(monkeypatch, capsys, inWorkFolder):
     pytest.importorskip("torch")
     from CovidGANSegLib.errors import CheckpointError, InputError
 
@@ -286,7 +297,7 @@ def test_device_errors_count_wherever_they_are_in_the_chain(monkeypatch, capsys)
     assert cli.exit_code_for(RuntimeError("a bug")) is None
 
 
-def test_a_bug_keeps_its_traceback(monkeypatch):
+def test_a_bug_keeps_its_traceback(monkeypatch, inWorkFolder):
     def bug(*args, **kwargs):
         raise RuntimeError("a bug")
 
