@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Write docs/figures/phantoms.png: axial slices of phantom chest CTs, healthy and COVID.
 
-Lung window (W 1500, L -600); lesion outlines in yellow. Top row: the default "small" size
-(128 x 128, the embedded test / demo cohort); bottom row: "mosmed" size (512 x 512).
+Lung window (W 1500, L -600); lesion outlines in yellow. Rows: "small" size (128 x 128, the
+embedded test / demo cohort) with the training lesion model ("perlin"); "small" with the
+independent evaluation lesion model; "mosmed" size (512 x 512) with the independent model. The
+healthy column shows the anatomy that a plain HU threshold confuses with lesions (vessels,
+dependent density, motion blur); its title gives the fraction of lung in -750..0 HU.
 
     python tools/phantom_montage.py [--out docs/figures/phantoms.png] [--seed 0]
 """
@@ -20,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from CovidGANSegLib.synth.phantoms import draw_involvement, generate_phantom, study_rng  # noqa: E402
 
-COLUMNS = (("healthy", None), ("CT-1", "CT-1"), ("CT-2", "CT-2"), ("CT-3", "CT-3"))
+COLUMNS = (("healthy", None), ("CT-1", "CT-1"), ("CT-1", "CT-1"), ("CT-2", "CT-2"), ("CT-3", "CT-3"))
 WINDOW = (-1350.0, 150.0)  # lung window: level -600, width 1500
 
 
@@ -46,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(COLUMNS), figsize=(3.0 * len(COLUMNS), 6.3), facecolor="black")
-    for row, size in enumerate(("small", "mosmed")):
+    rows = (("small", "perlin"), ("small", "independent"), ("mosmed", "independent"))
+    fig, axes = plt.subplots(len(rows), len(COLUMNS), figsize=(3.0 * len(COLUMNS), 3.15 * len(rows)), facecolor="black")
+    for row, (size, model) in enumerate(rows):
         for col, (_, category) in enumerate(COLUMNS):
             rng = study_rng(args.seed, 100 * row + col + 1)
             inv = draw_involvement(rng, category) if category else None
-            ph = generate_phantom(rng, size=size, covid=category is not None, involvement=inv, return_labels=False)
+            ph = generate_phantom(rng, size=size, covid=category is not None, involvement=inv, return_labels=False,
+                                  lesion_model=model)
             k = _slice_index(ph, category)
             # file order is LAS: axis 0 -> patient left, axis 1 -> anterior. Radiological view:
             # patient right on the image left, anterior up.
@@ -60,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             ax.imshow(img, cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], interpolation="bilinear")
             if ph.lesion_mask[:, :, k].any():
                 ax.contour(ph.lesion_mask[:, ::-1, k].T.astype(np.float32), levels=[0.5], colors="#ffe000", linewidths=0.9)
-            label = f"{size} {ph.hu.shape[0]}x{ph.hu.shape[1]}x{ph.hu.shape[2]}\n{ph.category}"
+            label = f"{size} {ph.hu.shape[0]}x{ph.hu.shape[1]}x{ph.hu.shape[2]}, {model}\n{ph.category}"
             if category:
-                label += f", {100 * ph.involvement:.1f} % of lung"
+                label += f", {100 * ph.involvement:.2f} % of lung"
+            else:
+                band = (ph.hu >= -750) & (ph.hu <= 0) & ph.lung_mask
+                label += f", {100 * band.sum() / ph.lung_mask.sum():.0f} % of lung in -750..0 HU"
             ax.set_title(label, color="white", fontsize=8.5)
             ax.axis("off")
     fig.suptitle("CovidGANSeg synthetic phantoms (lung window; yellow: lesion mask)", color="white", fontsize=10)

@@ -7,15 +7,19 @@ from pathlib import Path
 
 _DESCRIPTION = """\
 Generate synthetic chest CT phantoms (HU, int16 NIfTI, LAS orientation) with lungs, airways,
-branching vessels, heart, great vessels, bones and body wall. COVID phantoms get multifocal,
-peripheral and posterior lesions (ground glass, consolidation, crazy paving) with exact masks; each
-is filed under CT-1..CT-4 by its true lung involvement (MosMed bands: <25 %, 25-50 %, 50-75 %,
->75 %); healthy phantoms go to CT-0. The output is written atomically:
+branching vessels down to sub-voxel calibre, heart, great vessels, bones and body wall, dependent
+density, motion blur and CT noise (some studies low-dose). COVID phantoms get multifocal,
+peripheral and posterior lesions with exact masks, from one of two lesion models:
+  perlin       the training lesion model (thresholded Perlin noise; GGO, consolidation, crazy paving)
+  independent  the evaluation model: analytic subpleural wedges, rounded nodules (halo, reversed
+               halo), curvilinear bands, patchy areas; partial volume across the slab
+Each COVID study is filed under CT-1..CT-4 by its true lung involvement (MosMed bands: <25 %,
+25-50 %, 50-75 %, >75 %); healthy phantoms go to CT-0. The output is written atomically:
 
   OUT/studies/CT-0..CT-4/study_NNNN.nii.gz   CT volumes
   OUT/masks/study_NNNN_mask.nii.gz           lesion masks of COVID studies (evaluation only)
   OUT/lungs/study_NNNN_lungs.nii.gz          lung masks (lungs incl. vessels and lesions)
-  OUT/cohort.json                            seed, size, per-study category, involvement, volumes
+  OUT/cohort.json                            seed, size, lesion model, per-study category, involvement, volumes
 
 The same seed gives the same bytes; study NNNN depends only on (seed, NNNN).
 These are synthetic phantoms for demonstrations and tests, not patient data."""
@@ -23,7 +27,8 @@ These are synthetic phantoms for demonstrations and tests, not patient data."""
 _EPILOG = """\
 examples:
   covidganseg phantoms data/phantoms --healthy 8 --covid 12 --seed 0
-  covidganseg phantoms data/mosmed_like --healthy 4 --covid 6 --seed 1 --size mosmed"""
+  covidganseg phantoms data/mosmed_like --healthy 4 --covid 6 --seed 1 --size mosmed
+  covidganseg phantoms data/held_out --healthy 0 --covid 10 --seed 7 --lesion-model independent"""
 
 
 def _count(text: str) -> int:
@@ -48,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=("small", "mosmed"), default="small",
                    help="small: 128 x 128 at ~2.8 mm, 32-40 slices of 8 mm, about 0.5 s per study (default); "
                         "mosmed: 512 x 512 at 0.6-0.8 mm, 32-48 slices of 8 mm, like MosMedData, a few s per study")
+    p.add_argument("--lesion-model", choices=("perlin", "independent"), default="perlin",
+                   help="lesions of COVID studies: perlin (the training lesion model, default) or independent "
+                        "(the evaluation model, for held-out phantoms)")
     p.add_argument("--first-id", type=_count, default=1, metavar="K", help="number of the first study (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(handler=run, parser=p)
@@ -63,11 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if args.first_id + args.healthy + args.covid - 1 > 9999:
         args.parser.error("study numbers must stay within 0..9999")
     out = write_cohort(args.out, healthy=args.healthy, covid=args.covid, seed=args.seed, size=args.size,
-                       first_id=args.first_id, overwrite=args.overwrite)
+                       first_id=args.first_id, overwrite=args.overwrite, lesion_model=args.lesion_model)
     meta = json.loads((out / "cohort.json").read_text())
     counts: dict[str, int] = {}
     for rec in meta["studies"]:
         counts[rec["category"]] = counts.get(rec["category"], 0) + 1
     summary = ", ".join(f"{k}: {counts[k]}" for k in sorted(counts))
-    print(f"wrote {len(meta['studies'])} {args.size} phantom studies to {out} ({summary})")
+    print(f"wrote {len(meta['studies'])} {args.size} phantom studies to {out} ({summary}; "
+          f"lesion model {args.lesion_model})")
     return 0

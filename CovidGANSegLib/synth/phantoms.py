@@ -1,17 +1,23 @@
 """Synthetic chest-CT phantoms in HU: the project's embedded default data set (numpy only).
 
-Each phantom is an analytic chest rendered with partial-volume edges: air, a body outline with
-skin, subcutaneous fat and muscle, ribs (cortex, marrow, costal cartilage), spine (vertebral body,
-discs, canal, posterior elements), sternum and scapulae, a mediastinum with heart, aorta,
-pulmonary trunk and arteries, superior vena cava, oesophagus, trachea and main bronchi, upper
-abdominal organs under the diaphragm domes, a patient table, and two lungs that taper toward the
-apex and sit on the domes. The lungs hold branching vessel trees (arteries and veins, tapering by
-Murray's law, partial volume across 8 mm slices, so thin vessels have lesion-like HU) and
-bronchi beside the arteries, over parenchyma near -850 HU with texture and a dependent
-(posterior) density gradient. CT noise is added last.
+Each phantom is an analytic chest (:mod:`CovidGANSegLib.synth.chest`, one module per organ
+system) rendered with partial-volume edges: air, a body outline with skin, subcutaneous fat and
+muscle, ribs, spine, sternum and scapulae, a mediastinum with heart, aorta, pulmonary trunk and
+arteries, superior vena cava, oesophagus, trachea and main bronchi, upper abdominal organs under
+the diaphragm domes, a patient table, and two lungs. The lungs hold branching vessel trees
+(arteries and veins of unenhanced blood, +35..+50 HU, tapering by Murray's law to sub-voxel twigs
+of 0.3-0.55 mm radius, partial volume across 8 mm slices, so thin vessels have lesion-like HU) and
+bronchi beside the arteries, over parenchyma of -870..-815 HU with texture and a dependent
+(posterior) density gradient; some studies have faint dependent subpleural density (not a lesion),
+cardiac motion blur next to the heart and respiratory blur above the domes. CT noise is added last
+(standard deviation 12-35 HU, 35-60 HU in low-dose studies). A plain HU threshold (-750..0 HU)
+therefore flags a quarter to a half of a healthy phantom's lung, about as on real normal CT at
+similar spacing (``Testing/Python/test_eval_lesions.py`` checks it).
 
-COVID phantoms get multifocal, peripheral and posterior lesions from :mod:`lesions` (ground glass,
-consolidation, crazy paving); the category follows MosMedData's bands of the *true* involvement.
+COVID phantoms get lesions from one of two models: ``lesion_model="perlin"`` (the training model,
+:mod:`lesions`: thresholded Perlin noise) or ``"independent"`` (:mod:`eval_lesions`: analytic
+wedges, nodules, bands and patches, for held-out evaluation that does not measure how well a model
+learned its own generator). The category follows MosMedData's bands of the *true* involvement.
 Every phantom is a pure function of the generator state, and a cohort of its (seed, study number),
 so the same seed gives the same bytes.
 
@@ -30,14 +36,17 @@ from pathlib import Path
 import numpy as np
 
 from CovidGANSegLib.synth.chest import render_chest
-from CovidGANSegLib.synth.chest.geometry import SIZES, uniform
+from CovidGANSegLib.synth.chest.geometry import SIZES
 from CovidGANSegLib.synth.chest.labels import LABELS  # noqa: F401  (public API)
-from CovidGANSegLib.synth.chest.noise import ct_noise, upsample2
+from CovidGANSegLib.synth.chest.noise import ct_noise, draw_noise_sigma, upsample2
+from CovidGANSegLib.synth.eval_lesions import synthesize_eval_lesions
 from CovidGANSegLib.synth.lesions import LesionConfig, synthesize_lesions
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
+#: lesion models: "perlin" (:mod:`lesions`, the training model) or "independent" (:mod:`eval_lesions`)
+LESION_MODELS = ("perlin", "independent")
 CATEGORIES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
 #: MosMedData bands of lung involvement: CT-1 < 25 %, CT-2 25-50 %, CT-3 50-75 %, CT-4 > 75 %
 CATEGORY_BANDS = ((0.25, "CT-1"), (0.50, "CT-2"), (0.75, "CT-3"), (math.inf, "CT-4"))
@@ -130,7 +139,8 @@ def lesion_config_for(involvement: float) -> LesionConfig:
 
 
 def generate_phantom(rng: np.random.Generator, *, size: str = "small", covid: bool,
-                     involvement: float | None = None, return_labels: bool = True) -> Phantom:
+                     involvement: float | None = None, return_labels: bool = True,
+                     lesion_model: str = "perlin") -> Phantom:
     """Generate one synthetic chest CT.
 
     Args:
@@ -140,9 +150,13 @@ def generate_phantom(rng: np.random.Generator, *, size: str = "small", covid: bo
         covid: add lesions.
         involvement: target lesion fraction of the lungs (COVID only); drawn when None.
         return_labels: keep the tissue label map (``Phantom.labels``).
+        lesion_model: "perlin" (the training lesion model, :func:`lesions.synthesize_lesions`) or
+            "independent" (:func:`eval_lesions.synthesize_eval_lesions`, for held-out evaluation).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if lesion_model not in LESION_MODELS:
+        raise ValueError(f"lesion_model must be one of {LESION_MODELS}, got {lesion_model!r}")
     if involvement is not None:
         if not covid:
             raise ValueError("involvement is only meaningful for COVID phantoms")
@@ -160,9 +174,13 @@ def generate_phantom(rng: np.random.Generator, *, size: str = "small", covid: bo
     if covid:
         if involvement is None:
             involvement = draw_involvement(rng)
-        hu, lesion_mask = synthesize_lesions(hu, lung_mask, rng, config=lesion_config_for(involvement),
-                                             spacing=g.spacing, coverage=involvement)
-    sigma = uniform(rng, 15.0, 30.0)
+        if lesion_model == "perlin":
+            hu, lesion_mask = synthesize_lesions(hu, lung_mask, rng, config=lesion_config_for(involvement),
+                                                 spacing=g.spacing, coverage=involvement)
+        else:
+            hu, lesion_mask = synthesize_eval_lesions(hu, lung_mask, rng, spacing=g.spacing, coverage=involvement,
+                                                      posterior_axis=1, posterior_direction=-1)
+    sigma = draw_noise_sigma(rng)
     hu += ct_noise(rng, hu.shape, sigma, correlated=g.spacing[0] < 1.5)
     np.rint(hu, out=hu)
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
@@ -185,14 +203,15 @@ def study_rng(seed: int, number: int) -> np.random.Generator:
 
 
 def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = "small",
-                 first_id: int = 1, overwrite: bool = False) -> Path:
+                 first_id: int = 1, overwrite: bool = False, lesion_model: str = "perlin") -> Path:
     """Write a phantom cohort in the MosMedData layout (atomically) and return ``out``.
 
     Layout: ``studies/CT-0..CT-4/study_NNNN.nii.gz`` (int16 HU), ``masks/study_NNNN_mask.nii.gz``
     (COVID studies, uint8), ``lungs/study_NNNN_lungs.nii.gz`` (every study, uint8) and
     ``cohort.json``. Study numbers start at ``first_id``: healthy studies first, then COVID ones,
     whose categories cycle through :data:`COHORT_CATEGORY_CYCLE` so that a cohort spans them.
-    Study ``n`` is generated from ``study_rng(seed, n)`` alone.
+    Study ``n`` is generated from ``study_rng(seed, n)`` alone. ``lesion_model`` ("perlin" or
+    "independent", see :func:`generate_phantom`) is recorded in ``cohort.json``.
     """
     from CovidGANSegLib import progress
     from CovidGANSegLib.atomic import atomic_directory
@@ -200,6 +219,8 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if lesion_model not in LESION_MODELS:
+        raise ValueError(f"lesion_model must be one of {LESION_MODELS}, got {lesion_model!r}")
     if healthy < 0 or covid < 0 or healthy + covid < 1:
         raise ValueError(f"need at least one study (healthy={healthy}, covid={covid})")
     if first_id < 0 or first_id + healthy + covid - 1 > 9999:
@@ -212,7 +233,8 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
         for number, is_covid, cat in progress.track(plan, desc="phantoms"):
             rng = study_rng(seed, number)
             inv = draw_involvement(rng, cat) if is_covid else None
-            ph = generate_phantom(rng, size=size, covid=is_covid, involvement=inv, return_labels=False)
+            ph = generate_phantom(rng, size=size, covid=is_covid, involvement=inv, return_labels=False,
+                                  lesion_model=lesion_model)
             sid = f"study_{number:04d}"
             rel = Path("studies") / ph.category / f"{sid}.nii.gz"
             save_array(ph.hu, ph.affine, tmp / rel, dtype=np.int16)
@@ -237,7 +259,7 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
         meta = {
             "generator": "CovidGANSegLib.synth.phantoms",
             "generator_version": GENERATOR_VERSION,
-            "seed": int(seed), "size": size, "first_id": int(first_id),
+            "seed": int(seed), "size": size, "first_id": int(first_id), "lesion_model": lesion_model,
             "healthy": int(healthy), "covid": int(covid),
             "orientation": "LAS", "hu_dtype": "int16",
             "note": "synthetic phantoms, not patient data; lesion masks are for evaluation only",

@@ -3,15 +3,15 @@
 :func:`render_chest` draws, in this order: patient parameters and the table (:mod:`body`), the
 body wall, the diaphragm and abdomen (:mod:`abdomen`), the lung shape (:mod:`lungs`), the
 mediastinum (:mod:`mediastinum`), the lungs' parenchyma, spine, ribs and other bones
-(:mod:`bones`), and the pulmonary vessel trees (:mod:`vessels`), all onto one
-:class:`~CovidGANSegLib.synth.chest.canvas.Chest`. Acquisition effects are in :mod:`noise`.
+(:mod:`bones`), the pulmonary vessel trees (:mod:`vessels`) and motion blur (:mod:`noise`), all onto one
+:class:`~CovidGANSegLib.synth.chest.canvas.Chest`. CT noise is added by the caller (:func:`noise.ct_noise`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from CovidGANSegLib.synth.chest import abdomen, body, bones, lungs, mediastinum, vessels
+from CovidGANSegLib.synth.chest import abdomen, body, bones, lungs, mediastinum, noise, vessels
 from CovidGANSegLib.synth.chest.canvas import Chest
 
 
@@ -28,4 +28,5 @@ def render_chest(rng: np.random.Generator, size: str) -> Chest:
     bones.draw_spine(c)
     bones.draw_ribs_and_bones(c)
     vessels.draw_vessel_trees(c)
+    noise.draw_motion_blur(c)
     return c

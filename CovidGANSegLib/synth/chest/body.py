@@ -28,8 +28,8 @@ def draw_parameters(c: Chest) -> None:
     c.fat_hu = uniform(r, -110.0, -85.0)
     c.muscle_hu = uniform(r, 38.0, 55.0)
     c.blood_hu = uniform(r, 35.0, 50.0)
-    c.lung_hu = uniform(r, -900.0, -865.0)
-    c.lung_gradient = uniform(r, 50.0, 100.0)
+    c.lung_hu = uniform(r, -870.0, -815.0)  # inspiration level varies between studies
+    c.lung_gradient = uniform(r, 50.0, 120.0)  # dependent (posterior) density rise, HU
     c.cortex_hu = uniform(r, 700.0, 1000.0)
     c.marrow_hu = uniform(r, 160.0, 300.0)
     # spine (per patient)

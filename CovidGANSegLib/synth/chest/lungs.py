@@ -35,6 +35,9 @@ def draw_lung_shape(c: Chest) -> None:
 
 
 def finish_lungs(c: Chest, exclusion: np.ndarray, airways: np.ndarray) -> None:
+    """The lung occupancy (cavity above the domes, minus mediastinum and central airways) and
+    its parenchyma: level, dependent gradient, texture, and in some studies dependent subpleural
+    density."""
     apex, band = c.lung_geom
     above = np.clip((c.z - c.z_top) / 25.0, 0.0, 1.0) * smoothstep((c.t - 0.6) / 0.2)
     c.paint(c.cavity * above * (1.0 - np.maximum(band, exclusion)), c.muscle_hu - 10.0, LABELS["muscle"])
@@ -54,6 +57,39 @@ def finish_lungs(c: Chest, exclusion: np.ndarray, airways: np.ndarray) -> None:
     tex = fractal_noise_3d(shape, res, octaves=3, persistence=0.6, rng=r)
     value = c.lung_hu + c.lung_gradient * post + uniform(r, 8.0, 15.0) * tex
     c.paint(c.lung[box], value, LABELS["lung"], box=box)
+    draw_dependent_density(c)
+
+
+def draw_dependent_density(c: Chest) -> None:
+    """Faint dependent (posterior subpleural) density in some studies: gravity-dependent
+    hypoventilation / atelectasis, up to about +280 HU over the parenchyma at the pleura, fading over a few mm from the posterior
+    pleura. Normal anatomy, never part of a lesion mask; a plain HU threshold takes it for GGO."""
+    r = c.rng
+    present = r.random() < DEPENDENT_DENSITY_PROBABILITY
+    amp = uniform(r, 100.0, 280.0)
+    d0 = uniform(r, 3.0, 7.0)
+    waves = [(uniform(r, 0.0, 2 * np.pi), uniform(r, 30.0, 80.0)) for _ in range(2)]
+    if not present:
+        return
+    lung_b = c.lung >= 0.5
+    if not lung_b.any():
+        return
+    # distance (mm) above the posterior-most lung voxel of each (x, z) column
+    first = np.argmax(lung_b, axis=1).astype(np.float32)  # (nx, nz): axis 1 runs anterior
+    j = np.arange(c.ny, dtype=np.float32).reshape(1, -1, 1)
+    depth = (j - first[:, None, :]) * np.float32(c.px)
+    # patchy along x and z, strongest at the bases
+    u, z = c.u[:, :, 0], c.zc.reshape(1, -1)
+    patch = np.ones_like(first)
+    for phase, lam in waves:
+        patch = patch * (0.65 + 0.35 * np.cos(2 * np.pi * (u / lam + z / (1.7 * lam)) + phase))
+    base = np.clip(1.0 - 0.8 * c.t[0], 0.2, 1.0)  # (1, nz)
+    inc = np.float32(amp) * np.exp(-np.maximum(depth, 0.0) / np.float32(d0)) * (patch * base)[:, None, :]
+    c.hu += inc * c.lung
+
+
+#: fraction of studies with dependent subpleural density (not a lesion)
+DEPENDENT_DENSITY_PROBABILITY = 0.4
 
 
 def lung_box(c: Chest):

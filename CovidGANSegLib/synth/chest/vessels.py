@@ -13,6 +13,10 @@ from CovidGANSegLib.synth.chest.labels import LABELS
 
 #: vessels thinner than this (radius, mm) are rendered in batches
 SMALL_VESSEL_MM = 2.0
+#: terminal branches per tree (each lung has one arterial and one venous tree)
+N_ARTERY_TIPS, N_VEIN_TIPS = 380, 300
+#: radius range (mm) of the terminal twigs: sub-voxel at the periphery
+TIP_RADIUS_MM = (0.3, 0.55)
 
 
 def draw_vessel_trees(c: Chest) -> None:
@@ -20,9 +24,9 @@ def draw_vessel_trees(c: Chest) -> None:
     lung_b = c.lung >= 0.5
     if not lung_b.any():
         return
-    # attractor points: lung voxels away from the pleura
-    size = [max(1, int(round(14.0 / c.px)) | 1), max(1, int(round(14.0 / c.px)) | 1), 3]
-    deep = ndi.uniform_filter(lung_b.astype(np.float32), size=size, mode="constant") > 0.8
+    # attractor points: lung voxels a few mm or more below the pleura (vessels reach the periphery)
+    size = [max(1, int(round(10.0 / c.px)) | 1), max(1, int(round(10.0 / c.px)) | 1), 3]
+    deep = ndi.uniform_filter(lung_b.astype(np.float32), size=size, mode="constant") > 0.7
     segs: list[tuple[np.ndarray, np.ndarray, float]] = []
     airway: list[tuple[np.ndarray, np.ndarray, float]] = []
     fov = c.grid.fov
@@ -32,7 +36,7 @@ def draw_vessel_trees(c: Chest) -> None:
         if idx.size < 16:
             continue
         hil, _, vein = c.hila[sign]
-        for root, n_pts, r0, kind in ((hil, 240, uniform(r, 5.5, 7.0), "artery"), (vein, 190, uniform(r, 5.0, 6.5), "vein")):
+        for root, n_pts, r0, kind in ((hil, N_ARTERY_TIPS, uniform(r, 5.5, 7.0), "artery"), (vein, N_VEIN_TIPS, uniform(r, 5.0, 6.5), "vein")):
             pick = np.sort(r.choice(idx, size=min(n_pts, idx.size), replace=False))
             i, j, k = np.unravel_index(pick, lung_b.shape)
             pts = np.stack([
@@ -85,15 +89,17 @@ def draw_vessel_trees(c: Chest) -> None:
 
 
 def grow_tree(start: np.ndarray, pts: np.ndarray, radius: float, out: list, rng: np.random.Generator,
-               r_min: float = 0.7) -> None:
+               r_min: float = 0.6) -> None:
     """Recursive space-filling tree: step toward the territory's centroid, split it in two along
-    its principal axis, and give the children radii by Murray's law (r^3 = r1^3 + r2^3)."""
+    its principal axis, and give the children radii by Murray's law (r^3 = r1^3 + r2^3). The
+    last branches to the attractor points are twigs of :data:`TIP_RADIUS_MM`."""
     n = len(pts)
     c = pts.mean(axis=0)
     if n <= 2 or radius < r_min:
         out.append((start, c, radius))
-        for p in pts:
-            out.append((c, p, max(radius * 0.7, 0.5)))
+        tips = rng.uniform(TIP_RADIUS_MM[0], TIP_RADIUS_MM[1], len(pts))
+        for p, rt in zip(pts, tips):
+            out.append((c, p, float(min(radius * 0.7, rt))))
         return
     node = start + rng.uniform(0.35, 0.6) * (c - start) + rng.normal(0.0, 2.0, 3)
     out.append((start, node, radius))
