@@ -3,8 +3,12 @@
 Architecture (after Chen et al. 2021, "TransUNet"), one input channel, any input size divisible
 by 16 (128 x 128 by default):
 
-* CNN encoder of residual stages: a full-resolution stem and four stride-2 stages giving skip
-  features at 1/1, 1/2, 1/4 and 1/8 and the 1/16 feature map for the transformer.
+* CNN encoder: a stem and four residual stages giving the 1/16 feature map for the transformer.
+  With ``stem_stride=2`` (``paper``), the stem is one 7 x 7 stride-2 convolution as in the
+  original TransUNet's ResNet stem (Chen et al. 2021; He et al. 2016), stage 1 stays at 1/2 and
+  the skips are at 1/2, 1/4 and 1/8, the decoder's last (1/1) stage having none, as in
+  TransUNet's cascaded upsampler. With ``stem_stride=1`` (``small``, ``tiny``), the stem is a
+  full-resolution residual block and the skips are at 1/1, 1/2, 1/4 and 1/8.
 * Patch embedding: a 1 x 1 convolution on the 1/16 map (one token per 1/16 cell, i.e. 16 x 16
   image patches), plus learnable position embeddings (bilinearly interpolated when the token grid
   differs from the default image size).
@@ -44,8 +48,13 @@ class SegConfig:
     """Segmenter configuration: network sizes (both architectures) and training parameters.
 
     Network (TransUNet):
-        encoder_channels: widths of the stem (1/1) and of the stages at 1/2, 1/4, 1/8, 1/16.
-        encoder_blocks: residual blocks per stage (same length as ``encoder_channels``).
+        encoder_channels: widths of the stem and of the stages at 1/2, 1/4, 1/8, 1/16.
+        encoder_blocks: residual blocks per stage (same length as ``encoder_channels``; the first
+            must be 1 with ``stem_stride=2``, where the stem is a single convolution).
+        stem_stride: 1: residual stem at full resolution (skips at 1/1, 1/2, 1/4, 1/8); 2: 7 x 7
+            stride-2 convolution stem as in TransUNet, stage 1 at 1/2 (skips at 1/2, 1/4, 1/8).
+            Checkpoints written before this field existed load with the default, 1, which is
+            the architecture they were trained with.
         hidden_size, num_heads, mlp_dim, num_layers: the vision transformer.
         decoder_channels: decoder widths at 1/8, 1/4, 1/2 and 1/1.
     Network (U-Net baseline):
@@ -68,6 +77,7 @@ class SegConfig:
     in_channels: int = 1
     encoder_channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     encoder_blocks: tuple[int, ...] = (1, 1, 1, 1, 1)
+    stem_stride: int = 1
     hidden_size: int = 192
     num_heads: int = 4
     mlp_dim: int = 512
@@ -106,6 +116,10 @@ class SegConfig:
             raise ValueError(f"encoder_channels needs 5 positive widths (1/1 .. 1/16), got {self.encoder_channels}")
         if len(self.encoder_blocks) != 5 or min(self.encoder_blocks) < 1:
             raise ValueError(f"encoder_blocks needs 5 counts >= 1, got {self.encoder_blocks}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.stem_stride == 2 and self.encoder_blocks[0] != 1:
+            raise ValueError(f"with stem_stride 2 the stem is one convolution: encoder_blocks[0] must be 1, got {self.encoder_blocks[0]}")
         if len(self.decoder_channels) != 4 or min(self.decoder_channels) < 1:
             raise ValueError(f"decoder_channels needs 4 positive widths (1/8 .. 1/1), got {self.decoder_channels}")
         if len(self.unet_channels) != 5 or min(self.unet_channels) < 1:
@@ -154,13 +168,14 @@ class SegConfig:
 SEG_CONFIGS: dict[str, SegConfig] = {
     "paper": SegConfig(
         name="paper",
-        encoder_channels=(64, 128, 256, 512, 1024),
+        encoder_channels=(64, 64, 128, 256, 1472),
         encoder_blocks=(1, 1, 2, 1, 1),
+        stem_stride=2,
         hidden_size=768,
         num_heads=4,
         mlp_dim=512,
         num_layers=8,
-        decoder_channels=(512, 256, 128, 64),
+        decoder_channels=(256, 128, 64, 16),
         unet_channels=(32, 64, 128, 256, 512),
         learning_rate=5e-5,
         batch_size=8,
@@ -251,27 +266,51 @@ class ResidualBlock(nn.Module):
 
 
 class CNNEncoder(nn.Module):
-    """Residual stem at full resolution and four stride-2 stages.
+    """Stem and four residual stages down to 1/16.
 
-    Returns the 1/16 feature map and the skips at 1/1, 1/2, 1/4, 1/8 (finest first).
+    ``stem_stride`` 1: a residual block at full resolution, then four stride-2 stages; the skips
+    are at 1/1, 1/2, 1/4 and 1/8. ``stem_stride`` 2: a 7 x 7 stride-2 convolution + norm + ReLU
+    (the ResNet stem used by TransUNet, Chen et al. 2021, without its max-pool), a stride-1 stage
+    at 1/2 and three stride-2 stages; the skips are at 1/2, 1/4 and 1/8 (no full-resolution
+    feature map is ever computed in the encoder).
+
+    Returns the 1/16 feature map and the skips, finest first.
     """
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], blocks: tuple[int, ...]) -> None:
+    def __init__(self, in_channels: int, channels: tuple[int, ...], blocks: tuple[int, ...], stem_stride: int = 1) -> None:
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        self.stem_stride = stem_stride
         stages = []
         cin = in_channels
         for i, (cout, n) in enumerate(zip(channels, blocks)):
-            layers = [ResidualBlock(cin, cout, stride=1 if i == 0 else 2)]
-            layers += [ResidualBlock(cout, cout) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*layers))
+            if i == 0 and stem_stride == 2:
+                stages.append(nn.Sequential(nn.Conv2d(cin, cout, 7, stride=2, padding=3, bias=False), group_norm(cout), nn.ReLU(inplace=True)))
+            else:
+                stride = 1 if i == 0 or (i == 1 and stem_stride == 2) else 2
+                layers = [ResidualBlock(cin, cout, stride=stride)]
+                layers += [ResidualBlock(cout, cout) for _ in range(n - 1)]
+                stages.append(nn.Sequential(*layers))
             cin = cout
         self.stages = nn.ModuleList(stages)
 
+    @property
+    def skip_channels(self) -> list[int]:
+        """Widths of the skips, finest first (4 with ``stem_stride`` 1, 3 with 2)."""
+        widths = [self._width(stage) for stage in self.stages[:-1]]
+        return widths if self.stem_stride == 1 else widths[1:]
+
+    @staticmethod
+    def _width(stage: nn.Module) -> int:
+        return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
-        for stage in self.stages[:-1]:
+        for i, stage in enumerate(self.stages[:-1]):
             x = stage(x)
-            skips.append(x)
+            if i > 0 or self.stem_stride == 1:
+                skips.append(x)
         return self.stages[-1](x), skips
 
 
@@ -353,7 +392,7 @@ class TransUNet(nn.Module):
             raise ValueError(f"config must be a SegConfig, got {type(config).__name__}")
         self.config = config
         c = config
-        self.encoder = CNNEncoder(c.in_channels, c.encoder_channels, c.encoder_blocks)
+        self.encoder = CNNEncoder(c.in_channels, c.encoder_channels, c.encoder_blocks, c.stem_stride)
         self.patch_embed = nn.Conv2d(c.encoder_channels[-1], c.hidden_size, kernel_size=1)
         self.grid = c.image_size // DOWNSAMPLE
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, c.hidden_size))
@@ -364,7 +403,8 @@ class TransUNet(nn.Module):
         )
         self.norm = nn.LayerNorm(c.hidden_size, eps=1e-6)
         self.conv_more = conv_norm_relu(c.hidden_size, c.encoder_channels[-1])
-        skips = list(reversed(c.encoder_channels[:-1]))  # 1/8, 1/4, 1/2, 1/1
+        # skip widths at 1/8, 1/4, 1/2, 1/1 (0: no skip at 1/1 after a stride-2 stem)
+        skips = list(reversed(self.encoder.skip_channels)) + [0] * (4 - len(self.encoder.skip_channels))
         cins = [c.encoder_channels[-1], *c.decoder_channels[:-1]]
         self.decoder = nn.ModuleList(DecoderBlock(ci, s, co) for ci, s, co in zip(cins, skips, c.decoder_channels))
         self.head = nn.Conv2d(c.decoder_channels[-1], 1, kernel_size=3, padding=1)
@@ -391,8 +431,10 @@ class TransUNet(nn.Module):
         return rearrange(tokens, "b (gh gw) c -> b c gh gw", gh=gh), skips  # (B, hidden, gh, gw)
 
     def decode(self, encoded: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        x = self.conv_more(encoded)
-        for block, skip in zip(self.decoder, reversed(skips)):
+        """Cascaded upsampler: 1/16 -> 1/8, 1/4, 1/2, 1/1 with the skips (none at 1/1 after a stride-2 stem)."""
+        x = self.conv_more(encoded)  # (B, C16, H/16, W/16)
+        coarse_first: list[torch.Tensor | None] = [*reversed(skips), *([None] * (len(self.decoder) - len(skips)))]
+        for block, skip in zip(self.decoder, coarse_first):
             x = block(x, skip)
         return self.head(x)  # (B, 1, H, W)
 

@@ -1,0 +1,203 @@
+"""Benchmark our TransUNet (``paper``, ``small``) against the seed's implementation, 1 CPU thread.
+
+The issue measured the ``paper`` TransUNet at 2x the time of the seed's implementation
+(mkara44/transunet_pytorch, the code the paper cites) at the same size. This script times, in ONE
+process and INTERLEAVED (round r runs every model once before round r + 1 starts; the reported
+figure is the median over rounds, so a neighbour's load on a shared machine hits all models
+alike):
+
+* ``forward_s``: inference forward pass (``eval()``, ``torch.inference_mode``) of a batch;
+* ``train_step_s``: one training step: forward in ``train()`` mode, BCE-with-logits loss against a
+  random mask, backward and an Adam step (the same for every model).
+
+Batch 8 x 1 x 128 x 128, ``torch.set_num_threads(1)`` (and ``OMP_NUM_THREADS=1`` set before torch
+is imported). Ours are built from the named configurations (``paper``, ``small``, or a JSON file
+accepted by ``get_seg_config``); ``paper-v1`` is the ``paper`` configuration before the stride-2
+stem (full-resolution residual stem, decoder 512/256/128/64), kept here for the before/after
+figure. The seed's model is loaded AT RUN TIME from a checkout given with ``--seed-repo`` (its
+``utils/transunet.py``; nothing of it is copied into this project), built as its README builds it
+for 128 x 128: ``TransUNet(img_dim=128, in_channels=1, out_channels=128, head_num=4, mlp_dim=512,
+block_num=8, patch_dim=16, class_num=1)``.
+
+    git --git-dir=<mirror of mkara44/transunet_pytorch> archive HEAD | tar -x -C /tmp/seedrepo
+    OMP_NUM_THREADS=1 python benchmarks/bench_transunet.py --seed-repo /tmp/seedrepo
+    python benchmarks/bench_transunet.py --configs paper,paper-v1,small --rounds 5 --tag after
+
+Results are printed as a table and saved as ``benchmarks/results/transunet_<tag>.json`` with the
+machine (CPU model, core count, load average at start, torch version).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime as dt  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Dict, List, Optional  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from CovidGANSegLib.seg.transunet import TransUNet, count_parameters, get_seg_config  # noqa: E402
+
+#: the ``paper`` configuration as it was before the stride-2 stem (for the before/after figure)
+PAPER_V1 = dict(stem_stride=1, encoder_channels=(64, 128, 256, 512, 1024), encoder_blocks=(1, 1, 2, 1, 1),
+                decoder_channels=(512, 256, 128, 64))
+
+
+def machine() -> Dict[str, Any]:
+    """CPU model, cores, load average and versions of the machine running the benchmark."""
+    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "load_average_at_start": list(os.getloadavg())}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu_model"] = platform.processor() or "?"
+    return info
+
+
+def build_ours(name: str) -> nn.Module:
+    """Our TransUNet for a configuration name, a JSON file or ``paper-v1`` (before the stride-2 stem)."""
+    if name == "paper-v1":
+        cfg = get_seg_config("paper")
+        if not hasattr(cfg, "stem_stride"):  # the code before the change: ``paper`` IS v1
+            return TransUNet(cfg)
+        return TransUNet(cfg.replace(**PAPER_V1))
+    return TransUNet(get_seg_config(name))
+
+
+def build_seed(seed_repo: Path) -> nn.Module:
+    """The seed's TransUNet, imported from its checkout (``utils/transunet.py`` imports ``utils.vit``)."""
+    if not (seed_repo / "utils" / "transunet.py").is_file():
+        raise SystemExit(f"--seed-repo {seed_repo}: no utils/transunet.py there (export mkara44/transunet_pytorch)")
+    sys.path.insert(0, str(seed_repo))
+    try:
+        spec = importlib.util.spec_from_file_location("seed_transunet", seed_repo / "utils" / "transunet.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(seed_repo))
+    return module.TransUNet(img_dim=128, in_channels=1, out_channels=128, head_num=4, mlp_dim=512, block_num=8, patch_dim=16,
+                            class_num=1)
+
+
+class Case:
+    """One model with its optimiser and fixed inputs; ``forward()`` and ``train_step()`` return seconds."""
+
+    def __init__(self, name: str, model: nn.Module, batch: int, size: int) -> None:
+        self.name = name
+        self.model = model
+        self.params = count_parameters(model)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.rand(batch, 1, size, size, generator=gen)  # (B, 1, H, W)
+        self.y = (torch.rand(batch, 1, size, size, generator=gen) > 0.9).float()  # (B, 1, H, W)
+        self.times: Dict[str, List[float]] = {"forward_s": [], "train_step_s": []}
+
+    def forward(self) -> float:
+        self.model.eval()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(self.x)
+        dt_s = time.perf_counter() - t
+        assert out.shape == self.y.shape, (self.name, tuple(out.shape))
+        return dt_s
+
+    def train_step(self) -> float:
+        self.model.train()
+        t = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(self.model(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - t
+
+
+def run(cases: List[Case], rounds: int, warmup: int, log: Callable[[str], None]) -> None:
+    """Interleaved timing: each round runs every case's forward, then every case's training step."""
+    for r in range(warmup + rounds):
+        for kind in ("forward_s", "train_step_s"):
+            for case in cases:
+                s = case.forward() if kind == "forward_s" else case.train_step()
+                if r >= warmup:
+                    case.times[kind].append(s)
+        if r >= warmup:
+            log(f"round {r - warmup + 1}/{rounds}: " + ", ".join(
+                f"{c.name} {c.times['forward_s'][-1]:.2f}/{c.times['train_step_s'][-1]:.2f} s" for c in cases))
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="paper,small", help="ours, comma-separated: paper, small, tiny, paper-v1 or JSON files")
+    p.add_argument("--seed-repo", type=Path, default=None, help="checkout of mkara44/transunet_pytorch (omit to skip the seed)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="cpu_threads1", help="results file: benchmarks/results/transunet_<tag>.json")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. what else ran on the machine)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    info = machine()
+    print(f"machine: {info['cpu_model']} x {info['cpu_count']} cores, torch {info['torch']}, {args.threads} thread(s), "
+          f"load average at start {info['load_average_at_start'][0]:.2f}")
+    cases = []
+    for name in [c for c in args.configs.split(",") if c]:
+        torch.manual_seed(0)
+        cases.append(Case(f"ours-{name}", build_ours(name), args.batch, args.size))
+    if args.seed_repo is not None:
+        torch.manual_seed(0)
+        cases.append(Case("seed", build_seed(args.seed_repo), args.batch, args.size))
+    run(cases, args.rounds, args.warmup, print)
+
+    results = {}
+    for c in cases:
+        results[c.name] = {"parameters": c.params, **{k: statistics.median(v) for k, v in c.times.items()},
+                           "all": {k: [round(s, 4) for s in v] for k, v in c.times.items()}}
+    seed = results.get("seed")
+    print(f"\nTransUNet, batch {args.batch} x 1 x {args.size} x {args.size}, {args.threads} thread(s), median of {args.rounds} "
+          f"interleaved rounds")
+    print(f"{'model':<16}{'params (M)':>11}{'forward (s)':>13}{'train step (s)':>16}{'fwd vs seed':>13}{'train vs seed':>15}")
+    for name, r in results.items():
+        rel = ("", "")
+        if seed is not None:
+            rel = (f"{r['forward_s'] / seed['forward_s']:.2f}x", f"{r['train_step_s'] / seed['train_step_s']:.2f}x")
+        print(f"{name:<16}{r['parameters'] / 1e6:>11.2f}{r['forward_s']:>13.3f}{r['train_step_s']:>16.3f}{rel[0]:>13}{rel[1]:>15}")
+
+    payload = {"benchmark": "transunet", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
+               "protocol": (f"one process, {args.threads} torch thread(s), batch {args.batch} x 1 x {args.size} x {args.size}; "
+                            f"{args.warmup} warm-up round(s) then {args.rounds} interleaved rounds (every model's forward, then "
+                            "every model's training step, per round); median reported. forward: eval + inference_mode; "
+                            "train step: train mode, BCE-with-logits, backward, Adam step. The machine's other core(s) may "
+                            "be busy with other jobs; interleaving spreads that load over all models."),
+               "seed": "mkara44/transunet_pytorch utils/transunet.py, TransUNet(img_dim=128, in_channels=1, out_channels=128, "
+                       "head_num=4, mlp_dim=512, block_num=8, patch_dim=16, class_num=1)" if seed is not None else None,
+               "note": args.note, "results": results}
+    out = ROOT / "benchmarks" / "results" / f"transunet_{args.tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"saved {out.relative_to(ROOT)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
