@@ -143,7 +143,8 @@ def _bytes_needed(head: bytes, path: Path) -> int | None:
         )
     if offset > _MAX_DATA_OFFSET:
         raise InputError(f"the header declares the image data at byte {offset:,}, which is implausible", path)
-    return max(offset, klass.template_dtype.itemsize) + voxels * itemsize
+    header_end = klass.template_dtype.itemsize + 4  # the header and its 4-byte extension flag
+    return max(offset, header_end) + voxels * itemsize
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -161,3 +161,34 @@ def test_mask_on_another_grid(tmp_path):
     other = save_array(np.ones((10, 10, 10), np.uint8), LAS, tmp_path / "m.nii.gz", dtype=np.uint8)
     with pytest.raises(InputError, match="does not match the CT grid"):
         load_mask(other, ct)
+
+
+def test_nifti2_extensions_and_trailing_bytes_read_as_before(tmp_path):
+    data = _ct_array()
+    two = nib.Nifti2Image(data, LAS)
+    nib.save(two, str(tmp_path / "two.nii.gz"))
+    assert np.array_equal(load_ct(tmp_path / "two.nii.gz").to_original(load_ct(tmp_path / "two.nii.gz").array), data)
+    ext = nib.Nifti1Image(data, LAS)
+    ext.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"a comment extension" * 20))
+    nib.save(ext, str(tmp_path / "ext.nii"))
+    assert np.array_equal(load_ct(tmp_path / "ext.nii").to_original(load_ct(tmp_path / "ext.nii").array), data)
+    raw = (tmp_path / "ext.nii").read_bytes()
+    (tmp_path / "trailing.nii.gz").write_bytes(gzip.compress(raw + b"\0" * 1000))
+    assert load_ct(tmp_path / "trailing.nii.gz").shape == load_ct(tmp_path / "ext.nii").shape
+
+
+def test_implausible_spacing_and_singular_affine(tmp_path):
+    good = _write(tmp_path / "good.nii.gz", _ct_array())
+    _expect(_patch_header(good, tmp_path / "tiny.nii.gz", srow_x=[-1e-4, 0, 0, 180], qform_code=0, sform_code=1),
+            r"implausible for a CT \(each must be within 0.05..20 mm\)")
+    _expect(_patch_header(good, tmp_path / "huge.nii.gz", srow_z=[0, 0, 1e4, -120], qform_code=0, sform_code=1), "implausible")
+    _expect(_patch_header(good, tmp_path / "singular.nii.gz", srow_y=[-0.7, 0, 0, -170], qform_code=0, sform_code=1), "singular")
+    oblique = LAS.copy()
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    oblique[:3, :3] = oblique[:3, :3] @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    assert load_ct(_write(tmp_path / "oblique.nii.gz", _ct_array(), oblique)).shape == (24, 20, 12)
+
+
+def test_blank_volumes_have_no_lungs(tmp_path):
+    for value in (-1000, 40):
+        _expect(_write(tmp_path / f"blank{value}.nii.gz", np.full((16, 16, 8), value, dtype=np.int16)), "no lungs found")
