@@ -56,6 +56,8 @@ TEXTURES = ("ggo", "consolidation", "crazy_paving", "halo", "reversed_halo")
 #: largest distance (mm) between depth samples across one slice's slab
 _SLAB_STEP_MM = 1.6
 _AIR_HU = -920.0
+#: largest volume (mm^3) of one lesion of a kind: round nodules up to about 3.4 cm across
+_MAX_VOLUME_MM3 = {"nodule": 20000.0, "band": 2500.0}
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -301,7 +303,7 @@ class _Placement:
         cand = rng.integers(0, len(self.idx), n_try)
         cand = cand[~covered[cand]] if (~covered[cand]).any() else cand
         d = self.voxel_depth(cand)
-        w = 0.3 + 1.2 * self.posterior[cand]
+        w = 0.25 + 1.5 * self.posterior[cand]
         if peripheral:
             w = w * np.exp(-d / 8.0)
         else:
@@ -337,7 +339,7 @@ def _volume_to_size(kind: str, vol_mm3: float, rng: np.random.Generator) -> dict
     if kind == "nodule":
         return {"r": (3.0 * vol_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0)}
     if kind == "wedge":
-        aspect = float(rng.uniform(1.2, 2.2))  # length / base radius
+        aspect = float(rng.uniform(0.8, 1.5))  # length / base radius
         rb = (3.0 * vol_mm3 / (math.pi * aspect)) ** (1.0 / 3.0)
         return {"rb": rb, "length": rb * aspect}
     if kind == "band":
@@ -358,7 +360,7 @@ def _make_lesion(kind: str, site: np.ndarray, inward: np.ndarray, vol_mm3: float
         r = size["r"] * scale
         axes = np.array([r, r, r]) * rng.uniform(0.85, 1.15, 3)
         core = float(rng.uniform(0.45, 0.7))
-        center = site + inward * min(r * rng.uniform(0.6, 2.5), 40.0)
+        center = site + inward * min(r * rng.uniform(0.2, 0.9) + rng.uniform(0.0, 5.0), 40.0)
         return _Ellipsoids("nodule", center, [(np.zeros(3), _random_rotation(rng), axes)], waves, lob * 0.5, core)
     if kind == "band":
         tangent = rng.normal(size=3)
@@ -372,7 +374,7 @@ def _make_lesion(kind: str, site: np.ndarray, inward: np.ndarray, vol_mm3: float
         off = rng.normal(0.0, 0.6 * r, 3)
         axes = r * rng.uniform(0.6, 1.4, 3)
         parts.append((off, _random_rotation(rng), axes))
-    center = site + inward * min(r * rng.uniform(0.3, 1.2), 60.0)
+    center = site + inward * min(r * rng.uniform(0.1, 0.6), 50.0)
     return _Ellipsoids("patch", center, parts, waves, lob, 0.0)
 
 
@@ -455,7 +457,7 @@ def synthesize_eval_lesions(
     count = 0
     # a typical lesion volume for this coverage: mild cases get few-mL foci, severe large areas
     total_mm3 = coverage * lung_mm3
-    v_hi_typ = float(np.clip(0.35 * total_mm3, 800.0, 0.2 * lung_mm3))
+    v_hi_typ = float(np.clip(0.3 * total_mm3, 800.0, 0.2 * lung_mm3))
     failures = 0
     for _ in range(600):
         missing = target - count
@@ -465,9 +467,8 @@ def synthesize_eval_lesions(
         v_hi = min(v_hi_typ, 1.3 * missing * voxel_mm3)
         v_lo = min(400.0, v_hi)
         vol = float(np.exp(rng.uniform(math.log(v_lo), math.log(max(v_hi, v_lo * 1.0001)))))
-        if kind == "band":
-            vol = min(vol, 2500.0)
-        k = place.pick(rng, covered, peripheral=kind in ("wedge", "band") or rng.random() < 0.7)
+        vol = min(vol, _MAX_VOLUME_MM3.get(kind, vol))
+        k = place.pick(rng, covered, peripheral=kind in ("wedge", "band") or rng.random() < 0.85)
         site = place.pos[k]
         inward = place.inward(k, rng)
         texture = _Texture(rng, _texture_for(kind, rng, coverage), sp)
