@@ -123,6 +123,7 @@ def describe_os_error(exc: OSError) -> str:
         errno.ENOSPC: "the disk is full",
         errno.EFBIG: "the file exceeds the file-size limit (ulimit -f) or the file system's maximum",
         errno.ENOTDIR: "a part of the folder path is a file",
+        errno.EEXIST: "a part of the folder path is a file",
         errno.EISDIR: "the output is a folder",
     }
     if hasattr(errno, "EDQUOT"):

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from CovidGANSegLib import metrics, progress
-from CovidGANSegLib.atomic import atomic_path
+from CovidGANSegLib.atomic import atomic_files, atomic_path
 from CovidGANSegLib.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -355,8 +355,9 @@ def _json_safe(obj: Any) -> Any:
 
 def write_reports(summary: dict[str, Any], results: dict[str, list[dict[str, Any]]], out: Path) -> dict[str, Path]:
     """Write ``per_volume.csv``, ``per_slice.csv``, ``predecessor_protocol.csv``, ``summary.json``,
-    ``summary.csv``, ``summary.md`` (Table 1 form) and ``boxplots.png`` into ``out`` (each atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
+    ``summary.csv``, ``summary.md`` (Table 1 form) and ``boxplots.png`` into ``out``, as one set: they
+    appear together or not at all (``atomic.atomic_files``; ``OutputError`` names the file that
+    cannot be written)."""
     vol_rows, slice_rows, pred_rows = [], [], []
     for method, cases in results.items():
         for c in cases:
@@ -381,13 +382,14 @@ def write_reports(summary: dict[str, Any], results: dict[str, list[dict[str, Any
         "summary_md": out / "summary.md",
         "boxplots": out / "boxplots.png",
     }
-    _write_text(paths["per_volume"], _csv_text(vol_rows, vol_cols))
-    _write_text(paths["per_slice"], _csv_text(slice_rows, slice_cols))
-    _write_text(paths["predecessor_protocol"], _csv_text(pred_rows, pred_cols))
-    _write_text(paths["summary_csv"], _csv_text(summary_rows, ["level", "method", "metric", "mean", "std", "n"]))
-    _write_text(paths["summary_json"], json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
-    _write_text(paths["summary_md"], summary_markdown(summary))
-    save_boxplots({m: [c["volume"] for c in cases] for m, cases in results.items()}, paths["boxplots"])
+    with atomic_files(paths) as staged:
+        _write_text(staged["per_volume"], _csv_text(vol_rows, vol_cols))
+        _write_text(staged["per_slice"], _csv_text(slice_rows, slice_cols))
+        _write_text(staged["predecessor_protocol"], _csv_text(pred_rows, pred_cols))
+        _write_text(staged["summary_csv"], _csv_text(summary_rows, ["level", "method", "metric", "mean", "std", "n"]))
+        _write_text(staged["summary_json"], json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+        _write_text(staged["summary_md"], summary_markdown(summary))
+        save_boxplots({m: [c["volume"] for c in cases] for m, cases in results.items()}, staged["boxplots"])
     return paths
 
 

@@ -564,6 +564,11 @@ def test_evaluate_names_a_shifted_affine(tmp_path, capsys):
     line = _one_error_line(err, "study_0001.nii.gz", "study_0001_mask.nii.gz")
     assert "affine is shifted by (5, 0, 0) mm" in line
     assert not (tmp_path / "ev").exists()
+    (tmp_path / "a file").write_text("x")
+    rc, _, err = _run(capsys, "evaluate", "--pred", truth, "--truth", truth, "--out", tmp_path / "a file" / "ev")
+    assert rc == 2
+    assert "a part of the folder path is a file" in _one_error_line(err, str(tmp_path / "a file" / "ev"))
+    assert _listing(tmp_path) == ["a file", "study_0001.nii.gz", "study_0001_mask.nii.gz"]
 
 
 @pytest.mark.parametrize("value", [-1000, 40, -1024])
