@@ -11,6 +11,7 @@ Inference runs in a child process (``PythonSlicer -m CovidGANSegLib``): torch is
 Slicer's GUI process, the GUI stays responsive, and Cancel ends the child's whole process tree.
 """
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -33,7 +34,13 @@ except ImportError:  # Slicer < 5.4
         return text
 
 from CovidGANSegLib import protocol
-from CovidGANSegModuleLib import dependencies, display, jobs, models, process, segmentations, tables, volumeio
+try:
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4
+    def translate(context, text):
+        return text
+
+from CovidGANSegModuleLib import dependencies, display, jobs, models, process, review, segmentations, tables, volumeio
 
 DEVICES = list(protocol.DEVICES)
 
@@ -48,7 +55,8 @@ class CovidGANSeg(ScriptedLoadableModule):  # noqa: F405
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)  # noqa: F405
         self.parent.title = _("CovidGANSeg")
-        self.parent.categories = [_("Segmentation")]
+        # Slicer's own category name, translated in Slicer's context (as its own modules do)
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []  # PyTorch is an extension dependency, checked at run time
         self.parent.contributors = ["CovidGANSeg contributors"]
         self.parent.helpText = _("""
@@ -83,7 +91,9 @@ class CovidGANSegParameterNode:
     differenceThreshold - difference (HU) below which the overlay is transparent.
     groundTruth - reference lesions for the comparison (segmentation or labelmap).
     pseudoHealthyVolume ... comparisonTable - the latest outputs.
-    batchInputFolder / batchOutputFolder - folder of CT files in, segmentations + CSV out.
+    reviewTable - what the Segment Editor corrections changed against the AI result.
+    batchInputFolder / batchOutputFolder - folder of CT files in, segmentations + CSV out ("" = none).
+    exportFolder / exportStudyId - where the corrected lesion mask goes, as study_XXXX_mask.nii.gz.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -99,20 +109,40 @@ class CovidGANSegParameterNode:
     segmentation: vtkMRMLSegmentationNode
     quantificationTable: vtkMRMLTableNode
     comparisonTable: vtkMRMLTableNode
-    batchInputFolder: pathlib.Path
-    batchOutputFolder: pathlib.Path
+    reviewTable: vtkMRMLTableNode
+    # folders as text, "" = not chosen (a Path parameter would read "." and a ctkDirectoryButton shows
+    # Slicer's working folder for it); set by the Widget from directorySelected, see setup()
+    batchInputFolder: str = ""
+    batchOutputFolder: str = ""
+    exportFolder: str = ""
+    exportStudyId: str = ""
 
 
 #
 # CovidGANSegWidget
 #
 
+@contextlib.contextmanager
+def _errorsShown(message: str, waitCursor: bool = False):
+    """``slicer.util.tryWithErrorDisplay`` that stops the error here.
+
+    ``tryWithErrorDisplay`` shows the error (or, in testing mode, nothing) and re-raises it; in a
+    button slot, a timer callback, ``setup()`` or ``enter()`` a re-raised error becomes a
+    traceback on the console or breaks the panel. Testing mode gets the message in the log.
+    """
+    try:
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+            yield
+    except Exception as exc:  # noqa: BLE001 - shown to the user above; nothing else to do in a GUI slot
+        if slicer.app.testingEnabled():
+            logging.error("%s %s", message, exc)
+
+
 class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # noqa: F405
     """GUI wiring only: every action calls the Logic; long actions run as jobs polled by a QTimer."""
 
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)  # noqa: F405
-        VTKObservationMixin.__init__(self)
+        # attributes first: without a parent, Slicer's base class calls setup() from its __init__
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -120,6 +150,9 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         self._jobButton = None
         self._jobButtonText = ""
         self._listedModelsFolder = None
+        self._timer = None
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)  # noqa: F405
 
     def setup(self) -> None:
         import qt
@@ -144,25 +177,40 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         self.ui.quantifyButton.connect("clicked(bool)", self.onQuantifyButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onSegmentEditorButton)
+        self.ui.compareAIButton.connect("clicked(bool)", self.onCompareAIButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", lambda checked=False: self.updateModelLists(force=True))
         self.ui.ganModelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.segModelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        # Folder buttons set their parameter on every pick: ctkDirectoryButton signals
+        # directoryChanged only for a folder other than the one it holds, and it holds (and shows)
+        # Slicer's working folder until set, so picking the shown folder would change nothing.
+        for button, name in ((self.ui.batchInputButton, "batchInputFolder"), (self.ui.batchOutputButton, "batchOutputFolder"),
+                             (self.ui.exportFolderButton, "exportFolder")):
+            button.connect("directorySelected(QString)", lambda path, name=name: self._setFolder(name, path))
 
-        self.initializeParameterNode()
+        with _errorsShown(_("Could not set up the module panel."), waitCursor=True):
+            self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
         if self._job is not None:
             self._job.cancel()
+            self._job = None
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        with _errorsShown(_("Could not open the module panel."), waitCursor=True):
+            self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        # The GUI stays bound to this wrapper (re-binding on enter would add an observer that
+        # Slicer never removes); only our own observer, which touches the slice views, goes.
+        self._observeParameterNode(False)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:
@@ -171,24 +219,56 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
-            self.initializeParameterNode()
+            with _errorsShown(_("Could not open the module panel."), waitCursor=True):
+                self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        parameterNode = self.logic.getParameterNode()
+        if self._parameterNode is None or self._parameterNode.parameterNode is not parameterNode.parameterNode:
+            self.setParameterNode(parameterNode)
+        else:
+            self._observeParameterNode(True)
+            self._onParameterNodeModified()
         if not self._parameterNode.inputVolume:
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = firstVolumeNode
 
+    def _guiMapping(self) -> dict:
+        """Widgets with a ``SlicerParameterName``, as ``connectGui`` finds them."""
+        mapping = {}
+        for widget in vars(self.ui).values():
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name:
+                mapping[name] = widget
+        return mapping
+
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._parameterNodeGuiTag = None
+            self._observeParameterNode(False)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            # connectParametersToGui returns the tag in Slicer 5.6, 5.8 and 5.10 (connectGui returns
+            # None before 5.10, and disconnectGui(None) disconnects nothing)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._guiMapping())
+            self._observeParameterNode(True)
             self._onParameterNodeModified()
+
+    def _observeParameterNode(self, observe: bool) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        has = self.hasObserver(p, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        if observe and not has:
+            self.addObserver(p, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        elif not observe and has:
+            self.removeObserver(p, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def _setFolder(self, name: str, path: str) -> None:
+        if self._parameterNode is not None and path:
+            setattr(self._parameterNode, name, str(path))
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -199,16 +279,25 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         if p.differenceVolume:  # only touch the slice views when our overlay is there
             self.logic.setOverlayOpacity(p.overlayOpacity, p.differenceVolume)
             self.logic.setDifferenceThreshold(p.differenceVolume, p.differenceThreshold)
+        for button, folder in ((self.ui.batchInputButton, p.batchInputFolder), (self.ui.batchOutputButton, p.batchOutputFolder),
+                               (self.ui.exportFolderButton, p.exportFolder)):
+            button.text = folder if folder else _("Choose a folder...")
+            if folder:
+                wasBlocked = button.blockSignals(True)
+                button.directory = folder
+                button.blockSignals(wasBlocked)
         idle = self._job is None
         hasInput = bool(p.inputVolume)
+        hasSegmentation = bool(p.segmentation)
         self.ui.pseudoHealthyButton.enabled = (idle and hasInput and bool(p.ganCheckpoint)) or self._jobButton is self.ui.pseudoHealthyButton
         self.ui.segmentButton.enabled = (idle and hasInput and bool(p.ganCheckpoint and p.segCheckpoint)) or self._jobButton is self.ui.segmentButton
-        self.ui.batchButton.enabled = (idle and bool(p.ganCheckpoint and p.segCheckpoint) and str(p.batchInputFolder) not in ("", ".")
-                                       and str(p.batchOutputFolder) not in ("", "."))
-        self.ui.batchButton.enabled = self.ui.batchButton.enabled or self._jobButton is self.ui.batchButton
-        self.ui.quantifyButton.enabled = idle and bool(p.segmentation)
-        self.ui.compareButton.enabled = idle and bool(p.segmentation) and bool(p.groundTruth)
-        self.ui.segmentEditorButton.enabled = idle and bool(p.segmentation)
+        self.ui.batchButton.enabled = ((idle and bool(p.ganCheckpoint and p.segCheckpoint) and bool(p.batchInputFolder)
+                                        and bool(p.batchOutputFolder)) or self._jobButton is self.ui.batchButton)
+        self.ui.quantifyButton.enabled = idle and hasSegmentation
+        self.ui.compareButton.enabled = idle and hasSegmentation and bool(p.groundTruth)
+        self.ui.segmentEditorButton.enabled = idle and hasSegmentation and hasInput
+        self.ui.compareAIButton.enabled = idle and hasSegmentation and hasInput and self.logic.hasAIResult(p.segmentation)
+        self.ui.exportButton.enabled = idle and hasSegmentation and hasInput and bool(p.exportFolder)
 
     # -- models ------------------------------------------------------------------------------
     def updateModelLists(self, force: bool = False) -> None:
@@ -217,7 +306,7 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         if folder == self._listedModelsFolder and not force:
             return
         self._listedModelsFolder = folder
-        with slicer.util.tryWithErrorDisplay(_("Could not list the models."), waitCursor=True):
+        with _errorsShown(_("Could not list the models."), waitCursor=True):
             gans, segs = self.logic.listModels(folder)
             for combo, cards, current in ((self.ui.ganModelComboBox, gans, p.ganCheckpoint if p else ""),
                                           (self.ui.segModelComboBox, segs, p.segCheckpoint if p else "")):
@@ -249,7 +338,7 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
             self._job.cancel()
             self.onTimer()
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not start."), waitCursor=True):
+        with _errorsShown(_("Could not start."), waitCursor=True):
             if not self._dependenciesReady():
                 return
             self._job = startFunction()
@@ -291,12 +380,13 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         self._jobButton.text = self._jobButtonText
         self._jobButton = None
         self.ui.progressBar.visible = False
-        self._onParameterNodeModified()
-        with slicer.util.tryWithErrorDisplay(_("Processing failed."), waitCursor=False):
-            if status.state == jobs.JobState.FAILED:
-                raise RuntimeError(job.errorText)
-            if status.state == jobs.JobState.SUCCEEDED:
+        if status.state == jobs.JobState.FAILED:
+            # the child's own message, shown once; no traceback (it is not a bug of this process)
+            slicer.util.errorDisplay(_("Processing failed.") + "\n\n" + (job.errorText or ""), windowTitle=_("CovidGANSeg"))
+        elif status.state == jobs.JobState.SUCCEEDED:
+            with _errorsShown(_("Could not show the results.")):
                 self._showJobResult(job.result)
+        self._onParameterNodeModified()
 
     def _showJobResult(self, result) -> None:
         p = self._parameterNode
@@ -315,14 +405,14 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
 
     # -- immediate actions -------------------------------------------------------------------
     def onQuantifyButton(self, checked=False) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Quantification failed."), waitCursor=True):
+        with _errorsShown(_("Quantification failed."), waitCursor=True):
             p = self._parameterNode
             table = self.logic.quantify(p.segmentation, p.inputVolume, tableNode=p.quantificationTable)
             p.quantificationTable = table
             self.ui.resultsTableView.setMRMLTableNode(table)
 
     def onCompareButton(self, checked=False) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Comparison failed."), waitCursor=True):
+        with _errorsShown(_("Comparison failed."), waitCursor=True):
             p = self._parameterNode
             table = self.logic.compare(p.segmentation, p.groundTruth, p.inputVolume, tableNode=p.comparisonTable)
             p.comparisonTable = table
@@ -330,16 +420,31 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
             self.logic.showTable(table)
 
     def onSegmentEditorButton(self, checked=False) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not open the Segment Editor."), waitCursor=True):
+        """One click: the Segment Editor on the result, "Lesion" selected, the CT as source volume."""
+        with _errorsShown(_("Could not open the Segment Editor."), waitCursor=True):
             p = self._parameterNode
-            self.logic.prepareSegmentEditor(p.segmentation, p.inputVolume)
+            segmentationNode, sourceVolume = p.segmentation, p.inputVolume
+            # its singleton parameter node first: the Segment Editor reads it when it is entered
+            self.logic.prepareSegmentEditor(segmentationNode, sourceVolume)
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.util.getModuleWidget("SegmentEditor").editor
-            editor.setSegmentationNode(p.segmentation)
-            if hasattr(editor, "setSourceVolumeNode"):
-                editor.setSourceVolumeNode(p.inputVolume)
-            else:  # Slicer < 5.2
-                editor.setMasterVolumeNode(p.inputVolume)
+            editor.setSegmentationNode(segmentationNode)
+            editor.setSourceVolumeNode(sourceVolume)
+            editor.setCurrentSegmentID(segmentations.segmentId(segmentationNode, segmentations.LESION_NAME))
+
+    def onCompareAIButton(self, checked=False) -> None:
+        with _errorsShown(_("Comparison with the AI result failed."), waitCursor=True):
+            p = self._parameterNode
+            table = self.logic.compareWithAIResult(p.segmentation, p.inputVolume, tableNode=p.reviewTable)
+            p.reviewTable = table
+            self.ui.resultsTableView.setMRMLTableNode(table)
+            self.logic.showTable(table)
+
+    def onExportButton(self, checked=False) -> None:
+        with _errorsShown(_("Export failed."), waitCursor=True):
+            p = self._parameterNode
+            path = self.logic.exportLesionMask(p.segmentation, p.inputVolume, p.exportFolder, p.exportStudyId or None)
+            self.ui.statusLabel.text = _("Corrected lesion mask written to {path}").format(path=path)
 
 
 #
@@ -481,6 +586,8 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
                     slicer.mrmlScene, f"{name} segmentation", inputVolume,
                     [(segmentations.LUNGS_NAME, lungsImage, segmentations.LUNGS_COLOR),
                      (segmentations.LESION_NAME, lesionImage, segmentations.LESION_COLOR)]))
+                # the AI result as produced, for "Compare with AI result" after Segment Editor corrections
+                created(review.storeAIResult(slicer.mrmlScene, segmentationNode, lesion, inputVolume))
                 del lesion, lungs, lesionImage, lungsImage
                 result["segmentation"] = segmentationNode
                 table = created(tables.newOrReusedTable(slicer.mrmlScene, None, f"{name} lesion quantification"))
@@ -599,9 +706,38 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         display.showTable(slicer.mrmlScene, slicer.app.applicationLogic(), tableNode)
 
     def prepareSegmentEditor(self, segmentationNode, sourceVolume):
+        """The Segment Editor's parameter node on the segmentation, its CT as source, "Lesion" selected."""
         if segmentationNode is None:
             raise ValueError("No segmentation is selected: segment the lesions first.")
+        if sourceVolume is None:
+            raise ValueError("No input volume is selected: select the CT the segmentation was made from.")
+        segmentations.segmentId(segmentationNode, segmentations.LESION_NAME)  # a clear error if there is no "Lesion"
         return display.prepareSegmentEditor(slicer.mrmlScene, segmentationNode, sourceVolume, segmentations.LESION_NAME)
+
+    # -- review of Segment Editor corrections ---------------------------------------------------
+    @staticmethod
+    def hasAIResult(segmentationNode) -> bool:
+        return review.aiResult(segmentationNode) is not None
+
+    def compareWithAIResult(self, segmentationNode, referenceVolume=None, *, tableNode=None):
+        """What the corrections changed: mL added and removed, Dice AI vs corrected, lesion components
+        before and after, in a table node (``tableNode`` is refilled if given)."""
+        if segmentationNode is None:
+            raise ValueError("No segmentation is selected: segment the lesions first.")
+        referenceVolume = self._referenceVolume(segmentationNode, referenceVolume)
+        row = review.reviewRow(segmentationNode, referenceVolume)
+        table = tables.newOrReusedTable(slicer.mrmlScene, tableNode, f"{segmentationNode.GetName()} corrections")
+        tables.fillTable(table, review.REVIEW_COLUMNS, [row])
+        return table
+
+    def exportLesionMask(self, segmentationNode, referenceVolume=None, folder=None, studyId=None) -> pathlib.Path:
+        """Write the (corrected) "Lesion" segment as ``folder/study_XXXX_mask.nii.gz`` on the CT's own grid,
+        readable by ``covidganseg evaluate`` and as a MosMedData ``masks/`` file. ``studyId``: "study_0012",
+        "12" or 12; by default taken from the CT's file or node name."""
+        if segmentationNode is None:
+            raise ValueError("No segmentation is selected: segment the lesions first.")
+        referenceVolume = self._referenceVolume(segmentationNode, referenceVolume)
+        return review.exportLesionMask(segmentationNode, referenceVolume, folder, studyId)
 
     # -- internals ---------------------------------------------------------------------------
     @staticmethod

@@ -11,10 +11,12 @@ Slicer application:
   succeeds, so a cancelled or failed job leaves the scene as it was.
 * :mod:`.volumeio` exchanges volumes with the child as NIfTI files on the input's exact geometry.
 * :mod:`.segmentations`, :mod:`.tables`, :mod:`.display` build and show the result nodes.
+* :mod:`.review` keeps the AI result, compares Segment Editor corrections with it, exports the
+  corrected lesion mask as ``study_XXXX_mask.nii.gz`` on the CT's grid.
 * :mod:`.models` lists model cards (no torch), :mod:`.dependencies` installs packages on request.
 
 Nothing here imports torch; nibabel is imported only inside the functions that read or write
 NIfTI files, so Slicer can load the module before the Python dependencies are installed.
 """
 
-__all__ = ["dependencies", "display", "jobs", "models", "process", "segmentations", "tables", "volumeio"]
+__all__ = ["dependencies", "display", "jobs", "models", "process", "review", "segmentations", "tables", "volumeio"]

@@ -4,8 +4,9 @@
   ``EXTENSION_DEPENDS``): ``PyTorchUtils.PyTorchUtilsLogic().installTorch(...)`` picks the build
   that matches the GPU driver (or the CPU build).
 * the other packages (``Resources/requirements.txt``, lower bounds only, never exact pins) through
-  ``slicer.packaging.pip_ensure`` (Slicer 5.10+, which asks and shows progress itself) or, on older
-  Slicer, ``slicer.util.pip_install`` after our own question.
+  ``slicer.packaging.pip_ensure`` where it exists (Slicer 5.12+; a submodule that ``slicer``'s
+  ``__init__`` does not import, so it is imported here; it asks and shows progress itself) or, on
+  the supported 5.6 - 5.10, ``slicer.util.pip_install`` after our own question.
 
 Nothing is installed at import time, nothing is checked by importing (``importlib.util.find_spec``
 only), and once installed everything works offline: the models are local files.
@@ -63,6 +64,14 @@ def torchInstalled() -> bool:
     return isInstalled("torch")
 
 
+def slicerPackaging(slicerModule):
+    """``slicer.packaging`` (Slicer 5.12+) imported, or None on older Slicer."""
+    try:
+        return importlib.import_module(slicerModule.__name__ + ".packaging")
+    except (ImportError, AttributeError):
+        return getattr(slicerModule, "packaging", None)
+
+
 def ensureDependencies(confirm: Callable[[str], bool], *, slicerModule=None) -> bool:
     """Install what is missing after asking; True when everything needed is present.
 
@@ -92,7 +101,7 @@ def ensureDependencies(confirm: Callable[[str], bool], *, slicerModule=None) -> 
     missing = missingPackages()
     if not missing:
         return True
-    packaging = getattr(slicerModule, "packaging", None)
+    packaging = slicerPackaging(slicerModule)
     if packaging is not None and hasattr(packaging, "pip_ensure"):
         packaging.pip_ensure(missing, requester="CovidGANSeg")  # asks, installs with progress, offers restart
     else:

@@ -34,18 +34,20 @@ API = {
     "qMRMLTableView": _COMMON | {"setMRMLTableNode", "mrmlTableNode", "setMRMLTableNodeID"},
     "qMRMLNodeComboBox": _COMMON | {"currentNode", "setCurrentNode", "currentNodeID", "nodeTypes", "noneEnabled", "currentNodeChanged"},
     "ctkSliderWidget": _COMMON | {"value", "minimum", "maximum", "singleStep", "valueChanged"},
-    "ctkDirectoryButton": _COMMON | {"directory", "setDirectory", "directoryChanged"},
+    "ctkDirectoryButton": _COMMON | {"directory", "setDirectory", "directoryChanged", "directorySelected", "text"},
+    "QLineEdit": _COMMON | {"text", "setText", "placeholderText", "textChanged"},
     "ctkCollapsibleButton": _COMMON | {"collapsed", "text"},
 }
 
-#: widget classes Slicer's parameterNodeWrapper can bind to each parameter type (guiConnectors.py)
+#: widget classes Slicer's parameterNodeWrapper can bind to each parameter type (guiConnectors.py, v5.6.0: the
+#: oldest supported release; 5.8 and 5.10 only add classes)
 BINDABLE = {
     "bool": {"QCheckBox", "QPushButton"},
     "int": {"QSpinBox", "QSlider", "QComboBox"},
-    "float": {"QDoubleSpinBox", "ctkSliderWidget", "QComboBox"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "QComboBox"},
     "str": {"QLineEdit", "QTextEdit", "QComboBox"},
     "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
-    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyTreeView"},
+    "node": {"qMRMLNodeComboBox"},
 }
 
 
@@ -144,9 +146,28 @@ def test_parameter_bindings_match_the_parameter_node():
             assert sorted(types) == sorted(t for t in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode",
                                                         "vtkMRMLTableNode") if t in base), f"{name}: nodeTypes {types} vs {base}"
     # the parameters a user sets in the panel are all bound
-    for parameter in ("inputVolume", "modelsFolder", "device", "overlayOpacity", "differenceThreshold", "groundTruth",
-                      "batchInputFolder", "batchOutputFolder"):
+    for parameter in ("inputVolume", "modelsFolder", "device", "overlayOpacity", "differenceThreshold", "groundTruth", "exportStudyId"):
         assert parameter in bound, f"{parameter} has no widget"
+    # folders a user must choose are set by the Widget from directorySelected(QString), not bound: a bound
+    # ctkDirectoryButton shows Slicer's working folder for an unset Path() parameter (".") and signals no
+    # change when the user picks that folder (issue 9 item 4)
+    source = MODULE_FILE.read_text()
+    for parameter, button in (("batchInputFolder", "batchInputButton"), ("batchOutputFolder", "batchOutputButton"),
+                              ("exportFolder", "exportFolderButton")):
+        assert parameter not in bound and params[parameter][0] == "str", parameter
+        assert f"self.ui.{button}, \"{parameter}\"" in source and 'directorySelected(QString)' in source, parameter
+
+
+def test_every_widget_class_has_a_harness_stand_in():
+    """The harness builds the panel from this .ui (Testing/Slicer/slicer_harness/widgets.py)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "Testing" / "Slicer"))
+    from slicer_harness import widgets
+
+    missing = {cls for cls in _widgets().values() if cls not in widgets.ALL_CLASSES}
+    layouts = {layout.get("class") for layout in _ui().iter("layout")} - set(widgets.ALL_CLASSES)
+    assert not missing and not layouts, f"no stand-in for {sorted(missing | layouts)}"
 
 
 def test_mrml_widgets_receive_the_scene():
@@ -165,4 +186,4 @@ def test_widget_code_stays_thin():
     source = ast.unparse(widget)
     for forbidden in ("subprocess", "numpy", "np.", "nibabel", "import torch", "Popen", "arrayFromVolume"):
         assert forbidden not in source, f"the Widget should leave '{forbidden}' to the Logic"
-    assert "tryWithErrorDisplay" in source
+    assert "_errorsShown" in source and "tryWithErrorDisplay" not in source  # errors shown, never re-raised out of a slot

@@ -104,6 +104,14 @@ class _ModuleManager:
             slot(*args)
 
 
+class _ModuleSelector:
+    def __init__(self, harness: "Harness") -> None:
+        self._harness = harness
+
+    def selectModule(self, name: str) -> None:
+        self._harness.selectModule(name)
+
+
 class LoadableModule:
     """A loaded module as ``slicer.modules.<name>`` exposes it (logic, name, path, title)."""
 
@@ -119,15 +127,20 @@ class LoadableModule:
         self.acknowledgementText = ""
         self.icon = None
         self.isEntered = False
+        self._panel = None
+        self._widgetFactory = None
 
     def logic(self):
         return self._logic
 
     def widgetRepresentation(self):
-        return None
+        """The module panel, created on first use as Slicer does (None for modules without one)."""
+        if self._panel is None and self._widgetFactory is not None:
+            self._panel = self._widgetFactory()
+        return self._panel
 
     def createNewWidgetRepresentation(self):
-        return None
+        return self._widgetFactory() if self._widgetFactory is not None else None
 
 
 class _Modules(types.SimpleNamespace):
@@ -279,6 +292,7 @@ class Harness:
             self.sliceLogics[name] = sliceLogic
 
         self.app = FakeApplication(self.scene, self.applicationLogic, self.modules, self.temporaryPath)
+        self.currentModuleWidget = None
 
     # -- installation into the ``slicer`` namespace --------------------------------------------
     def install(self) -> "Harness":
@@ -318,14 +332,15 @@ class Harness:
         from . import widgets
 
         if present:
-            window = widgets.QWidget()
+            window = widgets.qSlicerMainWindow()
             window.objectName = "qSlicerMainWindow"
+            window.setModuleSelector(_ModuleSelector(self))
             self.app.mainWindowWidget = window
         else:
             self.app.mainWindowWidget = None
 
     # -- module widgets ------------------------------------------------------------------------
-    def createModuleWidget(self, pythonModule, name: str):
+    def _panelFor(self, widgetClass):
         """What ``qSlicerScriptedLoadableModuleWidget`` does: a panel widget (with ``isEntered``) as
         parent, the Python ``<Name>Widget(parent)``, then its ``setup()``."""
         from . import widgets
@@ -333,17 +348,55 @@ class Harness:
         panel = widgets.qSlicerScriptedLoadableModuleWidget()
         panel.setLayout(widgets.QVBoxLayout())
         panel.setMRMLScene(self.scene)
-        widget = getattr(pythonModule, f"{name}Widget")(panel)
+        widget = widgetClass(panel)
+        panel.setPythonWidget(widget)
         widget.setup()
-        return widget
+        return panel
+
+    def createModuleWidget(self, pythonModule, name: str):
+        """The module's panel as Slicer creates it when the module is first shown; returns the Python widget."""
+        module = self.modules.byName(name)
+        module._widgetFactory = lambda: self._panelFor(getattr(pythonModule, f"{name}Widget"))
+        module._panel = None
+        return module.widgetRepresentation().self()
+
+    def addSegmentEditorModule(self) -> None:
+        """A stand-in Segment Editor module (see :mod:`.segmentEditor`)."""
+        from . import segmentEditor
+
+        module = LoadableModule("SegmentEditor", title="Segment Editor")
+
+        def factory():
+            from . import widgets
+
+            panel = widgets.qSlicerScriptedLoadableModuleWidget()
+            panel.setLayout(widgets.QVBoxLayout())
+            panel.setPythonWidget(segmentEditor.SegmentEditorWidget(panel))
+            return panel
+
+        module._widgetFactory = factory
+        self.modules.segmenteditor = module
 
     def enterModule(self, widget) -> None:
         widget.parent.isEntered = True
         widget.enter()
+        self.currentModuleWidget = widget
 
     def exitModule(self, widget) -> None:
         widget.exit()
         widget.parent.isEntered = False
+        if self.currentModuleWidget is widget:
+            self.currentModuleWidget = None
+
+    def selectModule(self, name: str) -> None:
+        """The main window's module selector: exit the shown module, show (create) and enter ``name``."""
+        module = self.modules.byName(name)
+        if module is None:
+            raise RuntimeError(f"no module named {name}")
+        widget = module.widgetRepresentation().self()
+        if self.currentModuleWidget is not None and self.currentModuleWidget is not widget:
+            self.exitModule(self.currentModuleWidget)
+        self.enterModule(widget)
 
     def unloadModule(self, name: str) -> None:
         self.app.moduleManager().emit("moduleAboutToBeUnloaded(QString)", name)
@@ -404,6 +457,7 @@ class Harness:
         self.emulate((5, 6))
         self.app.setTestingEnabled(True)
         self.setMainWindow(False)
+        self.currentModuleWidget = None
         from . import widgets
 
         del widgets.QMessageBox.shown[:]

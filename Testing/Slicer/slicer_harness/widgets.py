@@ -347,6 +347,20 @@ class QWidget(QObject):
         pass
 
 
+class qSlicerMainWindow(QWidget):
+    """Only what ``slicer.util`` asks of the main window here: ``moduleSelector()``."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        object.__setattr__(self, "_selector", None)
+
+    def setModuleSelector(self, selector) -> None:
+        object.__setattr__(self, "_selector", selector)
+
+    def moduleSelector(self):
+        return self._selector
+
+
 class QLabel(QWidget):
     PROPERTIES = {"text": "", "wordWrap": False, "textFormat": Qt.AutoText, "openExternalLinks": False, "alignment": Qt.AlignLeft}
 
@@ -680,9 +694,20 @@ class qMRMLWidget(QWidget):
 
 
 class qSlicerScriptedLoadableModuleWidget(qMRMLWidget):
-    """The C++ panel a scripted module's Python widget gets as ``parent`` (``isEntered``)."""
+    """The C++ panel a scripted module's Python widget gets as ``parent`` (``isEntered``);
+    ``self()`` is the Python widget object (what ``slicer.util.getModuleWidget`` returns)."""
 
     PROPERTIES = {"isEntered": False}
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        object.__setattr__(self, "_pythonWidget", None)
+
+    def self(self_):  # noqa: N805 - PythonQt's name for it
+        return self_._pythonWidget
+
+    def setPythonWidget(self, widget) -> None:
+        object.__setattr__(self, "_pythonWidget", widget)
 
 
 class qMRMLNodeComboBox(qMRMLWidget):
@@ -851,7 +876,8 @@ class qMRMLSliderWidget(ctkSliderWidget):
 QT_CLASSES = {c.__name__: c for c in (QWidget, QLabel, QPushButton, QToolButton, QCheckBox, QComboBox, QProgressBar, QLineEdit,
                                      QFrame, QVBoxLayout, QHBoxLayout, QFormLayout, QGridLayout)}
 CTK_CLASSES = {c.__name__: c for c in (ctkCollapsibleButton, ctkSliderWidget, ctkDirectoryButton)}
-QMRML_CLASSES = {c.__name__: c for c in (qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView, qMRMLSliderWidget)}
+QMRML_CLASSES = {c.__name__: c for c in (qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView, qMRMLSliderWidget,
+                                         qSlicerScriptedLoadableModuleWidget)}
 ALL_CLASSES = {**QT_CLASSES, **CTK_CLASSES, **QMRML_CLASSES}
 _LAYOUT_ONLY_PROPERTIES = {"geometry", "sizeHint", "orientation", "sizeType", "minimumSize"}
 
