@@ -56,9 +56,16 @@ def build_config(args: argparse.Namespace):
     if getattr(args, "min_slices", None) is not None:
         changes["min_slices"] = args.min_slices
     try:
-        return dataclasses.replace(config, **changes) if changes else config
+        config = dataclasses.replace(config, **changes) if changes else config
     except ValueError as exc:
         raise InputError(f"invalid preprocessing option: {exc}") from exc
+    from CovidGANSegLib.nifti import SPACING_RANGE_MM
+
+    lo, hi = SPACING_RANGE_MM
+    if not all(lo <= float(s) <= hi for s in config.target_spacing):
+        where = "--spacing" if args.spacing is not None else f"target_spacing of {args.config}"
+        raise InputError(f"{where} {tuple(config.target_spacing)} mm is implausible for a CT (each must be within {lo:g}..{hi:g} mm)")
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

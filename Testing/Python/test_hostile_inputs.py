@@ -186,6 +186,17 @@ def test_implausible_spacing_is_refused_before_any_work(tmp_path, models, capsys
     assert _listing(tmp_path) == before
 
 
+def test_preprocess_refuses_an_implausible_target_spacing_and_a_huge_grid(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "healthy").mkdir(parents=True)
+    _write(data / "healthy" / "s.nii.gz", _chest(), _affine())
+    rc, _, err = _run(capsys, "preprocess", data, tmp_path / "pre", "--spacing", "0.0001", "2", "8")
+    assert rc == 2 and "implausible" in _one_error_line(err, "--spacing")
+    rc, _, err = _run(capsys, "preprocess", data, tmp_path / "pre", "--grid", "2048", "2048", "1024", "--min-slices", "1")
+    assert rc == 2 and "budget" in _one_error_line(err, "(2048, 2048, 1024)")
+    assert _listing(tmp_path) == ["data", "data/healthy", "data/healthy/s.nii.gz"]
+
+
 def test_header_declaring_a_huge_image_is_refused_before_reading(tmp_path, models, capsys):
     header = nib.Nifti1Header()
     header.set_data_shape((4096, 4096, 4096))
