@@ -202,6 +202,55 @@ def test_real_cli_through_python_slicer_falls_back_to_the_cpu_for_both_jobs(harn
     assert list(Path(harness.app.temporaryPath).glob("CovidGANSeg-*")) == []
 
 
+#: ``sitecustomize`` of a child that believes it has a GPU too small for any model: torch reports
+#: CUDA available, and moving a module to CUDA raises torch's own ``OutOfMemoryError``
+SIMULATED_SMALL_GPU = """
+import torch
+
+_to = torch.nn.Module.to
+
+
+def _to_small_gpu(self, *args, **kwargs):
+    device = args[0] if args else kwargs.get("device")
+    if device is not None and str(device).startswith("cuda"):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated GPU)")
+    return _to(self, *args, **kwargs)
+
+
+torch.cuda.is_available = lambda: True
+torch.nn.Module.to = _to_small_gpu
+"""
+
+
+def test_real_cli_gpu_out_of_memory_falls_back_to_the_cpu(harness, logic, randomModels, phantomFiles, tmp_path, monkeypatch):
+    """The real CLI's out-of-memory exit code (torch's own exception, on a simulated GPU) makes both
+    jobs rerun on the CPU with ``auto`` (which picks the GPU here) and load correct outputs."""
+    import slicer
+    from CovidGANSegLib import protocol
+    from CovidGANSegModuleLib import segmentations, volumeio
+
+    hooks = tmp_path / "small-gpu"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SIMULATED_SMALL_GPU)
+    monkeypatch.setenv("PYTHONPATH", str(hooks))  # the child's environment adds the library in front
+    logic.extraEnvironment = {"OMP_NUM_THREADS": "1"}
+    ct = _load(harness, phantomFiles["ct"], "phantom CT")
+    hu = slicer.util.arrayFromVolume(ct)
+
+    ph = logic.startPseudoHealthy(ct, randomModels["gan"], "auto")
+    phResult = ph.wait(timeout=300)
+    seg = logic.startSegmentation(ct, randomModels["gan"], randomModels["seg"], "auto", pseudoHealthy=False)
+    segResult = seg.wait(timeout=300)
+    for job in (ph, seg):
+        assert job.attempts == [("auto", protocol.EXIT_GPU_OUT_OF_MEMORY), ("cpu", protocol.EXIT_OK)], job.name
+        assert len(job.messages) == 1 and "GPU out of memory on device 'auto'" in job.messages[0], job.messages
+    assert volumeio.sameGeometry(phResult["pseudoHealthy"], ct)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(phResult["difference"]),
+                               hu - slicer.util.arrayFromVolume(phResult["pseudoHealthy"]), atol=1e-3)
+    lungs = segmentations.segmentMask(segResult["segmentation"], "Lungs", ct)
+    assert lungs.shape == hu.shape and lungs.any() and segResult["report"]["device"] == "cpu"
+
+
 def test_headless_script_never_imports_torch(randomModels, phantomFiles, tmp_path):
     """What ``Slicer --no-main-window --python-script`` runs: Logic only, outputs saved, torch-free process."""
     requireSlicerCore()
