@@ -25,6 +25,16 @@ block_num=8, patch_dim=16, class_num=1)``.
 
 Results are printed as a table and saved as ``benchmarks/results/transunet_<tag>.json`` with the
 machine (CPU model, core count, load average at start, torch version).
+
+``--dice-check`` is a DEVELOPMENT check of the architecture change, never part of the pipeline:
+it trains configurations side by side (same phantoms, same batches, same seed, same number of
+iterations, BCE + soft Dice on the phantoms' TRUE lesion masks, which the pipeline never reads)
+on 2D slices of ``small`` phantoms (128 x 128, about 2.8 mm, HU window [-1000, 400]) and reports
+the pooled Dice on held-out phantoms. ``paper`` is too slow to train for long on 1 CPU thread, so
+the default compares ``small`` (full-resolution stem) with ``small`` given the stride-2 stem
+(``small-s2``: same widths, ``stem_stride=2``):
+
+    python benchmarks/bench_transunet.py --dice-check --configs small,small-s2 --iterations 300
 """
 
 from __future__ import annotations
@@ -73,7 +83,10 @@ def machine() -> Dict[str, Any]:
 
 
 def build_ours(name: str) -> nn.Module:
-    """Our TransUNet for a configuration name, a JSON file or ``paper-v1`` (before the stride-2 stem)."""
+    """Our TransUNet for a configuration name, a JSON file, ``paper-v1`` (before the stride-2 stem)
+    or ``<name>-s2`` (that configuration with the stride-2 stem)."""
+    if name.endswith("-s2"):
+        return TransUNet(get_seg_config(name[:-3]).replace(stem_stride=2))
     if name == "paper-v1":
         cfg = get_seg_config("paper")
         if not hasattr(cfg, "stem_stride"):  # the code before the change: ``paper`` IS v1
@@ -143,6 +156,83 @@ def run(cases: List[Case], rounds: int, warmup: int, log: Callable[[str], None])
                 f"{c.name} {c.times['forward_s'][-1]:.2f}/{c.times['train_step_s'][-1]:.2f} s" for c in cases))
 
 
+def phantom_slices(first: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lung-containing axial slices of ``count`` COVID ``small`` phantoms: images in [0, 1] and true masks."""
+    import numpy as np
+
+    from CovidGANSegLib.synth.phantoms import generate_phantom
+
+    images, masks = [], []
+    for number in range(first, first + count):
+        rng = np.random.default_rng([seed, number])
+        ph = generate_phantom(rng, size="small", covid=True, involvement=float(rng.uniform(0.03, 0.3)), return_labels=False)
+        keep = ph.lung_mask.sum(axis=(0, 1)) > 0
+        hu = np.moveaxis(ph.hu[:, :, keep], 2, 0).astype(np.float32)  # (D, X, Y)
+        images.append(np.clip((hu + 1000.0) / 1400.0, 0.0, 1.0))
+        masks.append(np.moveaxis(ph.lesion_mask[:, :, keep], 2, 0).astype(np.float32))  # (D, X, Y)
+    x = torch.from_numpy(np.concatenate(images))[:, None]  # (N, 1, 128, 128)
+    y = torch.from_numpy(np.concatenate(masks))[:, None]  # (N, 1, 128, 128)
+    return x, y
+
+
+def dice_check(args: argparse.Namespace, info: Dict[str, Any]) -> Dict[str, Any]:
+    """Equal-budget training of each configuration on true phantom masks; pooled Dice on held-out phantoms."""
+    t0 = time.perf_counter()
+    x_train, y_train = phantom_slices(0, args.train_phantoms, args.data_seed)
+    x_test, y_test = phantom_slices(1000, args.test_phantoms, args.data_seed)
+    print(f"data: {len(x_train)} training slices ({args.train_phantoms} phantoms), {len(x_test)} test slices "
+          f"({args.test_phantoms} phantoms), {time.perf_counter() - t0:.0f} s")
+    positive = torch.nonzero(y_train.flatten(1).sum(1) > 0).flatten()
+    results: Dict[str, Any] = {}
+    for name in [c for c in args.configs.split(",") if c]:
+        torch.manual_seed(args.train_seed)
+        model = build_ours(name)
+        lr = model.config.learning_rate if args.lr is None else args.lr
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(args.train_seed)  # the same batches for every model
+        model.train()
+        t = time.perf_counter()
+        for it in range(args.iterations):
+            half = args.batch // 2
+            idx = torch.cat([positive[torch.randint(len(positive), (half,), generator=gen)],
+                             torch.randint(len(x_train), (args.batch - half,), generator=gen)])
+            xb, yb = x_train[idx], y_train[idx]
+            if torch.rand(1, generator=gen).item() < 0.5:
+                xb, yb = xb.flip(-1), yb.flip(-1)
+            logits = model(xb)
+            prob = torch.sigmoid(logits)
+            soft_dice = 1 - (2 * (prob * yb).sum() + 1) / (prob.sum() + yb.sum() + 1)
+            loss = F.binary_cross_entropy_with_logits(logits, yb) + soft_dice
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (it + 1) % max(1, args.iterations // 5) == 0:
+                print(f"  {name}: iteration {it + 1}, loss {loss.item():.3f}", flush=True)
+        train_s = time.perf_counter() - t
+        model.eval()
+        with torch.inference_mode():
+            pred = torch.cat([model(x_test[i:i + 16]) > 0 for i in range(0, len(x_test), 16)]).float()
+        inter, total = float((pred * y_test).sum()), float(pred.sum() + y_test.sum())
+        results[name] = {"parameters": count_parameters(model), "learning_rate": lr, "train_s": train_s,
+                         "dice": 2 * inter / total if total else 1.0,
+                         "precision": inter / float(pred.sum()) if pred.sum() else 0.0,
+                         "sensitivity": inter / float(y_test.sum()) if y_test.sum() else 0.0}
+        r = results[name]
+        print(f"{name}: Dice {r['dice']:.3f} (precision {r['precision']:.3f}, sensitivity {r['sensitivity']:.3f}), "
+              f"training {train_s:.0f} s for {args.iterations} iterations")
+    payload = {"benchmark": "transunet_dice_check", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "machine": info,
+               "protocol": (f"DEVELOPMENT CHECK ONLY (not the pipeline, which never reads lesion masks): each model trained "
+                            f"{args.iterations} iterations, batch {args.batch} (half from slices with lesions), Adam at the "
+                            "configuration's learning rate, BCE + soft Dice on TRUE masks of 2D slices of 'small' COVID "
+                            f"phantoms (involvement 3-30 %, perlin lesion model, {args.train_phantoms} phantoms, data seed "
+                            f"{args.data_seed}); the same batches for every model (train seed {args.train_seed}); Dice pooled "
+                            f"over all lung slices of {args.test_phantoms} held-out phantoms, logits > 0; "
+                            f"{args.threads} torch thread(s)"),
+               "note": args.note, "results": results}
+    return payload
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="paper,small", help="ours, comma-separated: paper, small, tiny, paper-v1 or JSON files")
@@ -154,12 +244,26 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="cpu_threads1", help="results file: benchmarks/results/transunet_<tag>.json")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. what else ran on the machine)")
+    dev = p.add_argument_group("--dice-check (development check of the architecture, trains on TRUE phantom masks)")
+    dev.add_argument("--dice-check", action="store_true", help="train --configs side by side instead of timing them")
+    dev.add_argument("--iterations", type=int, default=300)
+    dev.add_argument("--train-phantoms", type=int, default=10)
+    dev.add_argument("--test-phantoms", type=int, default=4)
+    dev.add_argument("--data-seed", type=int, default=8)
+    dev.add_argument("--train-seed", type=int, default=0)
+    dev.add_argument("--lr", type=float, default=None, help="default: each configuration's learning rate")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     info = machine()
     print(f"machine: {info['cpu_model']} x {info['cpu_count']} cores, torch {info['torch']}, {args.threads} thread(s), "
           f"load average at start {info['load_average_at_start'][0]:.2f}")
+    if args.dice_check:
+        payload = dice_check(args, info)
+        out = ROOT / "benchmarks" / "results" / f"transunet_{args.tag}.json"
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"saved {out.relative_to(ROOT)}")
+        return payload
     cases = []
     for name in [c for c in args.configs.split(",") if c]:
         torch.manual_seed(0)

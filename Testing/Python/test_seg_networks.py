@@ -111,3 +111,97 @@ def test_encoder_parameters_exclude_decoder():
     assert all(id(p) not in enc for p in model.decoder.parameters())
     assert id(model.pos_embed) in enc
     assert all(id(p) in enc for p in model.projection.parameters())
+
+
+# ---- stride-2 stem (issue 8, "Speed of the paper TransUNet") ---------------------------------
+TINY_S2 = TINY.replace(stem_stride=2)
+
+
+def _stem_conv(model: TransUNet) -> torch.nn.Conv2d:
+    return next(m for m in model.encoder.stages[0].modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_paper_stem_is_7x7_stride_2_and_small_keeps_full_resolution_stem():
+    with torch.device("meta"):
+        paper = TransUNet(SEG_CONFIGS["paper"])
+        small = TransUNet(SEG_CONFIGS["small"])
+    assert SEG_CONFIGS["paper"].stem_stride == 2
+    conv = _stem_conv(paper)
+    assert conv.kernel_size == (7, 7) and conv.stride == (2, 2) and conv.padding == (3, 3)
+    assert paper.encoder.skip_channels == list(SEG_CONFIGS["paper"].encoder_channels[1:4])
+    # the decoder's last (full-resolution) stage has no skip: its input is the previous stage only
+    assert paper.decoder[-1].conv1[0].in_channels == SEG_CONFIGS["paper"].decoder_channels[-2]
+    # small is unchanged (its speed and its checkpoints)
+    assert SEG_CONFIGS["small"].stem_stride == 1 and _stem_conv(small).stride == (1, 1)
+    assert len(small.encoder.skip_channels) == 4
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 64)])
+def test_stride2_stem_shapes_skips_and_projection(size):
+    torch.manual_seed(0)
+    model = TransUNet(TINY_S2).eval()
+    x = torch.rand(2, 1, *size)
+    with torch.no_grad():
+        feat, skips = model.encoder(x)
+        assert [tuple(s.shape[2:]) for s in skips] == [(size[0] // f, size[1] // f) for f in (2, 4, 8)]
+        assert [s.shape[1] for s in skips] == list(TINY_S2.encoder_channels[1:4])
+        assert tuple(feat.shape) == (2, TINY_S2.encoder_channels[-1], size[0] // 16, size[1] // 16)
+        logits = model(x)
+        logits2, z = model.forward_with_projection(x)
+    assert logits.shape == (2, 1, *size)
+    assert torch.allclose(logits, logits2, atol=1e-6)
+    assert z.shape == (2, TINY_S2.projection_dim) and torch.allclose(z.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_stride2_stem_trains_and_no_full_resolution_encoder_map():
+    torch.manual_seed(0)
+    model = TransUNet(TINY_S2)
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[2:]))) for m in model.encoder.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    x = torch.rand(3, 1, 32, 32)
+    loss = model(x).square().mean() + model.project(x).sum()
+    loss.backward()
+    for h in hooks:
+        h.remove()
+    assert seen and max(s[0] for s in seen) == 16  # nothing in the encoder at 32 x 32
+    assert all(p.grad is not None for p in model.parameters() if p is not model.pos_embed) and model.pos_embed.grad is not None
+
+
+def test_paper_forward_full_resolution_logits():
+    torch.manual_seed(0)
+    model = TransUNet(SEG_CONFIGS["paper"]).eval()
+    with torch.inference_mode():
+        assert model(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_stem_stride_checks():
+    with pytest.raises(ValueError, match="stem_stride"):
+        SegConfig(stem_stride=4)
+    with pytest.raises(ValueError, match="encoder_blocks"):
+        SegConfig(stem_stride=2, encoder_blocks=(2, 1, 1, 1, 1))
+    assert SegConfig.from_dict(TINY_S2.to_dict()) == TINY_S2
+
+
+def test_checkpoints_from_before_stem_stride_load_and_new_ones_refuse_old_weights(tmp_path):
+    """A configuration saved before ``stem_stride`` existed means the full-resolution stem it was trained with."""
+    from CovidGANSegLib.checkpoints import save_checkpoint
+    from CovidGANSegLib.config import DEFAULT_PREPROCESS
+    from CovidGANSegLib.errors import CheckpointError
+    from CovidGANSegLib.seg.inference import load_segmenter
+
+    torch.manual_seed(0)
+    old = TransUNet(TINY)
+    old_config = {k: v for k, v in TINY.to_dict().items() if k != "stem_stride"}
+    path = save_checkpoint(tmp_path / "old.pt", kind="seg", arch="transunet", config=old_config, preprocess=DEFAULT_PREPROCESS.to_dict(),
+                           model=old.state_dict(), threshold=0.5)
+    model, _ = load_segmenter(path)
+    assert model.config.stem_stride == 1
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), old.eval()(x), atol=1e-6)
+    # weights of the full-resolution stem under a stride-2 configuration: a clear refusal
+    bad = save_checkpoint(tmp_path / "bad.pt", kind="seg", arch="transunet", config=TINY_S2.to_dict(),
+                          preprocess=DEFAULT_PREPROCESS.to_dict(), model=old.state_dict(), threshold=0.5)
+    with pytest.raises(CheckpointError, match="weights do not match the stored transunet configuration"):
+        load_segmenter(bad)
