@@ -258,7 +258,8 @@ class _AirTree:
 
 
 class _Placement:
-    """Where lesions go: lung voxels, their depth below the pleura and the direction to the hilum."""
+    """Where lesions go: lung voxels of a coarse (about 4 mm in-plane) sub-grid, their depth below
+    the pleura and the direction to their lung's hilum."""
 
     def __init__(self, lung: np.ndarray, spacing: Sequence[float], posterior_axis: int, posterior_direction: int) -> None:
         self.lung = lung
@@ -269,7 +270,8 @@ class _Placement:
         depth = ndi.distance_transform_edt(np.pad(coarse, 1), sampling=self.spacing * f)[1:-1, 1:-1, 1:-1]
         self.f = np.asarray(f)
         self.depth = depth.astype(np.float32)
-        idx = np.argwhere(lung)
+        self.cidx = np.argwhere(coarse)
+        idx = self.cidx * self.f  # full-resolution indices of the candidate sites
         self.idx = idx
         pos = idx * self.spacing
         self.pos = pos
@@ -295,13 +297,16 @@ class _Placement:
         self.post_vec[ax] = float(posterior_direction)
 
     def voxel_depth(self, sel: np.ndarray) -> np.ndarray:
-        i = np.minimum(self.idx[sel] // self.f, np.asarray(self.depth.shape) - 1)
+        i = self.cidx[sel]
         return self.depth[i[:, 0], i[:, 1], i[:, 2]]
 
-    def pick(self, rng: np.random.Generator, covered: np.ndarray, *, peripheral: bool, n_try: int = 64) -> int:
-        """Index (into the lung voxel list) of a lesion site: uncovered, peripheral / posterior when asked."""
+    def pick(self, rng: np.random.Generator, weight: np.ndarray, *, peripheral: bool, n_try: int = 64) -> int:
+        """Index (into the site list) of a lesion site: not yet in the mask (lesion ``weight`` below
+        the mask rule), peripheral / posterior when asked."""
         cand = rng.integers(0, len(self.idx), n_try)
-        cand = cand[~covered[cand]] if (~covered[cand]).any() else cand
+        i = self.idx[cand]
+        free = weight[i[:, 0], i[:, 1], i[:, 2]] < MASK_FRACTION
+        cand = cand[free] if free.any() else cand
         d = self.voxel_depth(cand)
         w = 0.25 + 1.5 * self.posterior[cand]
         if peripheral:
@@ -450,9 +455,6 @@ def synthesize_eval_lesions(
     tol = max(COVERAGE_TOLERANCE * target, MIN_TOLERANCE_ML * 1000.0 / voxel_mm3)
     lung_mm3 = n_lung * voxel_mm3
     place = _Placement(lung, sp, posterior_axis, posterior_direction)
-    covered = np.zeros(n_lung, bool)  # lesion mask state of each lung voxel (by index in place.idx)
-    flat_index = np.full(hu.shape, -1, np.int64)
-    flat_index[lung] = np.arange(n_lung)
     offsets = _slab_offsets(float(sp[2]))
     count = 0
     # a typical lesion volume for this coverage: mild cases get few-mL foci, severe large areas
@@ -468,7 +470,7 @@ def synthesize_eval_lesions(
         v_lo = min(400.0, v_hi)
         vol = float(np.exp(rng.uniform(math.log(v_lo), math.log(max(v_hi, v_lo * 1.0001)))))
         vol = min(vol, _MAX_VOLUME_MM3.get(kind, vol))
-        k = place.pick(rng, covered, peripheral=kind in ("wedge", "band") or rng.random() < 0.85)
+        k = place.pick(rng, w_total, peripheral=kind in ("wedge", "band") or rng.random() < 0.85)
         site = place.pos[k]
         inward = place.inward(k, rng)
         texture = _Texture(rng, _texture_for(kind, rng, coverage), sp)
@@ -499,8 +501,6 @@ def synthesize_eval_lesions(
             continue
         out[box] += f * (t_hu - out[box])
         w_total[box] = w_new
-        sel = flat_index[box][(w_new >= MASK_FRACTION) & inside]
-        covered[sel] = True
         count += gain
         details["lesions"].append({"kind": kind, "texture": texture.kind, "ml": round(gain * voxel_mm3 / 1000.0, 3)})
     mask = lung & (w_total >= MASK_FRACTION)
