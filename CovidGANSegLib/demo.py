@@ -3,8 +3,17 @@
 Steps (each logged with progress): generate a training cohort (healthy CT-0 and COVID CT-1..4;
 its lesion masks are never read) and a held-out COVID cohort whose masks are used only for
 evaluation; train the 3D GAN; make pseudo-masks; train TransUNet and the U-Net baseline on the
-pseudo-masks; segment the held-out studies on their own grid; score TransUNet, U-Net and the
-HU-threshold baseline against the held-out masks; write ``report.md`` and ``metrics.json``.
+pseudo-masks and on synthetic lesions in the healthy volumes; segment the held-out studies on their
+own grid; score TransUNet, U-Net and the HU-threshold baseline against the held-out masks; run every
+model on real normal chest CTs (specificity check, when the folder is there); write ``report.md``
+and ``metrics.json``.
+
+Evaluation is not circular: the COVID phantoms (training and held-out) get their lesions from the
+*independent* lesion model (:mod:`synth.eval_lesions`), while everything the models train on that
+carries a label (the GAN's reconstruction step, the segmenters' synthetic pairs) comes from the
+Perlin training lesion model (:mod:`synth.lesions`). Development choices are made on a separate
+validation cohort (``split="validation"``: other seed, other study numbers); the held-out test
+cohort (``split="test"``, the default) chooses nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +35,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run. ``quick`` fits in 10 minutes on 2 CPU cores."""
+    """Sizes and method choices of one demo run. ``quick`` fits in 10 minutes on 2 CPU cores.
+
+    Attributes:
+        grid: the GAN's model grid (x, y, z).
+        seg_grid: the segmenters' model grid (finer in-plane: mild lesions vanish at 64); None:
+            the GAN's.
+        lesion_model: lesion model of the COVID phantoms (training and held-out); "independent"
+            keeps the evaluation apart from the Perlin model the training labels come from.
+        pseudo_rule: "refined" or "paper" (``gan.pseudomasks``).
+        synthetic_fraction: share of each segmenter batch from synthetic lesions in healthy
+            volumes (0: the paper's pseudo-masks alone).
+        val_covid: size of the validation cohort (``split="validation"``).
+    """
 
     train_healthy: int
     train_covid: int
@@ -38,45 +59,72 @@ class DemoPlan:
     seg_config: str
     seg_iterations: int
     seed: int = 2026
+    seg_grid: tuple[int, int, int] | None = None
+    lesion_model: str = "independent"
+    pseudo_rule: str = "refined"
+    synthetic_fraction: float = 0.5
+    synthetic_variants: int = 4
+    val_covid: int = 10
 
 
-QUICK = DemoPlan(train_healthy=12, train_covid=24, test_covid=10, phantom_size="small", grid=(64, 64, 16),
-                 gan_config="quick", gan_iterations=1600, seg_config="small", seg_iterations=1200)
-FULL = DemoPlan(train_healthy=24, train_covid=48, test_covid=16, phantom_size="small", grid=(96, 96, 16),
-                gan_config="quick", gan_iterations=4000, seg_config="small", seg_iterations=3000)
+QUICK = DemoPlan(train_healthy=12, train_covid=24, test_covid=10, phantom_size="small", grid=(64, 64, 16), seg_grid=(128, 128, 32),
+                 gan_config="quick", gan_iterations=400, seg_config="small", seg_iterations=500)
+FULL = DemoPlan(train_healthy=24, train_covid=48, test_covid=16, phantom_size="small", grid=(96, 96, 16), seg_grid=(128, 128, 32),
+                gan_config="quick", gan_iterations=3000, seg_config="small", seg_iterations=3000, val_covid=16)
 
 METHODS = ("transunet", "unet", "hu_threshold")
+SPLITS = ("test", "validation")
+
+
+def default_real_normal_dir() -> Path | None:
+    """``shared/data/real_ct`` beside the project checkout, when it is there (real normal CTs)."""
+    candidate = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
+    return candidate if candidate.is_dir() and any(candidate.glob("*.nii*")) else None
 
 
 def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overwrite: bool = False,
-             plan: DemoPlan | None = None) -> dict[str, Any]:
-    """Run the whole pipeline into ``out`` (written atomically) and return the ``metrics.json`` content."""
+             plan: DemoPlan | None = None, split: str = "test", real_normal: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole pipeline into ``out`` (written atomically) and return the ``metrics.json`` content.
+
+    ``split``: score on the held-out ``test`` cohort or on the ``validation`` cohort (for
+    development choices). ``real_normal``: a folder of real normal chest CTs (NIfTI, HU) for the
+    specificity check (default :func:`default_real_normal_dir`; skipped when there is none).
+    """
     from CovidGANSegLib.atomic import atomic_directory
 
     plan = plan or (QUICK if quick else FULL)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    real_dir = Path(real_normal) if real_normal is not None else default_real_normal_dir()
     out = Path(out)
     start = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite) as work:
-        metrics = _run(work, plan, device, start)
+        metrics = _run(work, plan, device, start, split, real_dir)
     log.info("demo finished in %.0f s: %s", metrics["runtime_s"], out)
     return metrics
 
 
-def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any]:
+def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real_dir: Path | None) -> dict[str, Any]:
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
     from CovidGANSegLib.gan.training import train_gan
     from CovidGANSegLib.synth.phantoms import write_cohort
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
 
-    train_dir, test_dir = work / "data" / "train", work / "data" / "test"
+    train_dir, test_dir = work / "data" / "train", work / "data" / split
     progress.report(0.0, "generating the phantom cohorts")
     with progress.scope(0.0, 0.03):
         # Training cohort: its lesion masks exist on disk (MosMed layout) but no training code reads them.
-        write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size)
+        write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size,
+                     lesion_model=plan.lesion_model)
     with progress.scope(0.03, 0.05):
-        # Held-out cohort: other seed and study numbers; its masks are used only by the evaluation below.
-        write_cohort(test_dir, healthy=0, covid=plan.test_covid, seed=plan.seed + 1, size=plan.phantom_size, first_id=5001)
+        # Held-out cohort (test: seed + 1, studies 5001..; validation: seed + 2, studies 6001..): its masks
+        # are used only by the evaluation below.
+        n_eval = plan.test_covid if split == "test" else plan.val_covid
+        offset, first = (1, 5001) if split == "test" else (2, 6001)
+        write_cohort(test_dir, healthy=0, covid=n_eval, seed=plan.seed + offset, size=plan.phantom_size, first_id=first,
+                     lesion_model=plan.lesion_model)
     timings = {"phantoms_s": time.perf_counter() - start}
 
     preprocess = PreprocessConfig(grid=plan.grid)
@@ -91,7 +139,8 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any
     progress.report(0.4, "making pseudo-masks")
     cached = work / "runs" / "gan" / "preprocessed"
     with progress.scope(0.4, 0.45):
-        pseudo = make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, work / "pseudo_masks", device=device)
+        pseudo = make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, work / "pseudo_masks", device=device,
+                                   rule=plan.pseudo_rule, grid=plan.seg_grid, cache=work / "runs" / "seg_preprocessed")
     timings["pseudo_masks_s"] = time.perf_counter() - t
 
     seg_models = {}
@@ -100,7 +149,9 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any
         progress.report(0.45 + 0.2 * i, f"training {name} on the pseudo-masks")
         with progress.scope(0.45 + 0.2 * i, 0.65 + 0.2 * i):
             seg_models[name] = train_segmenter(pseudo, work / "runs" / name, model=name, config=plan.seg_config,
-                                               iterations=plan.seg_iterations, device=device, seed=plan.seed)
+                                               iterations=plan.seg_iterations, device=device, seed=plan.seed, data=train_dir,
+                                               synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction,
+                                                                              variants_per_volume=plan.synthetic_variants))
         timings[f"{name}_training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -115,7 +166,10 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any
     with progress.scope(0.95, 0.99):
         summary = evaluate_methods({m: cases["predictions"][m] for m in METHODS}, cases["truths"], cases["spacings"],
                                    lungs=cases["lungs"], ids=cases["ids"], out=work / "evaluation")
+    summary["lung_ml_by_case"] = {i: float(lung.sum()) * float(sp[0] * sp[1] * sp[2]) / 1000.0
+                                  for i, lung, sp in zip(cases["ids"], cases["lungs"], cases["spacings"])}
     _save_examples(cases, work / "figures" / "held_out_examples.png")
+    real = _real_normal_check(real_dir, seg_models, device) if real_dir is not None else None
     runtime = time.perf_counter() - start
     metrics = {
         "cases": summary["cases"],
@@ -123,8 +177,13 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float) -> dict[str, Any
                        for k in ("dice", "sensitivity", "specificity")} for m in METHODS},
         "runtime_s": round(runtime, 1),
     }
+    if real is not None:
+        for m in METHODS:
+            metrics["models"][m]["real_normal_percent_involved"] = real["percent"][m]
+        metrics["real_normal_cases"] = real["cases"]
+    timings["real_normal_s"] = real["seconds"] if real is not None else 0.0
     _write_json(work / "metrics.json", metrics)
-    _write_report(work, plan, device, summary, timings, runtime)
+    _write_report(work, plan, device, summary, timings, runtime, split, real)
     progress.report(1.0, "demo done")
     return metrics
 
@@ -165,6 +224,31 @@ def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Pat
     return cases
 
 
+def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str) -> dict[str, Any]:
+    """Percent of lung each method marks as lesion on every real normal CT of ``real_dir`` (should be ~0)."""
+    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.nifti import load_ct
+    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
+    from CovidGANSegLib.seg.inference import load_segmenter, segment_ct
+
+    t = time.perf_counter()
+    models = {name: load_segmenter(path, device=device)[0] for name, path in seg_models.items()}
+    files = sorted(p for p in real_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    result: dict[str, Any] = {"cases": [], "percent": {m: [] for m in METHODS}, "folder": str(real_dir)}
+    for path in progress.track(files, desc="real normal CTs"):
+        ct = load_ct(path, min_slices=1)
+        lung = extract_lung_mask(ct.array, ct.spacing)
+        n_lung = max(1, int(lung.sum()))
+        preds = {name: segment_ct(ct, model, lung_mask=lung).lesion_mask for name, model in models.items()}
+        preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
+        result["cases"].append(path.name.split(".nii")[0])
+        for m in METHODS:
+            result["percent"][m].append(round(100.0 * float(preds[m].sum()) / n_lung, 3))
+    result["seconds"] = time.perf_counter() - t
+    log.info("real normal CTs, percent of lung marked as lesion: %s", result["percent"])
+    return result
+
+
 def _save_examples(cases: dict[str, Any], path: Path, n: int = 3) -> None:
     """A few held-out axial slices: reference (yellow) and each method's lesion outline."""
     import numpy as np
@@ -197,7 +281,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _write_report(work: Path, plan: DemoPlan, device: str, summary: dict[str, Any], timings: dict[str, float], runtime: float) -> None:
+def _write_report(work: Path, plan: DemoPlan, device: str, summary: dict[str, Any], timings: dict[str, float], runtime: float,
+                  split: str = "test", real: dict[str, Any] | None = None) -> None:
     from CovidGANSegLib.evaluation import table1_markdown
 
     models = summary["models"]
@@ -218,14 +303,53 @@ def _write_report(work: Path, plan: DemoPlan, device: str, summary: dict[str, An
         f"- Device: {device}; machine: {platform.machine()}, {platform.system()}, {_cpu_count()} CPU cores",
         f"- Runtime: {runtime:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")\n",
         f"**Result:** {verdict}\n",
-        f"## Held-out studies ({summary['cases']}), standard per-volume metrics (mean +- std, scored on each input's own grid)\n",
+        f"## {'Held-out test' if split == 'test' else 'Validation'} studies ({summary['cases']}, lesions from the independent "
+        "lesion model), standard per-volume metrics (mean +- std, scored on each input's own grid)\n",
         table1_markdown(models),
+        "\n" + _mild_table(summary),
+        "\n" + _real_normal_table(real),
         "\nFull tables (per slice, the predecessor's protocol for comparison only, CSV, JSON): `evaluation/`.\n",
         "## Figures\n",
     ]
     lines += [f"### {title}\n\n![{title}]({rel})\n" for title, rel in figures if (work / rel).is_file()]
     with atomic_path(work / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
+
+
+#: a held-out case is "mild" below this lesion share of the lung (MosMed CT-1 is mostly far below)
+MILD_PERCENT = 5.0
+
+
+def mild_case_ids(summary: dict[str, Any], lungs_ml: dict[str, float] | None = None) -> list[str]:
+    """Ids of the cases whose true lesion volume is under :data:`MILD_PERCENT` of the lung (needs ``lung_ml`` per case)."""
+    rows = summary["per_case"][METHODS[-1]]
+    return [r["id"] for r in rows if lungs_ml and r["id"] in lungs_ml and 100.0 * r["truth_ml"] / max(lungs_ml[r["id"]], 1e-9) < MILD_PERCENT]
+
+
+def _mild_table(summary: dict[str, Any]) -> str:
+    import numpy as np
+
+    lungs_ml = summary.get("lung_ml_by_case")
+    mild = set(mild_case_ids(summary, lungs_ml))
+    if not mild:
+        return "No mild case (< 5 % of lung) among these studies.\n"
+    lines = [f"Mild cases only (< {MILD_PERCENT:g} % of lung involved, n = {len(mild)}): mean Dice / sensitivity / precision\n",
+             "| method | Dice | sensitivity | precision |", "|---|---|---|---|"]
+    for m in METHODS:
+        rows = [r for r in summary["per_case"][m] if r["id"] in mild]
+        mean = {k: float(np.nanmean([r[k] for r in rows])) for k in ("dice", "sensitivity", "precision")}
+        lines.append(f"| {m} | {mean['dice']:.3f} | {mean['sensitivity']:.3f} | {mean['precision']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _real_normal_table(real: dict[str, Any] | None) -> str:
+    if real is None:
+        return "Real normal CT check not run (no folder of real normal CTs given or found).\n"
+    head = "| method | " + " | ".join(real["cases"]) + " |"
+    lines = ["Real normal chest CTs (no lesion): percent of lung marked as lesion (target < 2 %)\n", head,
+             "|---|" + "---|" * len(real["cases"])]
+    lines += [f"| {m} | " + " | ".join(f"{v:.2f}" for v in real["percent"][m]) + " |" for m in METHODS]
+    return "\n".join(lines) + "\n"
 
 
 def _cpu_count() -> int:

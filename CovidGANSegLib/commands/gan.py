@@ -67,9 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "For every COVID volume of DATA on the model grid: the difference map (eq. 3, window units), a\n"
             "binarised pseudo-mask inside the lungs, per-slice difference sums with their quartiles and the\n"
             "'high' (> Q3) and 'low' (Q1..median) slice groups of paper section 4.3, and the box plot of\n"
-            "Fig. 4. Binarisation: difference > max(FLOOR, median + K * sigma) of the difference in the\n"
-            "lesion-free lungs of DATA's healthy volumes (G's own noise level), then components smaller\n"
-            "than MIN_SIZE voxels are removed. Lesion masks are never read."),
+            "Fig. 4. Binarisation (--rule refined, the default): per-HU-band quantiles of G's difference in\n"
+            "the lesion-free lungs of DATA's healthy volumes with hysteresis, an HU prior (-750..+100 HU) and\n"
+            "suppression of tubular structures (vessels, airway walls). --rule paper: difference >\n"
+            "max(FLOOR, median + K * sigma) of that healthy difference. Components smaller than MIN_SIZE\n"
+            "voxels are removed. --grid writes everything on a finer grid than the GAN's (e.g. 128 128 32),\n"
+            "with DATA's healthy volumes for synthetic-lesion supervision. Lesion masks are never read."),
         epilog="example:\n  covidganseg pseudo-masks --checkpoint runs/gan/model.pt --data MosMedData --out runs/pseudo-masks",
     )
     p.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="GAN checkpoint (RUN/model.pt)")
@@ -79,6 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=float, default=5.0, help="K of the rule (default 5)")
     p.add_argument("--floor", type=float, default=0.05, help="FLOOR of the rule, window units (default 0.05 = 70 HU for a 1400 HU window)")
     p.add_argument("--min-size", type=int, default=5, help="smallest pseudo-mask component kept, voxels (default 5)")
+    p.add_argument("--rule", default=None, choices=["refined", "paper"],
+                   help="binarisation rule (default refined; paper when --threshold is given)")
+    p.add_argument("--grid", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="output grid (default: the GAN's); the segmenter trains on this grid")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.set_defaults(handler=run_pseudo_masks)
@@ -159,7 +166,13 @@ def run_pseudo_masks(args: argparse.Namespace) -> int:
     if args.k < 0 or args.floor < 0 or args.min_size < 0:
         raise InputError("--k, --floor and --min-size must be >= 0")
     verify_checkpoint(args.checkpoint)
+    rule = args.rule or ("paper" if args.threshold is not None else "refined")
+    if args.threshold is not None and rule != "paper":
+        raise InputError("--threshold is a parameter of --rule paper")
+    if args.grid is not None and min(args.grid) < 4:
+        raise InputError(f"--grid must be three sizes of at least 4 voxels, got {args.grid}")
     out = make_pseudo_masks(args.checkpoint, args.data, args.out, device=device, threshold=args.threshold, k=args.k,
-                            floor=args.floor, min_size=args.min_size, overwrite=args.overwrite)
+                            floor=args.floor, min_size=args.min_size, overwrite=args.overwrite, rule=rule,
+                            grid=None if args.grid is None else tuple(args.grid))
     print(out)
     return 0

@@ -23,8 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "masks). Phase 1: contrastive pre-training of the encoder on high- vs low-infection slices with\n"
             "the enhanced contrastive loss (eq. 4, learnable temperature, initial 0.06). Phase 2: end to end\n"
             "with the sensitivity-enhanced loss (eq. 5), MSE to the pseudo-mask and the contrastive loss.\n"
-            "Adam with x0.9 every 1,000 steps; the model with the best Dice against the pseudo-masks of\n"
-            "held-out VOLUMES is kept.\n\n"
+            "Synthetic-lesion supervision (--synthetic-fraction, default half of each batch): the folder's\n"
+            "healthy volumes with lesions drawn by the Perlin lesion model, exactly labelled by construction.\n"
+            "Adam with x0.9 every 1,000 steps; the model (and the probability threshold) with the best Dice\n"
+            "on synthetic lesions in held-out healthy VOLUMES is kept (without healthy volumes: Dice\n"
+            "against the pseudo-masks of held-out COVID volumes).\n\n"
             "RUN receives checkpoints/last.pt (resumable), losses.csv, loss_curves.png, samples/*.png and\n"
             "model.pt with its model card."),
         epilog=("configurations: paper (~67 M parameters, Adam 5e-5, 10,000 iterations; GPU), small (~2 M, lr 1e-3;\n"
@@ -43,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt exactly where it stopped")
     p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of a fresh run (default 0)")
+    p.add_argument("--synthetic-fraction", type=float, default=0.5, metavar="F",
+                   help="share of each batch from synthetic lesions in the pseudo-masks folder's healthy volumes "
+                        "(default 0.5; 0 = the paper's pseudo-masks alone)")
     p.set_defaults(handler=run_train)
 
     p = subparsers.add_parser(
@@ -84,8 +90,14 @@ def run_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
+
+    if not 0.0 <= args.synthetic_fraction <= 1.0:
+        from CovidGANSegLib.errors import InputError
+
+        raise InputError(f"--synthetic-fraction must be in [0, 1], got {args.synthetic_fraction}")
     path = train_segmenter(args.pseudo_masks, args.out, model=args.model, config=config, iterations=args.iterations, resume=args.resume,
-                           device=device, seed=args.seed, data=args.data)
+                           device=device, seed=args.seed, data=args.data, synthetic=SyntheticSupervision(fraction=args.synthetic_fraction))
     print(path)
     return 0
 

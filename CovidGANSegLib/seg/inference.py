@@ -87,6 +87,7 @@ def load_segmenter(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.n
     except RuntimeError as exc:
         raise CheckpointError(f"weights do not match the stored {arch} configuration ({str(exc).splitlines()[0][:200]})", path) from exc
     model.preprocess_config = preprocess
+    model.threshold = float(payload.get("threshold", 0.5))
     model.to(resolve_device(device)).eval()
     return model, payload
 
@@ -118,7 +119,7 @@ def predict_slices(model: torch.nn.Module, image: np.ndarray, *, batch_size: int
 
 
 def segment_ct(ct, model: torch.nn.Module, preprocess: PreprocessConfig | None = None, *, lung_mask: np.ndarray | None = None,
-               threshold: float = 0.5, batch_size: int = 16, preprocessed: Any = None) -> SegmentationResult:
+               threshold: float | None = None, batch_size: int = 16, preprocessed: Any = None) -> SegmentationResult:
     """Segment lesions in one ``nifti.CTVolume``.
 
     Args:
@@ -126,12 +127,14 @@ def segment_ct(ct, model: torch.nn.Module, preprocess: PreprocessConfig | None =
         model: from :func:`load_segmenter` (or any network with the segmenters' interface).
         preprocess: the checkpoint's preprocessing (default ``model.preprocess_config``).
         lung_mask: canonical ``(x, y, z)`` bool lung mask; computed when None.
-        threshold: probability threshold in (0, 1).
+        threshold: probability threshold in (0, 1) (default: the checkpoint's, ``model.threshold``, else 0.5).
         batch_size: slices per forward pass.
         preprocessed: an already computed ``PreprocessedVolume`` of ``ct`` with ``preprocess``.
     """
     from CovidGANSegLib.preprocessing import preprocess_ct
 
+    if threshold is None:
+        threshold = float(getattr(model, "threshold", 0.5))
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     if preprocess is None:
@@ -174,8 +177,10 @@ def _check_outputs(input: Path, outputs: dict[str, Path | None]) -> None:
 
 
 def _preprocess_differences(a: PreprocessConfig, b: PreprocessConfig) -> list[str]:
+    """Preprocessing fields that differ between the segmenter and the GAN, the model grid aside
+    (the GAN may run on a coarser grid than the segmenter: its outputs go back to the CT's grid)."""
     da, db = a.to_dict(), b.to_dict()
-    return [f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db.get(k)]
+    return [f"{k}: {da[k]} vs {db[k]}" for k in da if k != "grid" and da[k] != db.get(k)]
 
 
 def _integral_dtype(*arrays: np.ndarray) -> type:
@@ -251,7 +256,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         from CovidGANSegLib.gan.inference import pseudo_healthy as make_pseudo_healthy
 
         progress.report(0.75, "pseudo-healthy CT")
-        ph = make_pseudo_healthy(generator, ct, preprocess, lung_mask=lung)
+        ph = make_pseudo_healthy(generator, ct, gan_pp, lung_mask=lung)
 
     progress.report(0.85, "quantifying")
     q = quantify(result.lesion_mask, lung, ct.spacing)

@@ -57,12 +57,16 @@ from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.losslog import append_losses, read_losses, truncate_losses
 from CovidGANSegLib.seg import ARCHS, resolve_device
 from CovidGANSegLib.seg.losses import EnhancedContrastiveLoss, SensitivityEnhancedLoss, mse_to_pseudo_mask
+from CovidGANSegLib.seg.synthetic import SyntheticSupervision, synthetic_pairs
 from CovidGANSegLib.seg.transunet import DOWNSAMPLE, SegConfig, count_parameters, get_seg_config
 from CovidGANSegLib.seg.unet import build_segmenter
 
 log = logging.getLogger(__name__)
 
-LOSS_COLUMNS = ("iteration", "phase", "loss", "contrastive", "sensitivity", "mse", "tau", "lr", "val_loss", "val_dice", "seconds")
+LOSS_COLUMNS = ("iteration", "phase", "loss", "contrastive", "sensitivity", "mse", "tau", "lr", "val_loss", "val_dice",
+                "val_dice_synthetic", "seconds")
+#: probability thresholds tried on the synthetic validation pairs
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: a slice "has lung" when at least this share of its pixels is lung
 MIN_LUNG_SHARE = 0.002
 PHASE_CONTRASTIVE, PHASE_END_TO_END = 1, 2
@@ -83,6 +87,8 @@ class PseudoMaskData:
     preprocess: PreprocessConfig
     meta: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = None
+    healthy: np.ndarray | None = None  # (Nh, D, H, W) healthy volumes on the same grid (synthetic-lesion supervision)
+    healthy_lungs: np.ndarray | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -147,7 +153,18 @@ def load_pseudo_masks(folder: str | Path) -> PseudoMaskData:
             if not (0 <= v < n and 0 <= s < d):
                 raise InputError(f"severity.json {key!r} entry {item} is outside the {n} x {d} slices", folder)
             severity[v, s] = label
+    healthy = healthy_lungs = None
+    if (folder / "healthy.npy").is_file() and (folder / "healthy_lungs.npy").is_file():
+        try:
+            healthy = np.asarray(np.load(folder / "healthy.npy", mmap_mode="r"), dtype=np.float32)
+            healthy_lungs = np.asarray(np.load(folder / "healthy_lungs.npy", mmap_mode="r")).astype(bool, copy=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"unreadable healthy volumes ({exc})", folder) from exc
+        if healthy.shape[1:] != images.shape[1:] or healthy_lungs.shape != healthy.shape:
+            raise InputError(f"healthy {healthy.shape} / healthy_lungs {healthy_lungs.shape} do not match the images {images.shape}", folder)
     return PseudoMaskData(
+        healthy=healthy,
+        healthy_lungs=healthy_lungs,
         images=np.asarray(images, dtype=np.float32),
         masks=np.asarray(masks).astype(bool, copy=False),
         lungs=np.asarray(lungs).astype(bool, copy=False),
@@ -201,6 +218,33 @@ def lung_slices(data: PseudoMaskData, volumes: list[int], device: str | torch.de
     return SliceSet(take(data.images, torch.float32), take(data.masks, torch.float32), take(data.lungs, torch.bool), labels, index)
 
 
+def model_spacing_dhw(data: PseudoMaskData) -> tuple[float, float, float]:
+    """Median model-grid voxel size ``(D, H, W)`` in mm of a pseudo-masks folder's volumes."""
+    from CovidGANSegLib.preprocessing import GridMapping
+
+    spacings = []
+    for r in data.meta.get("records", []) if isinstance(data.meta.get("records"), list) else []:
+        try:
+            spacings.append(GridMapping.from_dict(r["mapping"]).model_spacing[::-1])
+        except (KeyError, TypeError, ValueError):
+            continue
+    if not spacings:
+        return data.preprocess.spacing_dhw
+    return tuple(float(v) for v in np.median(np.asarray(spacings), axis=0))  # type: ignore[return-value]
+
+
+def synthetic_slices(data: PseudoMaskData, volumes: list[int], plan: SyntheticSupervision, seed: int,
+                     device: str | torch.device = "cpu") -> SliceSet | None:
+    """Lung slices of healthy volumes with synthetic lesions and their exact masks (None without volumes)."""
+    if not volumes or data.healthy is None:
+        return None
+    images, masks, lungs, _ = synthetic_pairs(data.healthy[volumes], data.healthy_lungs[volumes], window=data.preprocess.hu_window,
+                                              spacing_dhw=model_spacing_dhw(data), plan=plan, seed=seed)
+    pairs = PseudoMaskData(images=images, masks=masks, lungs=lungs, severity=np.full(images.shape[:2], -1, dtype=np.int8),
+                           preprocess=data.preprocess)
+    return lung_slices(pairs, list(range(len(images))), device)
+
+
 # --------------------------------------------------------------------------------------------
 # the trainer
 
@@ -233,9 +277,12 @@ class SegTrainer:
             return torch.zeros(0, dtype=torch.long)
         return pool[torch.randint(len(pool), (k,), generator=self.generator)]
 
-    def sample(self, slices: SliceSet, phase: int, *, high: torch.Tensor, low: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-        """Row indices of one batch: half high / half low (phase 1), or lesion-enriched (phase 2)."""
-        b = self.config.batch_size
+    def sample(self, slices: SliceSet, phase: int, *, high: torch.Tensor, low: torch.Tensor, positive: torch.Tensor,
+               size: int | None = None) -> torch.Tensor:
+        """Row indices of one batch (``size`` rows, default the batch size): half high / half low (phase 1), or lesion-enriched (phase 2)."""
+        b = self.config.batch_size if size is None else int(size)
+        if b <= 0 or len(slices.images) == 0:
+            return torch.zeros(0, dtype=torch.long)
         if phase == PHASE_CONTRASTIVE:
             return torch.cat([self._draw(high, b // 2), self._draw(low, b - b // 2)])
         n_pos = int(round(self.config.positive_fraction * b)) if len(positive) else 0
@@ -303,7 +350,7 @@ class SegTrainer:
             self.model.train(was)
 
     @torch.inference_mode()
-    def validate(self, val: SliceSet, *, batch: int = 32) -> dict[str, float]:
+    def validate(self, val: SliceSet, *, batch: int = 32, threshold: float = 0.5) -> dict[str, float]:
         """Loss (eq. 5 + MSE, weighted and restricted as in training) and Dice of p > 0.5 in the lung, vs the pseudo-masks."""
         was = self.model.training
         self.model.eval()
@@ -317,7 +364,7 @@ class SegTrainer:
                 n = int(lung.sum()) if region is not None else y.numel()
                 total += float(cfg.weight_sensitivity * self.sensitivity(logits, y, region) + cfg.weight_mse * mse_to_pseudo_mask(logits, y, region)) * n
                 pixels += n
-                pred = (torch.sigmoid(logits) > 0.5) & lung
+                pred = (torch.sigmoid(logits) > threshold) & lung
                 t = (y > 0.5) & lung
                 tp += int((pred & t).sum())
                 fp += int((pred & ~t).sum())
@@ -368,6 +415,18 @@ class SegTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def choose_threshold(trainer: SegTrainer, state: dict[str, torch.Tensor], val: SliceSet) -> tuple[float, float]:
+    """The probability threshold of :data:`THRESHOLDS` with the best Dice on ``val`` for the weights ``state``."""
+    current = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.load_state_dict(state)
+    try:
+        scores = [(trainer.validate(val, threshold=t)["val_dice"], -abs(t - 0.5), t) for t in THRESHOLDS]
+    finally:
+        trainer.model.load_state_dict(current)
+    dice, _, t = max(scores)
+    return float(t), float(dice)
+
+
 # --------------------------------------------------------------------------------------------
 # bookkeeping
 
@@ -414,7 +473,7 @@ def _write_samples(trainer: SegTrainer, val: SliceSet, path: Path, iteration: in
 
 def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str = "transunet", config: str | Path | SegConfig = "small",
                     iterations: int | None = None, resume: bool = False, device: str = "auto", seed: int = 0,
-                    data: str | Path | None = None) -> Path:
+                    data: str | Path | None = None, synthetic: SyntheticSupervision | None = None) -> Path:
     """Train a segmenter on a pseudo-masks folder and write RUN/model.pt; returns its path.
 
     Args:
@@ -428,6 +487,11 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: seeds the weights, the volume split, batches and augmentation.
         data: the dataset the pseudo-masks came from (provenance only: model card, demo flag).
+        synthetic: synthetic-lesion supervision from the folder's healthy volumes (default
+            ``SyntheticSupervision()``: half of each end-to-end batch; ``fraction=0`` for the
+            paper's pseudo-masks alone). The healthy volumes are split by volume like the COVID
+            ones; synthetic pairs of the validation healthy volumes select the model and the
+            probability threshold (label-free: the labels are the synthesiser's own).
 
     Raises:
         InputError: not a pseudo-masks folder, no lung slices, a checkpoint exists without
@@ -447,6 +511,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
             raise InputError(f"this run trains a {payload.get('arch')!r} model, not {model!r}", run_dir)
         cfg = SegConfig.from_dict(payload["config"])
         seed = int(payload.get("metadata", {}).get("seed", seed))
+        if isinstance(payload.get("metadata", {}).get("synthetic"), dict):
+            synthetic = SyntheticSupervision(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["metadata"]["synthetic"].items()})
     else:
         if ckpt_path.exists():
             raise InputError("this run folder already has a checkpoint (checkpoints/last.pt): use --resume to continue it, "
@@ -473,7 +539,22 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     val = lung_slices(pm, val_vols, dev)
     if len(train.images) == 0:
         raise InputError("no slice with lung in the training volumes", pm_path)
-    if not val_vols:
+    syn = synthetic if synthetic is not None else SyntheticSupervision()
+    syn_train = syn_val = None
+    h_train: list[int] = []
+    h_val: list[int] = []
+    if syn.fraction > 0 and syn.variants_per_volume > 0:
+        if pm.healthy is None or len(pm.healthy) == 0:
+            log.warning("no healthy volumes in %s: synthetic-lesion supervision is off (pseudo-masks only)", pm_path)
+        else:
+            h_train, h_val = split_volumes(len(pm.healthy), cfg.val_fraction, seed + 1)
+            progress.report(0.01, "synthesising lesions in healthy volumes")
+            syn_train = synthetic_slices(pm, h_train, syn, seed, dev)
+            syn_val = synthetic_slices(pm, h_val, syn, seed + 7919, dev)
+    syn_positive = (torch.nonzero(syn_train.masks.flatten(1).amax(dim=1) > 0.5).flatten().cpu() if syn_train is not None
+                    else torch.zeros(0, dtype=torch.long))
+    n_syn = int(round(syn.fraction * cfg.batch_size)) if syn_train is not None else 0
+    if not val_vols and syn_val is None:
         log.warning("only %d pseudo-mask volume(s): no validation split, the last model is kept", n)
     high = torch.nonzero(train.labels == 1).flatten().cpu()
     low = torch.nonzero(train.labels == 0).flatten().cpu()
@@ -497,8 +578,12 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     del payload
 
     demo, source = _is_demo(pm, data_path)
+    import dataclasses
+
     metadata = {"config_name": cfg.name, "seed": int(seed), "pseudo_masks": str(pm_path), "data": None if data_path is None else str(data_path),
-                "n_train_volumes": len(train_vols), "n_val_volumes": len(val_vols), "device": str(dev), "demo": demo}
+                "n_train_volumes": len(train_vols), "n_val_volumes": len(val_vols), "device": str(dev), "demo": demo,
+                "synthetic": dataclasses.asdict(syn) if syn_train is not None else None,
+                "n_train_healthy_volumes": len(h_train), "n_val_healthy_volumes": len(h_val)}
     common = dict(kind="seg", arch=model, config=cfg.to_dict(), metadata=metadata, preprocess=pm.preprocess.to_dict(),
                   split={"train": train_vols, "val": val_vols})
 
@@ -510,19 +595,34 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     for _ in progress.track(range(start, total), total=max(total - start, 0), desc=f"{model} training"):
         t0 = time.perf_counter()
         phase = PHASE_CONTRASTIVE if trainer.iteration < trainer.pretrain_iterations else PHASE_END_TO_END
-        idx = trainer.sample(train, phase, high=high, low=low, positive=positive).to(dev)
-        x, y, lung = trainer.augment(train.images[idx], train.masks[idx], train.lungs[idx])
-        row = trainer.step(x, y, train.labels[idx], phase, lung)
+        if phase == PHASE_END_TO_END and n_syn:
+            # (B, 1, H, W): pseudo-mask slices of COVID volumes, then synthetic pairs (no severity group)
+            idx = trainer.sample(train, phase, high=high, low=low, positive=positive, size=cfg.batch_size - n_syn).to(dev)
+            idx_s = trainer.sample(syn_train, phase, high=high, low=low, positive=syn_positive, size=n_syn).to(dev)
+            x, y, lung = trainer.augment(torch.cat([train.images[idx], syn_train.images[idx_s]]),
+                                         torch.cat([train.masks[idx], syn_train.masks[idx_s]]),
+                                         torch.cat([train.lungs[idx], syn_train.lungs[idx_s]]))
+            labels = torch.cat([train.labels[idx], torch.full((len(idx_s),), -1, dtype=train.labels.dtype, device=dev)])
+        else:
+            idx = trainer.sample(train, phase, high=high, low=low, positive=positive).to(dev)
+            x, y, lung = trainer.augment(train.images[idx], train.masks[idx], train.lungs[idx])
+            labels = train.labels[idx]
+        row = trainer.step(x, y, labels, phase, lung)
         it = trainer.iteration
         if not math.isfinite(row["loss"]):
             raise RuntimeError(f"segmenter training diverged at iteration {it}: {row}")
-        validate = bool(val_vols) and phase == PHASE_END_TO_END and (it % cfg.val_every == 0 or it == total)
+        validate = (bool(val_vols) or syn_val is not None) and phase == PHASE_END_TO_END and (it % cfg.val_every == 0 or it == total)
         if validate:
-            result = trainer.validate(val)
-            row.update(val_loss=result["val_loss"], val_dice=result["val_dice"])
+            result = trainer.validate(val) if val_vols else None
+            if result is not None:
+                row.update(val_loss=result["val_loss"], val_dice=result["val_dice"])
+            if syn_val is not None:  # model selection on the synthetic pairs of held-out healthy volumes
+                syn_result = trainer.validate(syn_val)
+                row.update(val_dice_synthetic=syn_result["val_dice"])
+                result = syn_result
             if trainer.consider(result):
                 log.info("iteration %d: validation Dice %.4f, loss %.5f (best so far)", it, result["val_dice"], result["val_loss"])
-            _write_samples(trainer, val, samples / f"iter_{it:05d}.png", it)
+            _write_samples(trainer, syn_val if syn_val is not None else val, samples / f"iter_{it:05d}.png", it)
         append_losses(losses_csv, {"iteration": it, **row, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
         if it % cfg.checkpoint_every == 0 or it == total:
             save_state()
@@ -536,18 +636,28 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     best = trainer.best
     if best["state"] is None:  # no validation happened: keep the last weights
         best = {**best, "state": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, "iteration": trainer.iteration}
-    final_meta = {**metadata, "iterations": int(trainer.iteration), "pretrain_iterations": int(trainer.pretrain_iterations),
+    threshold, threshold_dice = 0.5, None
+    if syn_val is not None and best["state"] is not None:
+        threshold, threshold_dice = choose_threshold(trainer, best["state"], syn_val)
+        log.info("probability threshold %.2f (Dice %.4f on the synthetic validation pairs)", threshold, threshold_dice)
+    final_meta = {**metadata, "iterations": int(trainer.iteration), "threshold": threshold, "threshold_val_dice_synthetic": threshold_dice, "pretrain_iterations": int(trainer.pretrain_iterations),
                   "best_iteration": best["iteration"], "val_dice_pseudo": best["val_dice"], "val_loss_pseudo": best["val_loss"],
                   "tau": float(trainer.contrastive.tau.item()), "parameters": count_parameters(trainer.model)}
     model_path = run_dir / "model.pt"
     save_checkpoint(model_path, kind="seg", arch=model, config=cfg.to_dict(), metadata=final_meta, preprocess=pm.preprocess.to_dict(),
-                    model=best["state"], threshold=0.5)
-    trained_on = f"pseudo-masks of {len(train_vols)} COVID volumes ({source}); validation on pseudo-masks of {len(val_vols)} other volumes"
+                    model=best["state"], threshold=threshold)
+    trained_on = f"pseudo-masks of {len(train_vols)} COVID volumes ({source})"
+    if syn_train is not None:
+        trained_on += (f" and synthetic lesions in {len(h_train)} healthy volumes ({syn.fraction:.0%} of each batch); "
+                       f"model and threshold chosen on synthetic lesions in {len(h_val)} other healthy volumes")
+    else:
+        trained_on += f"; validation on pseudo-masks of {len(val_vols)} other volumes"
     write_model_card(model_path, name=f"seg-{model}-{run_dir.name}", kind="seg", arch=model, config_name=cfg.name, config=cfg.to_dict(),
                      trained_on=trained_on, demo=demo,
                      extra={"iterations": int(trainer.iteration), "preprocess": pm.preprocess.to_dict(), "best_iteration": best["iteration"],
                             "val_dice_pseudo_masks": best["val_dice"], "val_loss_pseudo_masks": best["val_loss"],
-                            "parameters": final_meta["parameters"], "threshold": 0.5})
+                            "parameters": final_meta["parameters"], "threshold": threshold,
+                            "synthetic": metadata["synthetic"]})
     progress.report(1.0, f"{model} training done")
     log.info("wrote %s", model_path)
     return model_path

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from CovidGANSegLib import datasets, demo
+from conftest import REAL_CT_DIR
 
-TINY_PLAN = demo.DemoPlan(train_healthy=3, train_covid=4, test_covid=2, phantom_size="small", grid=(32, 32, 8),
-                          gan_config="tiny", gan_iterations=6, seg_config="tiny", seg_iterations=8, seed=7)
+TINY_PLAN = demo.DemoPlan(train_healthy=3, train_covid=4, test_covid=2, phantom_size="small", grid=(32, 32, 8), seg_grid=(48, 48, 8),
+                          gan_config="tiny", gan_iterations=6, seg_config="tiny", seg_iterations=8, seed=7, val_covid=2)
 
 
 @pytest.mark.slow
@@ -25,19 +26,26 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread):
 
     monkeypatch.setattr(datasets, "lesion_mask_path", recording_lookup)
     out = tmp_path / "demo"
-    metrics = demo.run_demo(out, plan=TINY_PLAN)
+    real = REAL_CT_DIR if REAL_CT_DIR.is_dir() else None
+    metrics = demo.run_demo(out, plan=TINY_PLAN, real_normal=real)
 
-    # metrics.json has exactly the documented shape
+    # metrics.json has exactly the documented shape (+ the real-normal check when the real CTs are there)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == metrics
-    assert set(metrics) == {"cases", "models", "runtime_s"}
+    assert set(metrics) == {"cases", "models", "runtime_s"} | ({"real_normal_cases"} if real else set())
     assert metrics["cases"] == 2
     assert set(metrics["models"]) == {"transunet", "unet", "hu_threshold"}
     for stats in metrics["models"].values():
-        assert set(stats) == {"dice", "sensitivity", "specificity"}
-        for s in stats.values():
+        assert set(stats) == {"dice", "sensitivity", "specificity"} | ({"real_normal_percent_involved"} if real else set())
+        for key, s in stats.items():
+            if key == "real_normal_percent_involved":
+                assert len(s) == len(metrics["real_normal_cases"]) == 3 and all(0.0 <= v <= 100.0 for v in s)
+                continue
             assert set(s) == {"mean", "std"}
             assert 0.0 <= s["mean"] <= 1.0
+    if real:
+        # the HU threshold marks vessels and partial volume of normal lungs (a real, known failure)
+        assert min(metrics["models"]["hu_threshold"]["real_normal_percent_involved"]) > 5.0
     assert metrics["runtime_s"] > 0
 
     # lesion masks are looked up only for the held-out studies, never for the training cohort
@@ -45,6 +53,11 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread):
 
     report = (out / "report.md").read_text()
     assert "HU-threshold baseline" in report and "transunet" in report and "Held-out examples" in report
+    assert "Mild cases" in report or "No mild case" in report
+    assert ("Real normal chest CTs" in report) == bool(real)
+    cohort = json.loads((out / "data" / "test" / "cohort.json").read_text())
+    assert cohort.get("lesion_model") == "independent"
+    assert json.loads((out / "data" / "train" / "cohort.json").read_text()).get("lesion_model") == "independent"
     assert (out / "evaluation" / "summary.json").is_file()
 
     # predictions are on each held-out study's own grid (same shape and affine as the input)

@@ -234,7 +234,7 @@ def test_make_pseudo_masks_folder(data, tmp_path):
     from CovidGANSegLib.preprocessing import load_preprocessed
 
     _, pre, ckpt = data
-    out = make_pseudo_masks(ckpt, pre, tmp_path / "pm", device="cpu")
+    out = make_pseudo_masks(ckpt, pre, tmp_path / "pm", device="cpu", rule="paper")
     ds = load_preprocessed(pre)
     n = len(ds.covid)
     diff = np.load(out / "difference.npy")
@@ -254,11 +254,31 @@ def test_make_pseudo_masks_folder(data, tmp_path):
     assert (out / "severity_boxplot.png").stat().st_size > 1000
     with pytest.raises(FileExistsError):
         make_pseudo_masks(ckpt, pre, out, device="cpu")
-    fixed = make_pseudo_masks(ckpt, pre, out, device="cpu", threshold=0.0, min_size=0, overwrite=True)
+    fixed = make_pseudo_masks(ckpt, pre, out, device="cpu", threshold=0.0, min_size=0, overwrite=True, rule="paper")
     assert np.array_equal(np.load(fixed / "pseudo_masks.npy"), (diff > 0) & lungs)
     assert main(["--progress", "none", "pseudo-masks", "--checkpoint", str(ckpt), "--data", str(pre), "--out", str(tmp_path / "cli"),
                  "--threshold", "0.02", "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "cli" / "index.json").read_text())["threshold"]["value"] == 0.02
+
+
+def test_refined_pseudo_masks_on_a_finer_grid(data, tmp_path):
+    from CovidGANSegLib.preprocessing import load_preprocessed
+
+    _, pre, ckpt = data
+    out = make_pseudo_masks(ckpt, pre, tmp_path / "pm", device="cpu", grid=(64, 64, 16))
+    ds = load_preprocessed(pre)
+    index = json.loads((out / "index.json").read_text())
+    assert index["rule"] == "refined" and index["preprocess"]["grid"] == [64, 64, 16] and index["gan_preprocess"]["grid"] == list(TINY_GRID)
+    images, masks, lungs = (np.load(out / f"{n}.npy") for n in ("images", "pseudo_masks", "lungs"))
+    assert images.shape == masks.shape == lungs.shape == (len(ds.covid), 16, 64, 64)
+    assert not (masks & ~lungs).any()
+    healthy, healthy_lungs = np.load(out / "healthy.npy"), np.load(out / "healthy_lungs.npy")
+    assert healthy.shape == (len(ds.healthy), 16, 64, 64) and healthy_lungs.dtype == bool
+    # the HU prior holds for every marked voxel
+    hu = images * 1400.0 - 1000.0
+    assert ((hu[masks] >= -750.0) & (hu[masks] <= 100.0)).all()
+    assert [r["id"] for r in index["records"]] == [r["id"] for r in ds.records_of("covid")]
+    assert np.load(out / "difference.npy").shape == images.shape
 
 
 def test_pseudo_masks_refuse_data_preprocessed_differently(data, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -169,7 +171,13 @@ def test_gan_outputs_and_preprocess_mismatch(phantom, tmp_path):
         assert img.shape == src.shape and np.allclose(img.affine, src.affine, atol=1e-5)
     assert np.allclose(np.asarray(src.dataobj, np.float32) - np.asarray(nib.load(str(ph)).dataobj, np.float32),
                        np.asarray(nib.load(str(diff)).dataobj, np.float32))
-    other = _seg_checkpoint(tmp_path / "seg64.pt", pp=PreprocessConfig(grid=(64, 64, 8), min_slices=1))
+    # a segmenter on a finer grid than the GAN's is fine (the GAN's outputs go back to the CT grid) ...
+    finer = _seg_checkpoint(tmp_path / "seg64.pt", pp=dataclasses.replace(PP, grid=(64, 64, 8)))
+    out3, diff3 = tmp_path / "lesion3.nii.gz", tmp_path / "diff3.nii.gz"
+    segment_file(ct_path, seg=finer, gan=gan, output=out3, difference=diff3, device="cpu")
+    assert np.array_equal(np.asarray(nib.load(str(diff3)).dataobj), np.asarray(nib.load(str(diff)).dataobj))
+    # ... another HU window is not
+    other = _seg_checkpoint(tmp_path / "segw.pt", pp=dataclasses.replace(PP, hu_window=(-1200.0, 600.0)))
     out2 = tmp_path / "lesion2.nii.gz"
     with pytest.raises(CheckpointError, match="different preprocessing"):
         segment_file(ct_path, seg=other, gan=gan, output=out2, device="cpu")

@@ -1,0 +1,107 @@
+"""Synthetic-lesion supervision: exact pairs from healthy volumes, and the segmenter trained with them."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from CovidGANSegLib import progress
+from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card
+from CovidGANSegLib.seg import training
+from CovidGANSegLib.seg.synthetic import SyntheticSupervision, synthetic_pairs
+
+from test_seg_training import make_pseudo_masks
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WINDOW = (-1000.0, 400.0)
+
+
+def _healthy(n: int = 3, d: int = 6, h: int = 48, w: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Healthy-looking [0, 1] volumes: parenchyma at -850 HU with noise and a few bright 'vessels'."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    lung2d = ((yy - h / 2) ** 2 / (0.4 * h) ** 2 + (xx - w / 2) ** 2 / (0.42 * w) ** 2) <= 1
+    hu = np.where(lung2d, -850.0, 40.0) + rng.normal(0, 20, (n, d, h, w))
+    hu[:, :, h // 2, w // 4: 3 * w // 4] = 40.0  # a vessel across every slice
+    lungs = np.broadcast_to(lung2d, (n, d, h, w)).copy()
+    return ((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0])).clip(0, 1).astype(np.float32), lungs
+
+
+def test_pairs_are_exact_inside_the_lung_and_deterministic():
+    healthy, lungs = _healthy()
+    plan = SyntheticSupervision(variants_per_volume=3, coverage=(0.01, 0.2))
+    images, masks, out_lungs, source = synthetic_pairs(healthy, lungs, window=WINDOW, spacing_dhw=(8.0, 2.0, 2.0), plan=plan, seed=4)
+    assert images.shape == masks.shape == out_lungs.shape == (9, *healthy.shape[1:])
+    assert list(source) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert not (masks & ~out_lungs).any()
+    changed = np.abs(images - healthy[source]) > 1e-4  # float round trip through HU aside
+    # exact labels: every changed voxel is labelled, and the label covers nothing that did not change
+    assert not (changed & ~masks).any()
+    assert changed[masks].mean() > 0.95
+    coverage = masks.sum(axis=(1, 2, 3)) / out_lungs.sum(axis=(1, 2, 3))
+    assert (coverage > 0.005).all() and (coverage < 0.3).all()
+    # denser than parenchyma where a lesion was drawn
+    assert images[masks].mean() > healthy[source][masks].mean() + 0.05
+    again = synthetic_pairs(healthy, lungs, window=WINDOW, spacing_dhw=(8.0, 2.0, 2.0), plan=plan, seed=4)
+    assert np.array_equal(again[0], images) and np.array_equal(again[1], masks)
+    other = synthetic_pairs(healthy, lungs, window=WINDOW, spacing_dhw=(8.0, 2.0, 2.0), plan=plan, seed=5)
+    assert not np.array_equal(other[1], masks)
+
+
+def test_plan_checks():
+    with pytest.raises(ValueError):
+        SyntheticSupervision(fraction=1.5)
+    with pytest.raises(ValueError):
+        SyntheticSupervision(coverage=(0.0, 0.2))
+    with pytest.raises(ValueError):
+        synthetic_pairs(np.zeros((2, 3, 4)), np.zeros((2, 3, 4), bool), window=WINDOW, spacing_dhw=(1, 1, 1))
+
+
+def _with_healthy(folder, n_healthy: int = 3):
+    make_pseudo_masks(folder, h=48, w=48, d=6)
+    healthy, lungs = _healthy(n_healthy)
+    np.save(folder / "healthy.npy", healthy)
+    np.save(folder / "healthy_lungs.npy", lungs)
+    index = json.loads((folder / "index.json").read_text())
+    index["preprocess"]["grid"] = [48, 48, 6]
+    index["preprocess"]["min_slices"] = 6
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_training_mixes_synthetic_pairs_and_chooses_threshold_on_them(tmp_path):
+    progress.set_mode("none")
+    pm = _with_healthy(tmp_path / "pm")
+    path = training.train_segmenter(pm, tmp_path / "run", model="unet", config="tiny", iterations=8, device="cpu",
+                                    synthetic=SyntheticSupervision(fraction=0.5, variants_per_volume=2))
+    payload = load_checkpoint(path, kind="seg")
+    meta = payload["metadata"]
+    assert meta["synthetic"]["fraction"] == 0.5
+    assert meta["n_train_healthy_volumes"] == 2 and meta["n_val_healthy_volumes"] == 1
+    assert payload["threshold"] in training.THRESHOLDS and meta["threshold"] == payload["threshold"]
+    card = read_model_card(path)
+    assert "synthetic lesions" in card["trained_on"] and card["threshold"] == payload["threshold"]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "losses.csv")))
+    assert rows[-1]["val_dice_synthetic"] != ""
+
+
+def test_training_without_synthetic_pairs_is_the_paper_path(tmp_path):
+    progress.set_mode("none")
+    pm = _with_healthy(tmp_path / "pm")
+    path = training.train_segmenter(pm, tmp_path / "run", model="unet", config="tiny", iterations=4, device="cpu",
+                                    synthetic=SyntheticSupervision(fraction=0.0))
+    payload = load_checkpoint(path, kind="seg")
+    assert payload["metadata"]["synthetic"] is None and payload["threshold"] == 0.5
+    assert "synthetic" not in read_model_card(path)["trained_on"]
+
+
+def test_folder_without_healthy_volumes_trains_on_pseudo_masks(tmp_path, caplog):
+    progress.set_mode("none")
+    pm = make_pseudo_masks(tmp_path / "pm")
+    path = training.train_segmenter(pm, tmp_path / "run", model="unet", config="tiny", iterations=3, device="cpu")
+    assert load_checkpoint(path, kind="seg")["metadata"]["synthetic"] is None
+    assert "synthetic-lesion supervision is off" in caplog.text
