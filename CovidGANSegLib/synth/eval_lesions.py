@@ -411,13 +411,13 @@ def synthesize_eval_lesions(
     coverage: float,
     posterior_axis: int = 1,
     posterior_direction: int = -1,
+    slice_axis: int = 2,
     return_details: bool = False,
 ):
     """Insert analytic lesions covering ``coverage`` of the lung into a CT in HU.
 
     Args:
-        hu: 3D CT in HU, any real dtype; axis 2 is the slice axis (its spacing is the slab
-            thickness over which shapes are averaged).
+        hu: 3D CT in HU, any real dtype.
         lung_mask: lung voxels (same shape); lesions stay inside it.
         rng: random source; the result is a pure function of its state and the inputs.
         spacing: voxel size in mm along the three axes.
@@ -425,6 +425,9 @@ def synthesize_eval_lesions(
         posterior_axis, posterior_direction: the antero-posterior axis and where posterior is
             (-1: low indices, as axis 1 of LAS / RAS arrays). Lesions favour posterior, subpleural
             sites.
+        slice_axis: the axis across slices (2 for file / canonical ``(x, y, z)`` arrays, 0 for
+            model-grid ``(D, H, W)`` arrays); its spacing is the slab thickness over which shapes
+            are averaged.
         return_details: also return a dict with the lesion weight ``w`` (float32), the list of
             lesions (kind, texture, mL in the mask) and the coverage reached.
 
@@ -443,6 +446,19 @@ def synthesize_eval_lesions(
         raise ValueError(f"coverage must be in (0, 1), got {coverage}")
     if posterior_axis not in (0, 1, 2) or posterior_direction not in (-1, 1):
         raise ValueError("posterior_axis must be 0, 1 or 2 and posterior_direction -1 or +1")
+    if slice_axis not in (0, 1, 2):
+        raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+    if slice_axis != 2:  # work with the slices on the last axis, and move them back at the end
+        order = [a for a in range(3) if a != slice_axis] + [slice_axis]
+        res = synthesize_eval_lesions(
+            np.moveaxis(hu, slice_axis, 2), np.moveaxis(lung, slice_axis, 2), rng, spacing=tuple(sp[order]),
+            coverage=coverage, posterior_axis=order.index(posterior_axis), posterior_direction=posterior_direction,
+            return_details=True)
+        out = np.ascontiguousarray(np.moveaxis(res[0], 2, slice_axis))
+        mask = np.ascontiguousarray(np.moveaxis(res[1], 2, slice_axis))
+        details = res[2]
+        details["w"] = np.ascontiguousarray(np.moveaxis(details["w"], 2, slice_axis))
+        return (out, mask, details) if return_details else (out, mask)
     out = hu.astype(np.float32, copy=True)
     w_total = np.zeros(hu.shape, np.float32)
     details = {"lesions": [], "target": float(coverage)}

@@ -248,3 +248,19 @@ def test_hu_threshold_precision_is_low_on_mild_independent_phantoms():
         sensitivities.append(tp / ph.lesion_mask.sum())
     assert max(precisions) < 0.2
     assert np.mean(sensitivities) > 0.3
+
+
+def test_slice_axis_of_model_grid_arrays(healthy):
+    """Arrays with the slices on axis 0 give the same lesions as (x, y, z) arrays."""
+    ph = healthy
+    a_out, a_mask = synthesize_eval_lesions(ph.hu, ph.lung_mask, np.random.default_rng(3), spacing=ph.spacing,
+                                            coverage=0.04)
+    zxy = np.transpose(ph.hu, (2, 0, 1))
+    sp = (ph.spacing[2], ph.spacing[0], ph.spacing[1])
+    b_out, b_mask = synthesize_eval_lesions(zxy, np.transpose(ph.lung_mask, (2, 0, 1)), np.random.default_rng(3),
+                                            spacing=sp, coverage=0.04, slice_axis=0, posterior_axis=2)
+    assert b_mask.shape == zxy.shape
+    np.testing.assert_array_equal(np.transpose(b_mask, (1, 2, 0)), a_mask)
+    np.testing.assert_allclose(np.transpose(b_out, (1, 2, 0)), a_out, atol=1e-3)
+    with pytest.raises(ValueError):
+        synthesize_eval_lesions(zxy, b_mask, np.random.default_rng(0), spacing=sp, coverage=0.1, slice_axis=5)

@@ -167,3 +167,34 @@ def test_fast_enough_for_a_gan_batch():
             synthesize_lesions(img, lung, rng, window=WINDOW, spacing=SPACING)
         best = min(best, time.perf_counter() - t)
     assert best < 0.5, f"a batch of 8 took {best:.2f} s"
+
+
+def test_training_model_api_is_stable():
+    """The GAN and the segmenters train on this model: its signature and config fields stay put."""
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(synthesize_lesions).parameters
+    assert list(params)[:3] == ["image", "lung_mask", "rng"]
+    for name in ("config", "window", "spacing", "coverage"):
+        assert name in params and params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    fields = {f.name for f in dataclasses.fields(LesionConfig)}
+    assert {"coverage", "blob_scale_mm", "ggo_hu", "consolidation_hu", "posterior_axis", "posterior_direction"} <= fields
+
+
+def test_evaluation_model_draws_other_lesions(chest):
+    """At equal coverage on the same lungs, the independent evaluation model (synth/eval_lesions)
+    puts its lesions elsewhere and in other shapes: the two masks barely overlap."""
+    from CovidGANSegLib.synth.eval_lesions import synthesize_eval_lesions
+
+    hu, lung, _ = chest
+    spacing_dhw = SPACING
+    dices = []
+    for seed in range(3):
+        _, a = synthesize_lesions(hu, lung, np.random.default_rng(seed), spacing=spacing_dhw, coverage=0.08)
+        _, b = synthesize_eval_lesions(hu, lung, np.random.default_rng(seed), spacing=spacing_dhw, coverage=0.08,
+                                       slice_axis=0, posterior_axis=1, posterior_direction=-1)
+        assert not (b & ~lung).any()
+        assert abs(b.sum() / lung.sum() - 0.08) <= 0.008 + 0.5 / (lung.sum() * np.prod(spacing_dhw) / 1000)
+        dices.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+    assert np.mean(dices) < 0.4

@@ -319,3 +319,60 @@ def test_cli_independent_lesion_model(tmp_path, capsys):
     lungs = load_mask(out / rec["lungs"], ct)
     assert mask.any() and not (mask & ~lungs).any()
     assert 100 * mask.sum() / lungs.sum() == pytest.approx(rec["involvement_percent"], abs=1e-3)
+
+
+def test_vessel_trees_reach_sub_voxel_calibre():
+    """Murray's-law trees end in twigs of 0.3-0.55 mm radius (sub-voxel at any of our spacings)."""
+    from CovidGANSegLib.synth.chest.vessels import TIP_RADIUS_MM, grow_tree
+
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-60.0, 60.0, (300, 3))
+    segs: list = []
+    grow_tree(np.zeros(3), pts, 6.0, segs, rng)
+    radii = np.array([r for _, _, r in segs])
+    assert radii.max() == pytest.approx(6.0)
+    assert TIP_RADIUS_MM[0] <= radii.min() and (radii < 0.55).sum() >= 250  # a twig per attractor point
+
+
+def test_healthy_anatomy_varies_like_real_studies():
+    """Across healthy studies: noise from standard to low dose, and lungs denser or lighter."""
+    sig, med = [], []
+    for n in range(8):
+        ph = generate_phantom(study_rng(3, n), size="small", covid=False, return_labels=False)
+        sig.append(ph.hu[:10, -10:, :].astype(float).std())
+        med.append(np.median(ph.hu[ph.lung_mask]))
+    assert min(sig) < 30 and max(sig) > 35
+    assert max(med) - min(med) > 20
+
+
+def test_chest_package_has_no_import_cycles():
+    """One concept per module under synth/chest, imported one way: no cycles, nothing imports phantoms."""
+    import ast
+
+    folder = Path(__file__).resolve().parents[2] / "CovidGANSegLib" / "synth" / "chest"
+    graph = {}
+    for path in folder.glob("*.py"):
+        name = path.stem
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("CovidGANSegLib.synth"):
+                assert "phantoms" not in node.module and "lesions" not in node.module, (name, node.module)
+                if node.module == "CovidGANSegLib.synth.chest":
+                    deps |= {a.name for a in node.names}
+                elif node.module.startswith("CovidGANSegLib.synth.chest."):
+                    deps.add(node.module.rsplit(".", 1)[1])
+        graph[name] = deps - {name}
+    assert {"geometry", "canvas", "body", "bones", "abdomen", "mediastinum", "lungs", "vessels", "noise"} <= set(graph)
+    seen, done = set(), set()
+
+    def visit(node):
+        assert node not in seen or node in done, f"import cycle through {node}"
+        if node in done:
+            return
+        seen.add(node)
+        for dep in graph.get(node, ()):
+            visit(dep)
+        done.add(node)
+
+    for node in graph:
+        visit(node)
