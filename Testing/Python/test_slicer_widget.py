@@ -36,8 +36,14 @@ def boxKji(box, shape=SHAPE_KJI) -> np.ndarray:
 
 @pytest.fixture
 def panel(harness, scriptedModule, monkeypatch, tmp_path):
-    """``(widget, parameter node)``: the module's panel as Slicer creates it, with an empty models folder."""
+    """A factory of the module's panel as Slicer creates it, with an empty models folder. The child is the
+    fake CLI (no torch), so the dependency check is told that everything is installed (it would
+    otherwise ask to install torch and pip packages into this interpreter)."""
+    from CovidGANSegModuleLib import dependencies
+
     monkeypatch.setenv("COVIDGANSEG_MODELS", str(tmp_path / "no-models"))
+    monkeypatch.setattr(dependencies, "torchInstalled", lambda: True)
+    monkeypatch.setattr(dependencies, "missingPackages", lambda reqs=None: [])
     created = []
 
     def make(version=(5, 6)):
@@ -146,12 +152,12 @@ def test_errors_in_setup_enter_and_jobs_are_shown_not_raised(harness, panel, scr
 
     harness.app.setTestingEnabled(False)
     harness.setMainWindow(True)
-    monkeypatch.setattr(scriptedModule.CovidGANSegLogic, "listModels", lambda self, folder: (_ for _ in ()).throw(OSError("disk gone")))
-    widget = panel()  # setup() and enter() list the models: the error is shown, the panel works
-    assert any("Could not list the models" in box["text"] and "disk gone" in box["text"] for box in widgets.QMessageBox.shown)
-    harness.exitModule(widget)
-    harness.enterModule(widget)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(scriptedModule.CovidGANSegLogic, "listModels", lambda self, folder: (_ for _ in ()).throw(OSError("disk gone")))
+        widget = panel()  # setup() and enter() list the models: the error is shown, the panel works
+        assert any("Could not list the models" in box["text"] and "disk gone" in box["text"] for box in widgets.QMessageBox.shown)
+        harness.exitModule(widget)
+        harness.enterModule(widget)
     # a failing job: its message shown once, no traceback
     del widgets.QMessageBox.shown[:]
     fake = FakeCli(widget.logic, Path(harness.app.temporaryPath))
