@@ -261,7 +261,8 @@ class _Placement:
     """Where lesions go: lung voxels of a coarse (about 4 mm in-plane) sub-grid, their depth below
     the pleura and the direction to their lung's hilum."""
 
-    def __init__(self, lung: np.ndarray, spacing: Sequence[float], posterior_axis: int, posterior_direction: int) -> None:
+    def __init__(self, lung: np.ndarray, spacing: Sequence[float], posterior_axis: int,
+                 posterior_direction: int) -> None:
         self.lung = lung
         self.spacing = np.asarray(spacing, float)
         # depth below the pleura on a coarse grid (about 4 mm), cheap at any resolution
@@ -293,8 +294,6 @@ class _Placement:
         lo, hi = coord.min(), coord.max()
         rel = (coord - lo) / max(hi - lo, 1e-6)
         self.posterior = rel if posterior_direction > 0 else 1.0 - rel  # 1 = most posterior
-        self.post_vec = np.zeros(3)
-        self.post_vec[ax] = float(posterior_direction)
 
     def voxel_depth(self, sel: np.ndarray) -> np.ndarray:
         i = self.cidx[sel]
@@ -372,7 +371,8 @@ def _make_lesion(kind: str, site: np.ndarray, inward: np.ndarray, vol_mm3: float
         arc = bool(rng.random() < 0.4)
         depth = float(rng.uniform(3.0, 12.0))
         bend = float(rng.uniform(-0.01, 0.01))
-        return _Band(site + inward * depth, -inward, tangent, size["length"] * scale, size["thickness"] * max(scale, 0.6), bend, arc)
+        thickness = size["thickness"] * max(scale, 0.6)
+        return _Band(site + inward * depth, -inward, tangent, size["length"] * scale, thickness, bend, arc)
     r = size["r"] * scale
     parts = []
     for _ in range(size["k"]):
@@ -569,7 +569,7 @@ def _render(lesion: _Lesion, texture: _Texture, rng: np.random.Generator, inward
     kind = texture.kind
     h = image[box]
     on = f > 0
-    X, Y, Z = (np.broadcast_to(a, shape)[on] for a in (dx + np.float32(c[0]), dy + np.float32(c[1]), dz0 + np.float32(c[2])))
+    X, Y, Z = (np.broadcast_to(a + np.float32(o), shape)[on] for a, o in ((dx, c[0]), (dy, c[1]), (dz0, c[2])))
     t = h.copy()
     if kind in ("ggo", "halo", "reversed_halo", "crazy_paving"):
         ggo = texture.ggo(h, on, X, Y, Z)

@@ -31,6 +31,7 @@ def diaphragm(c: Chest) -> np.ndarray:
 
 
 def draw_abdomen(c: Chest) -> None:
+    """Diaphragm domes, then liver, spleen, stomach (with gas) and kidneys below them."""
     r = c.rng
     c.z_dia = diaphragm(c)
     below = np.clip((c.z_dia - c.z) / c.sz + 0.5, 0.0, 1.0)  # fraction of slab below dome

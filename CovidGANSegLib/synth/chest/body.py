@@ -11,6 +11,7 @@ from CovidGANSegLib.synth.chest.labels import LABELS
 
 
 def draw_parameters(c: Chest) -> None:
+    """Draw the patient's build, tissue HU and body-centred angle / radius maps."""
     r = c.rng
     c.uc = uniform(r, -8.0, 8.0)
     c.vc = uniform(r, -25.0, 0.0)
@@ -69,6 +70,7 @@ def body_radius(c: Chest) -> np.ndarray:
 
 
 def _harmonics(c: Chest, theta):
+    """Smooth angular irregularity of the body outline (a multiplier near 1)."""
     mult = np.ones_like(theta)
     post = np.clip(-np.sin(theta), 0.0, 1.0) ** 2
     for amp, k, ph in c.harm:
@@ -77,6 +79,7 @@ def _harmonics(c: Chest, theta):
 
 
 def draw_table(c: Chest) -> None:
+    """The patient table under the back: a dense shell with an air core."""
     c.v_table = c.v_back - uniform(c.rng, 1.0, 6.0)
     u = c.u
     top = c.v_table + 0.0005 * (u - c.uc) ** 2  # slightly curved, in mm
@@ -89,6 +92,7 @@ def draw_table(c: Chest) -> None:
 
 
 def draw_body_wall(c: Chest) -> None:
+    """Skin, subcutaneous fat, chest-wall muscles and the thoracic / abdominal cavity."""
     r = c.rng
     rb = body_radius(c)
     c.depth = rb - c.rad  # (nx, ny, nz) radial depth below the skin, mm

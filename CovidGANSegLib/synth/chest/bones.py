@@ -11,6 +11,7 @@ from CovidGANSegLib.synth.chest.labels import LABELS
 
 
 def draw_spine(c: Chest) -> None:
+    """Vertebral bodies with discs, the canal and the posterior elements."""
     r = c.rng
     e = c.edge
     uc = c.uc
@@ -54,6 +55,7 @@ def draw_spine(c: Chest) -> None:
 
 
 def draw_ribs_and_bones(c: Chest) -> None:
+    """Ribs (cortex, marrow, costal cartilage), sternum and scapulae."""
     r = c.rng
     e = c.edge
     d = c.depth

@@ -76,6 +76,7 @@ class Chest:
         return (slice(i0, i1), slice(j0, j1), slice(k0, k1))
 
     def coords(self, box):
+        """The (u, v, z) coordinate arrays (mm) of an index box."""
         return self.u[box[0]], self.v[:, box[1]], self.z[:, :, box[2]]
 
     def tube(self, cu, cv, radius, z0, z1, value, excl, *, margin=0.0, ratio=1.0, label=None, record=None):
@@ -181,10 +182,12 @@ class Chest:
         np.maximum(occ, np.minimum(total.reshape(occ.shape), 1.0), out=occ)
 
     def segment_box(self, p0, p1, ext):
+        """Index box around the segment p0-p1 with a margin ``ext`` (mm)."""
         return self.box(min(p0[0], p1[0]) - ext, max(p0[0], p1[0]) + ext, min(p0[1], p1[1]) - ext,
                         max(p0[1], p1[1]) + ext, min(p0[2], p1[2]) - ext, max(p0[2], p1[2]) + ext)
 
     def segment_paint(self, p0, p1, radius, value, excl, margin, *, label=None, record=None):
+        """Paint a capsule p0-p1 (mm) of ``radius``; optionally widen the exclusion map."""
         box = self.segment_box(p0, p1, radius + margin)
         if box is None:
             return

@@ -15,6 +15,7 @@ SIZES = ("small", "mosmed")
 
 
 def uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    """One uniform draw in [lo, hi) as a float."""
     return float(rng.uniform(lo, hi))
 
 
@@ -61,6 +62,7 @@ def smooth_curve(rng: np.random.Generator, amplitude: float, terms: int = 3):
 
 
 def smoothstep(x):
+    """Cubic smooth step from 0 (x <= 0) to 1 (x >= 1)."""
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3.0 - 2.0 * x)
 
@@ -71,12 +73,14 @@ def smoothstep(x):
 
 @dataclass(frozen=True)
 class Grid:
+    """Output grid of a study: shape (nx, ny, nz), spacing (mm), in-plane anatomy downsampling."""
     shape: tuple[int, int, int]  # output (nx, ny, nz)
     spacing: tuple[float, float, float]
     factor: int  # in-plane downsampling of the anatomy grid
 
     @property
     def fov(self) -> float:
+        """In-plane field of view (mm)."""
         return self.shape[0] * self.spacing[0]
 
     def affine(self, z0: float) -> np.ndarray:
@@ -94,6 +98,7 @@ class Grid:
 
 
 def draw_grid(rng: np.random.Generator, size: str, body_width: float) -> Grid:
+    """Draw a study grid for ``size`` around a body ``body_width`` mm wide."""
     fov = body_width * uniform(rng, 1.05, 1.18)
     if size == "mosmed":
         n, nz_range, factor = 512, (32, 49), 2
@@ -109,6 +114,7 @@ def draw_grid(rng: np.random.Generator, size: str, body_width: float) -> Grid:
 
 
 def seg_dist_2d(u, v, p0, p1):
+    """In-plane distance (mm) from points (u, v) to the segment p0-p1."""
     ab = (p1[0] - p0[0], p1[1] - p0[1])
     L2 = ab[0] ** 2 + ab[1] ** 2
     tt = np.clip(((u - p0[0]) * ab[0] + (v - p0[1]) * ab[1]) / L2, 0.0, 1.0)

@@ -11,6 +11,7 @@ from CovidGANSegLib.synth.perlin import fractal_noise_3d
 
 
 def draw_lung_shape(c: Chest) -> None:
+    """Lung apices and the mediastinal band; the lungs are finished by :func:`finish_lungs`."""
     r = c.rng
     u, v, z, t = c.u, c.v, c.z, c.t
     e = c.edge
@@ -62,8 +63,8 @@ def finish_lungs(c: Chest, exclusion: np.ndarray, airways: np.ndarray) -> None:
 
 def draw_dependent_density(c: Chest) -> None:
     """Faint dependent (posterior subpleural) density in some studies: gravity-dependent
-    hypoventilation / atelectasis, up to about +280 HU over the parenchyma at the pleura, fading over a few mm from the posterior
-    pleura. Normal anatomy, never part of a lesion mask; a plain HU threshold takes it for GGO."""
+    hypoventilation / atelectasis, up to about +280 HU over the parenchyma at the posterior pleura,
+    fading over a few mm. Normal anatomy, never part of a lesion mask; a plain HU threshold takes it for GGO."""
     r = c.rng
     present = r.random() < DEPENDENT_DENSITY_PROBABILITY
     amp = uniform(r, 100.0, 280.0)
@@ -93,6 +94,7 @@ DEPENDENT_DENSITY_PROBABILITY = 0.4
 
 
 def lung_box(c: Chest):
+    """Index box of the lung occupancy, or None when there is no lung."""
     idx = np.nonzero(c.lung.max(axis=2) > 0)
     ks = np.nonzero(c.lung.max(axis=(0, 1)) > 0)[0]
     if len(idx[0]) == 0:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -20,6 +18,7 @@ TIP_RADIUS_MM = (0.3, 0.55)
 
 
 def draw_vessel_trees(c: Chest) -> None:
+    """Arterial and venous trees of each lung from the hila, bronchi beside the larger arteries."""
     r = c.rng
     lung_b = c.lung >= 0.5
     if not lung_b.any():
