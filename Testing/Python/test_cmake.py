@@ -28,8 +28,8 @@ def _run(args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def configure(source: Path, build: Path) -> subprocess.CompletedProcess:
-    return _run(["cmake", "-S", str(source), "-B", str(build), f"-DSlicer_DIR={STUB}", *_generator()])
+def configure(source: Path, build: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _run(["cmake", "-S", str(source), "-B", str(build), f"-DSlicer_DIR={STUB}", *extra, *_generator()])
 
 
 def listedLibraryFiles(cmakelists: Path) -> list[str]:
@@ -72,9 +72,16 @@ def test_extension_metadata_and_description_file(built):
     fields = dict(line.split(" ", 1) for line in s4ext.splitlines() if " " in line)
     assert fields["category"] == "Segmentation"
     assert fields["depends"] == "PyTorch"
-    assert fields["homepage"].startswith("https://") and fields["iconurl"].endswith("CovidGANSeg.png")
-    assert fields["screenshoturls"].endswith("docs/figures/slicer_slice_view.png")
+    assert fields["homepage"].startswith("https://") and fields["iconurl"].endswith("/main/Resources/Icons/CovidGANSeg.png")
+    screenshots = fields["screenshoturls"].split(" ")
+    assert [url.rsplit("/main/", 1)[1] for url in screenshots] == ["Resources/Screenshots/slicer_slice_view.png",
+                                                                   "Resources/Screenshots/slicer_difference_overlay.png"]
+    # the files the URLs name are in the repository: the top-level Resources/ folder, PNG images
+    for url in [fields["iconurl"], *screenshots]:
+        path = ROOT / url.rsplit("/main/", 1)[1]
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     assert "not for clinical use" in fields["description"]
+    assert "Slicer 5.6, 5.8 and 5.10" in fields["description"]
     assert fields["contributors"]
 
 
@@ -152,6 +159,7 @@ def sourceCopy(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "CovidGANSeg", src / "CovidGANSeg", ignore=ignore)
     shutil.copytree(ROOT / "CovidGANSegLib", src / "CovidGANSegLib", ignore=ignore)
+    shutil.copytree(ROOT / "Resources", src / "Resources", ignore=ignore)
     return src
 
 
@@ -169,6 +177,8 @@ def test_the_copy_configures(sourceCopy, tmp_path):
     ("unlisted resource", "Resources/Icons/other.png is in Resources/ but not in RESOURCES"),
     ("second module file", "helper.py is in the module folder but not in SCRIPTS"),
     ("no EXTENSION_DEPENDS", "EXTENSION_DEPENDS is not set"),
+    ("missing screenshot", "Resources/Screenshots/slicer_slice_view.png .extension icon / screenshot. is missing"),
+    ("Slicer 5.4", "CovidGANSeg needs Slicer 5.6 or newer .supported: 5.6;5.8;5.10., found 5.4"),
 ])
 def test_breakage_fails_the_configuration(sourceCopy, tmp_path, breakage, message):
     src = sourceCopy
@@ -189,7 +199,10 @@ def test_breakage_fails_the_configuration(sourceCopy, tmp_path, breakage, messag
     elif breakage == "no EXTENSION_DEPENDS":
         text = (src / "CMakeLists.txt").read_text()
         (src / "CMakeLists.txt").write_text(re.sub(r"set\(EXTENSION_DEPENDS [^\n]*\n", "", text))
-    result = configure(src, tmp_path / "build")
+    elif breakage == "missing screenshot":
+        (src / "Resources/Screenshots/slicer_slice_view.png").unlink()
+    extra = ["-DSLICER_STUB_VERSION=5.4.0"] if breakage == "Slicer 5.4" else []
+    result = configure(src, tmp_path / "build", *extra)
     assert result.returncode != 0, f"{breakage}: configuration should fail\n{result.stdout}"
     output = " ".join((result.stdout + result.stderr).split())  # CMake wraps long messages
     assert re.search(message, output), output
