@@ -19,7 +19,7 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
-from CovidGANSegLib.seg.inference import load_segmenter, segment_ct, segment_file
+from CovidGANSegLib.seg.inference import LESION_HU_FLOOR, load_segmenter, segment_ct, segment_file
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
@@ -78,10 +78,12 @@ def test_output_grid_equals_input_for_odd_geometries(phantom, tmp_path, axcodes,
         assert np.allclose(img.affine, src.affine, atol=1e-5)
         assert img.get_data_dtype() == np.uint8
     lesion, lung = np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(lungs)).dataobj)
-    # the crop box holds the lungs plus a margin, so "lesion everywhere" is exactly the lung mask
-    assert lung.sum() > 1000 and np.array_equal(lesion, lung)
+    # the crop box holds the lungs plus a margin, so "lesion everywhere" is exactly the lung mask where the
+    # input is at least as dense as the HU floor
+    dense = np.asarray(src.dataobj) >= LESION_HU_FLOOR
+    assert lung.sum() > 1000 and np.array_equal(lesion, lung & dense)
     on_disk = json.loads(report.read_text())
-    assert on_disk["percent_involved"] == pytest.approx(100.0) and on_disk["mosmed_category"] == "CT-4"
+    assert on_disk["percent_involved"] == pytest.approx(100.0 * (lung & dense).sum() / lung.sum(), rel=1e-4)
     assert on_disk["lung_ml"] == pytest.approx(lung.sum() * np.prod(src.header.get_zooms()[:3]) / 1000, rel=1e-5)
     assert rep["demo_models"] is True
 
@@ -107,6 +109,16 @@ def test_segment_ct_in_memory(phantom, tmp_path):
     assert res.probability_model.shape == PP.grid_dhw
     with pytest.raises(ValueError):
         segment_ct(ct, model, threshold=1.5)
+
+
+def test_hu_floor_at_inference(phantom, tmp_path):
+    model, _ = load_segmenter(_seg_checkpoint(tmp_path / "seg.pt", bias=10.0), "cpu")
+    ct = CTVolume.from_array(phantom.hu, phantom.affine)
+    everywhere = segment_ct(ct, model, hu_floor=None).lesion_mask
+    floored = segment_ct(ct, model).lesion_mask
+    assert np.array_equal(everywhere, segment_ct(ct, model, hu_floor=None).lung_mask)
+    assert np.array_equal(floored, everywhere & (ct.array >= LESION_HU_FLOOR))
+    assert 0 < floored.sum() < everywhere.sum()  # aerated lung is below the floor
 
 
 def test_checkpoint_errors_write_nothing(phantom, tmp_path):

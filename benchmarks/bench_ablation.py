@@ -1,0 +1,280 @@
+"""Ablation of the levers of the self-supervised pipeline (issue 8): what each one does to held-out Dice.
+
+One GAN is trained (the plan's), then segmenters are trained under each variant and scored on the
+*validation* cohort (independent lesion model, its own seed and study numbers; the held-out test
+cohort is never used here, so nothing is chosen on it) and on the real normal CTs (percent of lung
+marked as lesion). Variants, each adding one lever to the previous one unless said otherwise:
+
+* ``paper``: the paper's path: pseudo-masks by the paper rule on the GAN's grid, no synthetic
+  lesions, probability > 0.5 inside the lung;
+* ``+grid``: the segmenter on the finer grid (paper rule mapped there);
+* ``+rule``: the refined pseudo-mask rule (regional thresholds, hysteresis, HU prior, thin structures);
+* ``+synthetic``: half of each batch from synthetic lesions in healthy volumes, the probability
+  threshold chosen on synthetic lesions in held-out healthy volumes;
+* ``+hu-floor``: lesions only where the input is at least -800 HU (the default pipeline);
+* ``synthetic-only``: the default with synthetic lesions alone in phase 2 (no pseudo-masks);
+* ``+gan-gate``: the default, with lesions kept only where the GAN removed density (difference > 30 HU).
+
+Rows: Dice (all cases, and mild cases under 5 % of lung apart), sensitivity, precision, real-normal
+false-positive percent per CT, training seconds. Results are printed and saved to
+``benchmarks/results/ablation_<plan>_<date>.json`` (partial results are saved after every variant).
+
+    python benchmarks/bench_ablation.py --plan quick --out /tmp/ablation
+    python benchmarks/bench_ablation.py --plan quick --variants paper +synthetic --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("paper", "+grid", "+rule", "+synthetic", "+hu-floor", "synthetic-only", "+gan-gate")
+#: (pseudo-mask rule, segmenter grid is the fine one, synthetic fraction, GAN gate, HU floor at inference)
+SETTINGS = {
+    "paper": ("paper", False, 0.0, False, False),
+    "+grid": ("paper", True, 0.0, False, False),
+    "+rule": ("refined", True, 0.0, False, False),
+    "+synthetic": ("refined", True, 0.5, False, False),
+    "+hu-floor": ("refined", True, 0.5, False, True),
+    "synthetic-only": ("refined", True, 1.0, False, True),
+    "+gan-gate": ("refined", True, 0.5, True, True),
+}
+GATE_HU = 30.0
+MILD_PERCENT = 5.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="work folder (cohorts, runs; reused when it exists)")
+    ap.add_argument("--plan", default="quick", choices=["quick", "full"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--arch", default="transunet", choices=["transunet", "unet"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--real-normal", type=Path, default=None, help="folder of real normal CTs (default: shared/data/real_ct)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch
+
+    from CovidGANSegLib import demo, progress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress.set_mode("none")
+    plan = demo.QUICK if args.plan == "quick" else demo.FULL
+    real_dir = args.real_normal or demo.default_real_normal_dir()
+    work = args.out
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    result_path = ROOT / "benchmarks" / "results" / f"ablation_{args.plan}_{args.arch}_{stamp}.json"
+    result: dict[str, Any] = {
+        "plan": dataclasses.asdict(plan), "arch": args.arch, "split": "validation", "machine": _machine(), "torch_threads": torch.get_num_threads(),
+        "note": "scored on the validation cohort (independent lesion model); the held-out test cohort is not used here",
+        "stages": {}, "variants": {},
+    }
+
+    train_dir, val_dir = _cohorts(work, plan, result)
+    gan_model = _gan(work, plan, train_dir, result)
+    cases = _load_cases(val_dir)
+    result["cases"] = len(cases)
+    result["mild_cases"] = sum(c["mild"] for c in cases)
+    result["variants"]["hu_threshold"] = _score_hu_threshold(cases, real_dir)
+    _save(result, result_path)
+    for name in args.variants:
+        rule, fine, fraction, gate, floor = SETTINGS[name]
+        pm = _pseudo_masks(work, plan, train_dir, gan_model, rule, fine, result)
+        t = time.perf_counter()
+        model = _train(work, plan, pm, name, fraction, args.arch, train_dir)
+        train_s = time.perf_counter() - t
+        row = _score(model, cases, real_dir, gan_model if gate else None, floor)
+        row["train_s"] = round(train_s, 1)
+        row["settings"] = {"rule": rule, "fine_grid": fine, "synthetic_fraction": fraction, "gan_gate_hu": GATE_HU if gate else None,
+                           "hu_floor": floor}
+        result["variants"][name] = row
+        _save(result, result_path)
+        print(_table(result), flush=True)
+    print(f"saved {result_path}")
+    return 0
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (torch CPU)"
+
+
+def _save(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _cohorts(work: Path, plan, result: dict[str, Any]) -> tuple[Path, Path]:
+    from CovidGANSegLib.synth.phantoms import write_cohort
+
+    train_dir, val_dir = work / "train", work / "validation"
+    t = time.perf_counter()
+    if not train_dir.is_dir():
+        write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size,
+                     lesion_model=plan.lesion_model)
+    if not val_dir.is_dir():  # the demo's validation cohort: seed + 2, studies 6001..
+        write_cohort(val_dir, healthy=0, covid=plan.val_covid, seed=plan.seed + 2, size=plan.phantom_size, first_id=6001,
+                     lesion_model=plan.lesion_model)
+    result["stages"]["phantoms_s"] = round(time.perf_counter() - t, 1)
+    return train_dir, val_dir
+
+
+def _gan(work: Path, plan, train_dir: Path, result: dict[str, Any]) -> Path:
+    from CovidGANSegLib.config import PreprocessConfig
+    from CovidGANSegLib.gan.training import train_gan
+
+    model = work / "runs" / "gan" / "model.pt"
+    if not model.is_file():
+        t = time.perf_counter()
+        train_gan(train_dir, work / "runs" / "gan", config=plan.gan_config, preprocess=PreprocessConfig(grid=plan.grid),
+                  iterations=plan.gan_iterations, device="cpu", seed=plan.seed)
+        result["stages"]["gan_training_s"] = round(time.perf_counter() - t, 1)
+    return model
+
+
+def _pseudo_masks(work: Path, plan, train_dir: Path, gan_model: Path, rule: str, fine: bool, result: dict[str, Any]) -> Path:
+    from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
+
+    grid = plan.seg_grid if fine else None
+    out = work / f"pm_{rule}_{'fine' if fine else 'gan'}"
+    if not (out / "index.json").is_file():
+        t = time.perf_counter()
+        cached = work / "runs" / "gan" / "preprocessed"
+        make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, out, device="cpu", rule=rule, grid=grid,
+                          cache=work / "seg_preprocessed", overwrite=True)
+        result["stages"][f"pseudo_masks_{out.name}_s"] = round(time.perf_counter() - t, 1)
+        index = json.loads((out / "index.json").read_text())
+        result["stages"][f"pseudo_masks_{out.name}_fraction_of_lung"] = index["mask_fraction_of_lung"]
+    return out
+
+
+def _train(work: Path, plan, pm: Path, name: str, fraction: float, arch: str, train_dir: Path) -> Path:
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
+    from CovidGANSegLib.seg.training import train_segmenter
+
+    settings = SETTINGS[name]
+    key = f"{arch}_{settings[0]}_{'fine' if settings[1] else 'gan'}_syn{settings[2]:g}"
+    run = work / "runs" / key
+    if (run / "model.pt").is_file():
+        return run / "model.pt"
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    return train_segmenter(pm, run, model=arch, config=plan.seg_config, iterations=plan.seg_iterations, device="cpu", seed=plan.seed,
+                           data=train_dir, synthetic=SyntheticSupervision(fraction=fraction, variants_per_volume=plan.synthetic_variants))
+
+
+def _load_cases(val_dir: Path) -> list[dict[str, Any]]:
+    from CovidGANSegLib.datasets import discover_studies, lesion_mask_path
+    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.nifti import load_ct, load_mask
+
+    cases = []
+    for study in discover_studies(val_dir, min_slices=1):
+        ct = load_ct(study.path)
+        lung = extract_lung_mask(ct.array, ct.spacing)
+        truth = load_mask(lesion_mask_path(val_dir, study.id), reference=ct)  # evaluation only
+        percent = 100.0 * float(truth.sum()) / max(1, int(lung.sum()))
+        cases.append({"id": study.id, "ct": ct, "lung": lung, "truth": truth, "percent": percent, "mild": percent < MILD_PERCENT})
+    return cases
+
+
+def _confusion(pred, truth) -> dict[str, float]:
+    tp = float((pred & truth).sum())
+    fp = float((pred & ~truth).sum())
+    fn = float((~pred & truth).sum())
+    dice = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+    return {"dice": dice, "sensitivity": tp / (tp + fn) if tp + fn else float("nan"), "precision": tp / (tp + fp) if tp + fp else float("nan")}
+
+
+def _summarise(per_case: list[dict[str, Any]], cases: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    def mean(key: str, subset: list[int]) -> float:
+        vals = [per_case[i][key] for i in subset if not np.isnan(per_case[i][key])]
+        return round(float(np.mean(vals)), 4) if vals else float("nan")
+
+    everyone = list(range(len(cases)))
+    mild = [i for i, c in enumerate(cases) if c["mild"]]
+    return {
+        "dice": mean("dice", everyone), "sensitivity": mean("sensitivity", everyone), "precision": mean("precision", everyone),
+        "dice_mild": mean("dice", mild), "sensitivity_mild": mean("sensitivity", mild), "precision_mild": mean("precision", mild),
+        "per_case": [{"id": c["id"], "percent": round(c["percent"], 3), **{k: round(v, 4) for k, v in pc.items()}} for c, pc in zip(cases, per_case)],
+    }
+
+
+def _real_normal(real_dir: Path | None, predict) -> list[float] | None:
+    if real_dir is None:
+        return None
+    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.nifti import load_ct
+
+    out = []
+    for path in sorted(p for p in real_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))):
+        ct = load_ct(path, min_slices=1)
+        lung = extract_lung_mask(ct.array, ct.spacing)
+        out.append(round(100.0 * float(predict(ct, lung).sum()) / max(1, int(lung.sum())), 3))
+    return out
+
+
+def _score_hu_threshold(cases: list[dict[str, Any]], real_dir: Path | None) -> dict[str, Any]:
+    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
+
+    per_case = [_confusion(hu_threshold_segment(c["ct"].array, c["lung"]), c["truth"]) for c in cases]
+    row = _summarise(per_case, cases)
+    row["real_normal_percent"] = _real_normal(real_dir, lambda ct, lung: hu_threshold_segment(ct.array, lung))
+    return row
+
+
+def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None, gan: Path | None, floor: bool) -> dict[str, Any]:
+    from CovidGANSegLib.seg.inference import LESION_HU_FLOOR, load_segmenter, segment_ct
+
+    model, _ = load_segmenter(model_path, "cpu")
+    generator = gan_pp = None
+    if gan is not None:
+        from CovidGANSegLib.gan.inference import load_generator, preprocess_config_of, pseudo_healthy
+
+        generator, payload = load_generator(gan, "cpu")
+        gan_pp = preprocess_config_of(payload)
+
+    def predict(ct, lung):
+        mask = segment_ct(ct, model, lung_mask=lung, hu_floor=LESION_HU_FLOOR if floor else None).lesion_mask
+        if generator is not None:
+            mask &= pseudo_healthy(generator, ct, gan_pp, lung_mask=lung).difference_hu > GATE_HU
+        return mask
+
+    t = time.perf_counter()
+    per_case = [_confusion(predict(c["ct"], c["lung"]), c["truth"]) for c in cases]
+    row = _summarise(per_case, cases)
+    row["segment_s_per_case"] = round((time.perf_counter() - t) / max(1, len(cases)), 2)
+    row["real_normal_percent"] = _real_normal(real_dir, predict)
+    row["threshold"] = float(getattr(model, "threshold", 0.5))
+    return row
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = [f"validation cohort: {result.get('cases')} cases ({result.get('mild_cases')} mild < {MILD_PERCENT:g} %)",
+             "| variant | Dice | Dice mild | sensitivity | precision | real-normal FP % | train s |", "|---|---|---|---|---|---|---|"]
+    for name, r in result["variants"].items():
+        rn = r.get("real_normal_percent")
+        lines.append(f"| {name} | {r['dice']:.3f} | {r['dice_mild']:.3f} | {r['sensitivity']:.3f} | {r['precision']:.3f} | "
+                     f"{', '.join(f'{v:.1f}' for v in rn) if rn else '-'} | {r.get('train_s', '-')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
