@@ -1,0 +1,109 @@
+"""Specificity on real anatomy: percent of lung each model marks as lesion on real normal chest CTs.
+
+The real CTs in ``shared/data/real_ct`` (TotalSegmentator test volumes, CC BY 4.0) have no lesion,
+so every voxel a model marks is a false positive; the target is under 2 % of lung per CT. Models:
+every ``model.pt`` of ``train-seg`` found under the given folders (a demo output folder holds
+``runs/transunet`` and ``runs/unet``), plus the HU-threshold baseline. Each segmenter runs as
+``segment`` does (its own threshold, the HU floor, the lung mask computed on the input grid); with
+``--gan`` the GAN's difference map is also summarised (95th / 99th percentile in the lungs, HU).
+
+    python benchmarks/bench_real_normal.py demo-out
+    python benchmarks/bench_real_normal.py demo-out/runs/transunet/model.pt --gan demo-out/runs/gan/model.pt
+
+Prints a table and saves ``benchmarks/results/real_normal_<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def find_models(paths: list[Path]) -> list[Path]:
+    """``model.pt`` files given directly or found under folders (segmenters only, by their model cards)."""
+    found = []
+    for p in paths:
+        candidates = [p] if p.is_file() else sorted(p.rglob("model.pt"))
+        for c in candidates:
+            card = c.with_name(c.name + ".json")
+            if card.is_file() and json.loads(card.read_text()).get("kind") == "seg":
+                found.append(c)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", type=Path, help="segmenter model.pt files or folders to search")
+    ap.add_argument("--real-ct", type=Path, default=ROOT.parent / "shared" / "data" / "real_ct", help="folder of real normal CTs")
+    ap.add_argument("--gan", type=Path, default=None, help="GAN model.pt: also report its difference map in the lungs")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from CovidGANSegLib import progress
+    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.nifti import load_ct
+    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
+    from CovidGANSegLib.seg.inference import load_segmenter, segment_ct
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress.set_mode("none")
+    models = find_models(args.models)
+    if not models:
+        print("no segmenter model.pt found", file=sys.stderr)
+        return 2
+    files = sorted(p for p in args.real_ct.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    loaded = {str(m): load_segmenter(m, "cpu")[0] for m in models}
+    generator = gan_pp = None
+    if args.gan is not None:
+        from CovidGANSegLib.gan.inference import load_generator, preprocess_config_of, pseudo_healthy
+
+        generator, payload = load_generator(args.gan, "cpu")
+        gan_pp = preprocess_config_of(payload)
+    rows: dict[str, dict[str, float]] = {name: {} for name in [*loaded, "hu_threshold"]}
+    gan_rows: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
+    for path in files:
+        case = path.name.split(".nii")[0]
+        ct = load_ct(path, min_slices=1)
+        lung = extract_lung_mask(ct.array, ct.spacing)
+        n_lung = max(1, int(lung.sum()))
+        for name, model in loaded.items():
+            t = time.perf_counter()
+            mask = segment_ct(ct, model, lung_mask=lung).lesion_mask
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+            rows[name][case] = round(100.0 * float(mask.sum()) / n_lung, 3)
+        rows["hu_threshold"][case] = round(100.0 * float(hu_threshold_segment(ct.array, lung).sum()) / n_lung, 3)
+        if generator is not None:
+            diff = pseudo_healthy(generator, ct, gan_pp, lung_mask=lung).difference_hu[lung]
+            gan_rows[case] = {"median_hu": float(np.median(diff)), "p95_hu": float(np.percentile(diff, 95)),
+                              "p99_hu": float(np.percentile(diff, 99))}
+    cases = [p.name.split(".nii")[0] for p in files]
+    print("percent of lung marked as lesion on real normal CTs (target < 2 %)")
+    print("| model | " + " | ".join(cases) + " |")
+    print("|---|" + "---|" * len(cases))
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r[c]:.2f}" for c in cases) + " |")
+    for case, g in gan_rows.items():
+        print(f"GAN difference in the lungs of {case}: median {g['median_hu']:.0f} HU, p95 {g['p95_hu']:.0f} HU, p99 {g['p99_hu']:.0f} HU")
+    out = ROOT / "benchmarks" / "results" / f"real_normal_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}", "cases": cases,
+                               "percent_of_lung": rows, "gan_difference": gan_rows, "segment_seconds_total": seconds}, indent=1) + "\n")
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
