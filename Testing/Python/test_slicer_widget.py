@@ -100,32 +100,24 @@ def test_panel_sets_up_and_binds_the_parameter_node(harness, panel, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS, ids=lambda v: f"{v[0]}.{v[1]}")
-def test_entering_again_adds_no_connectors(harness, panel, version, monkeypatch):
+def test_entering_again_adds_no_connectors(harness, panel, version):
     """Issue 9 item 6: connectGui returns None in 5.6 / 5.8, so disconnectGui did nothing and every
-    enter() added another set of connectors and a parameter-node observer."""
-    from slicer_harness import parameterNodeWrapper
-
-    calls = []
-    original = parameterNodeWrapper._connectParametersToGui
-    monkeypatch.setattr(parameterNodeWrapper, "_connectParametersToGui", lambda self, mapping: calls.append(1) or original(self, mapping))
-    import CovidGANSeg
-
-    monkeypatch.setattr(CovidGANSeg.CovidGANSegParameterNode, "connectParametersToGui", parameterNodeWrapper._connectParametersToGui)
-    monkeypatch.setattr(CovidGANSeg.CovidGANSegParameterNode, "connectGui",
-                        lambda self, gui: parameterNodeWrapper._connectGui(self, gui))
+    enter() added another set of connectors and a parameter-node observer (in 5.10 too: a new wrapper
+    per enter, each with an observer Slicer never removes). Counted on the widgets, so the test
+    holds for Slicer's own wrapper as well as for the harness's."""
     widget = panel(version)
     for _ in range(4):
         harness.exitModule(widget)
         harness.enterModule(widget)
-    assert len(calls) == 1
     combo = widget.ui.deviceComboBox
-    assert len(combo._connections.get("currentIndexChanged", [])) == 1  # one connector on the widget
-    # one GUI update per parameter change, and the GUI still follows the parameter node
+    assert len(combo._connections.get("currentIndexChanged", [])) == 1  # one connector listens to the widget
     writes = []
-    connector = next(iter(widget._parameterNode._parameterGUIs.values()))["device"]
-    monkeypatch.setattr(connector, "write", lambda value, w=connector.write: writes.append(value) or w(value))
-    widget._parameterNode.device = "cuda"
-    assert combo.currentText == "cuda" and writes.count("cuda") == 1
+    original = combo.setCurrentIndex
+    object.__setattr__(combo, "setCurrentIndex", lambda index: writes.append(index) or original(index))
+    widget._parameterNode.device = "cuda"  # one parameter change: one GUI update, not one per enter()
+    assert combo.currentText == "cuda" and writes == [combo.findText("cuda")]
+    combo.currentIndex = combo.findText("cpu")  # and the GUI still writes the parameter
+    assert widget._parameterNode.device == "cpu"
 
 
 def test_folder_buttons_set_the_parameter_even_for_the_shown_folder(harness, panel, fakeModels, tmp_path):

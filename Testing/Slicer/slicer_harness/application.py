@@ -316,6 +316,11 @@ class Harness:
                 sys.modules[name] = _QtStubModule(name, self.qtUsage, classes)
         for name, cls in widgets.QMRML_CLASSES.items():
             setattr(slicer, name, cls)
+        # other widget classes Slicer's Python code names (parameterNodeWrapper v5.10 GUI connectors): present
+        # as names, unusable as in the qt / ctk stubs
+        for name in ("qMRMLRangeWidget", "qMRMLSpinBox", "qSlicerWidget"):
+            if not hasattr(slicer, name):
+                setattr(slicer, name, _QtStubModule("slicer", [], {}).__getattr__(name))
         return self
 
     # -- emulated release, testing mode, main window -------------------------------------------

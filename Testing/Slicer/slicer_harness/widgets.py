@@ -800,8 +800,12 @@ class qMRMLNodeComboBox(qMRMLWidget):
             object.__setattr__(self, "_index", -1)
             self._setIndex(0)  # QComboBox selects the first item inserted into an empty model
 
+    def _listedCurrentId(self) -> str:
+        i = self._index - self._offset()
+        return self._nodeIds[i] if 0 <= i < len(self._nodeIds) else ""
+
     def _onNodeRemoved(self, caller, event) -> None:
-        current = self.currentNodeID
+        current = self._listedCurrentId()  # from the item list: the scene no longer has the node
         oldIndex = self._index
         if current and self._scene.GetNodeByID(current) is None:
             self._rebuild(None)
