@@ -9,14 +9,22 @@ the layout node, ``slicer.util`` itself, and the module's own code.
 What is emulated, and how:
 
 * ``slicer.app`` behaves like the application started with ``--testing`` and
-  ``--no-main-window``: ``testingEnabled()`` is True (message boxes are logged, not shown, as in
-  Slicer's own test runs), ``layoutManager()`` and ``mainWindow`` are None, ``processEvents()``
-  does nothing (there is no event loop), ``temporaryPath`` is a folder the tests choose.
-* ``slicer.modules.<name>`` are small module objects with ``logic()``, ``name``, ``path``;
-  a loaded scripted module also gets ``slicer.modules.<Name>Instance`` like in Slicer.
-* ``qt`` / ``ctk``: stub modules; importing them works (Slicer's own ``slicer.util`` functions
-  import ``qt`` before deciding they do not need it), using any of their classes raises. The
-  harness records each use, so a test can assert that the Logic never needed Qt.
+  ``--no-main-window`` by default: ``testingEnabled()`` is True (message boxes are logged, not
+  shown, as in Slicer's own test runs), ``layoutManager()`` is None, ``processEvents()`` does
+  nothing (there is no event loop), ``temporaryPath`` is a folder the tests choose. Tests switch
+  testing mode off (``app.setTestingEnabled(False)``) and give it a main window
+  (``Harness.setMainWindow(True)``: message boxes shown and recorded, module selector).
+* The emulated release is Slicer 5.6 unless a test calls ``Harness.emulate((5, 8))`` / ``(5, 10)``.
+* ``slicer.modules.<name>`` are small module objects with ``logic()``, ``name``, ``path`` and a
+  widget representation created on first use (``Harness.createModuleWidget``); a loaded scripted
+  module also gets ``slicer.modules.<Name>Instance`` like in Slicer.
+* ``qt`` / ``ctk``: stub modules giving the stand-in widgets of :mod:`.widgets`; any other class
+  raises when used. The harness records each use, so a test can assert that the Logic never
+  needed Qt.
+
+Slicer file followed: the application behaviour of ``qSlicerApplication`` /
+``qSlicerScriptedLoadableModuleWidget`` in a ``--testing`` session (v5.6.0); see
+``Testing/Slicer/README.md`` for what is not covered.
 """
 
 from __future__ import annotations
