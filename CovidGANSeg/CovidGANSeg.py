@@ -818,6 +818,8 @@ class CovidGANSegTest(ScriptedLoadableModuleTest):  # noqa: F405
         self.setUp()
         self.test_QuantifyAndCompare()
         self.setUp()
+        self.test_ReviewAndExportUnderATransform()
+        self.setUp()
         self.test_SegmentAndCancel()
 
     # helpers
@@ -890,6 +892,50 @@ class CovidGANSegTest(ScriptedLoadableModuleTest):  # noqa: F405
         self.assertAlmostEqual(row["Precision"], overlap / lesion.sum(), places=6)
         self.assertEqual(row["Ground truth resampled"], "no")
         self.delayDisplay("Quantification and comparison passed")
+
+    def test_ReviewAndExportUnderATransform(self):
+        """The correction round trip on a CT under a parent transform: AI result kept, a correction,
+        "Compare with AI result" figures known by hand, the export on the CT's own grid."""
+        import numpy as np
+
+        self.delayDisplay("Review of corrections and export")
+        logic = CovidGANSegLogic()
+        volume, lungs, lesion = self._phantomVolume("study_0042")
+        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        shift = np.eye(4)
+        shift[:3, 3] = (10.0, -4.0, 2.0)
+        transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+        volume.SetAndObserveTransformNodeID(transform.GetID())
+        segmentation = segmentations.createSegmentationNode(
+            slicer.mrmlScene, "AI segmentation", volume,
+            [(segmentations.LUNGS_NAME, lungs, segmentations.LUNGS_COLOR), (segmentations.LESION_NAME, lesion, segmentations.LESION_COLOR)])
+        review.storeAIResult(slicer.mrmlScene, segmentation, lesion, volume)
+        np.testing.assert_array_equal(segmentations.segmentMask(segmentation, segmentations.LESION_NAME, volume), lesion.astype(bool))
+        # the correction: the lesion's first two slices erased, a second lesion painted in the other lung
+        corrected = lesion.astype(bool).copy()
+        corrected[8:10] = False
+        corrected[10:14, 20:26, 42:50] = True
+        lesionId = segmentations.segmentId(segmentation, segmentations.LESION_NAME)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(corrected.astype(np.uint8), segmentation, lesionId, volume)
+        row = tables.tableRows(logic.compareWithAIResult(segmentation, volume))[0]
+        ai = lesion.astype(bool)
+        voxelMl = float(np.prod(volume.GetSpacing())) / 1000.0
+        self.assertAlmostEqual(row["Added"], (corrected & ~ai).sum() * voxelMl, places=6)
+        self.assertAlmostEqual(row["Removed"], (ai & ~corrected).sum() * voxelMl, places=6)
+        self.assertAlmostEqual(row["Dice AI vs corrected"], 2.0 * (ai & corrected).sum() / (ai.sum() + corrected.sum()), places=9)
+        self.assertEqual((row["Lesion components (AI)"], row["Lesion components (corrected)"]), (1.0, 2.0))
+        folder = pathlib.Path(tempfile.mkdtemp())
+        try:
+            path = logic.exportLesionMask(segmentation, volume, folder)
+            self.assertEqual(path.name, "study_0042_mask.nii.gz")
+            import nibabel as nib
+
+            image = nib.load(str(path))
+            np.testing.assert_allclose(image.affine, volumeio.ijkToRasArray(volume), atol=1e-4)
+            np.testing.assert_array_equal(np.asarray(image.dataobj).transpose(2, 1, 0), corrected.astype(np.uint8))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Review of corrections and export passed")
 
     def test_SegmentAndCancel(self):
         logic = CovidGANSegLogic()

@@ -146,6 +146,11 @@ def measureOnce(ctPath: Path, gan: str, seg: str, temporary: Path) -> dict:
     for i in range(segmentation.GetSegmentation().GetNumberOfSegments()):
         labelmap = segmentation.GetBinaryLabelmapInternalRepresentation(segmentation.GetSegmentation().GetNthSegmentID(i))
         outBytes += labelmap.GetPointData().GetScalars().GetNumberOfValues() * labelmap.GetScalarSize()
+    from CovidGANSegModuleLib import review
+
+    aiResult = review.aiResult(segmentation)  # the AI lesion kept for "Compare with AI result"
+    if aiResult is not None:
+        outBytes += slicer.util.arrayFromVolume(aiResult).nbytes
     return {"logic_s": seconds, "child_s": job.childSeconds, "load_s": job.loadSeconds, "peak_increase": memory.peak - memory.start, "input_bytes": inputBytes, "output_bytes": outBytes,
             "shape_ijk": list(volumeio.dimensions(ct)), "spacing_mm": [round(x, 3) for x in ct.GetSpacing()],
             "torch_imported": "torch" in sys.modules, "messages": []}
