@@ -924,6 +924,9 @@ class CovidGANSegTest(ScriptedLoadableModuleTest):  # noqa: F405
         self.assertAlmostEqual(row["Removed"], (ai & ~corrected).sum() * voxelMl, places=6)
         self.assertAlmostEqual(row["Dice AI vs corrected"], 2.0 * (ai & corrected).sum() / (ai.sum() + corrected.sum()), places=9)
         self.assertEqual((row["Lesion components (AI)"], row["Lesion components (corrected)"]), (1.0, 2.0))
+        if not dependencies.isInstalled("nibabel"):
+            self.delayDisplay("nibabel is not installed yet: the export part is skipped")
+            return
         folder = pathlib.Path(tempfile.mkdtemp())
         try:
             path = logic.exportLesionMask(segmentation, volume, folder)

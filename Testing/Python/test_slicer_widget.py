@@ -228,6 +228,13 @@ def test_segment_editor_round_trip_under_a_transform(harness, panel, fakeModels,
     runJob(harness, widget)
     seg = p.segmentation
     assert seg is not None and widget.ui.segmentEditorButton.enabled and widget.ui.compareAIButton.enabled
+    # the AI result kept for the comparison is hidden: not offered as a ground truth or input
+    from CovidGANSegModuleLib import review
+
+    hidden = review.aiResult(seg)
+    assert hidden is not None and hidden.GetHideFromEditors()
+    combo = widget.ui.groundTruthSelector
+    assert hidden.GetID() not in [combo.nodeFromIndex(i).GetID() for i in range(combo.nodeCount())]
 
     # one click: the Segment Editor shows the result with "Lesion" selected and the CT as source
     widget.ui.segmentEditorButton.click()
