@@ -183,3 +183,4 @@ def test_what_the_supported_releases_do_not_have(harness):
     with pytest.raises(ImportError):
         importlib.import_module("slicer.packaging")
     assert not hasattr(slicer.app, "layoutManager") or slicer.app.layoutManager() is None  # --no-main-window
+    assert not hasattr(slicer.app, "isTestHarness")  # no marker the real application lacks: code cannot tell the fake apart

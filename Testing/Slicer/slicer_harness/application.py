@@ -167,7 +167,6 @@ class _Modules(types.SimpleNamespace):
 class FakeApplication:
     """``slicer.app`` of a ``--testing --no-main-window`` session (see the module docstring)."""
 
-    isTestHarness = True
     applicationName = "3D Slicer (slicer-core test harness)"
     #: the emulated release (see :meth:`Harness.emulate`); the oldest supported one by default
     applicationVersion = "5.6.0"
