@@ -122,8 +122,8 @@ def _transformToReference(node, referenceNode):
     import vtk
 
     a, b = node.GetParentTransformNode(), referenceNode.GetParentTransformNode()
-    if a is None and b is None:
-        return None
+    if (a.GetID() if a is not None else None) == (b.GetID() if b is not None else None):
+        return None  # the same frame (no transform, or both under the same transform node)
     transform = vtk.vtkGeneralTransform()
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(a, b, transform)
     return transform

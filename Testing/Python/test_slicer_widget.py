@@ -88,6 +88,8 @@ def test_panel_sets_up_and_binds_the_parameter_node(harness, panel, version):
     assert p.device == "cpu"
     widget.ui.overlayOpacitySlider.value = 0.7
     assert p.overlayOpacity == pytest.approx(0.7)
+    widget.ui.exportStudyIdLineEdit.text = "12"
+    assert p.exportStudyId == "12"
     # the node selectors got the scene through the .ui's connections and the node types from the wrapper
     assert widget.ui.inputVolumeSelector.currentNode() is ct
     assert widget.ui.groundTruthSelector.nodeTypes == ("vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode")
