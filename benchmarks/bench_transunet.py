@@ -31,10 +31,11 @@ it trains configurations side by side (same phantoms, same batches, same seed, s
 iterations, BCE + soft Dice on the phantoms' TRUE lesion masks, which the pipeline never reads)
 on 2D slices of ``small`` phantoms (128 x 128, about 2.8 mm, HU window [-1000, 400]) and reports
 the pooled Dice on held-out phantoms. ``paper`` is too slow to train for long on 1 CPU thread, so
-the default compares ``small`` (full-resolution stem) with ``small`` given the stride-2 stem
-(``small-s2``: same widths, ``stem_stride=2``):
+the check compares ``small`` (full-resolution stem) with ``small`` given the stride-2 stem
+(``small-s2``: same widths, ``stem_stride=2``, the input image as the 1/1 skip) and with the
+stride-2 stem plus a light full-resolution block for the 1/1 skip (``small-s2-fr8``):
 
-    python benchmarks/bench_transunet.py --dice-check --configs small,small-s2 --iterations 300
+    python benchmarks/bench_transunet.py --dice-check --configs small,small-s2,small-s2-fr8 --tag dice_check
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import datetime as dt  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -65,7 +67,7 @@ from torch import nn  # noqa: E402
 from CovidGANSegLib.seg.transunet import TransUNet, count_parameters, get_seg_config  # noqa: E402
 
 #: the ``paper`` configuration as it was before the stride-2 stem (for the before/after figure)
-PAPER_V1 = dict(stem_stride=1, encoder_channels=(64, 128, 256, 512, 1024), encoder_blocks=(1, 1, 2, 1, 1),
+PAPER_V1 = dict(stem_stride=1, full_res_channels=0, encoder_channels=(64, 128, 256, 512, 1024), encoder_blocks=(1, 1, 2, 1, 1),
                 decoder_channels=(512, 256, 128, 64))
 
 
@@ -83,10 +85,12 @@ def machine() -> Dict[str, Any]:
 
 
 def build_ours(name: str) -> nn.Module:
-    """Our TransUNet for a configuration name, a JSON file, ``paper-v1`` (before the stride-2 stem)
-    or ``<name>-s2`` (that configuration with the stride-2 stem)."""
-    if name.endswith("-s2"):
-        return TransUNet(get_seg_config(name[:-3]).replace(stem_stride=2))
+    """Our TransUNet for a configuration name, a JSON file, ``paper-v1`` (before the stride-2 stem),
+    ``<name>-s2`` (that configuration with the stride-2 stem, the input as the 1/1 skip) or
+    ``<name>-s2-fr<N>`` (stride-2 stem and an N-wide full-resolution block for the 1/1 skip)."""
+    match = re.fullmatch(r"(.+)-s2(?:-fr(\d+))?", name)
+    if match and not Path(name).is_file():
+        return TransUNet(get_seg_config(match.group(1)).replace(stem_stride=2, full_res_channels=int(match.group(2) or 0)))
     if name == "paper-v1":
         cfg = get_seg_config("paper")
         if not hasattr(cfg, "stem_stride"):  # the code before the change: ``paper`` IS v1
@@ -235,7 +239,8 @@ def dice_check(args: argparse.Namespace, info: Dict[str, Any]) -> Dict[str, Any]
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="paper,small", help="ours, comma-separated: paper, small, tiny, paper-v1 or JSON files")
+    p.add_argument("--configs", default="paper,small",
+                   help="ours, comma-separated: paper, small, tiny, paper-v1, <name>-s2, <name>-s2-fr<N> or JSON files")
     p.add_argument("--seed-repo", type=Path, default=None, help="checkout of mkara44/transunet_pytorch (omit to skip the seed)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)

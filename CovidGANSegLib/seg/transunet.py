@@ -5,10 +5,12 @@ by 16 (128 x 128 by default):
 
 * CNN encoder: a stem and four residual stages giving the 1/16 feature map for the transformer.
   With ``stem_stride=2`` (``paper``), the stem is one 7 x 7 stride-2 convolution as in the
-  original TransUNet's ResNet stem (Chen et al. 2021; He et al. 2016), stage 1 stays at 1/2 and
-  the skips are at 1/2, 1/4 and 1/8, the decoder's last (1/1) stage having none, as in
-  TransUNet's cascaded upsampler. With ``stem_stride=1`` (``small``, ``tiny``), the stem is a
-  full-resolution residual block and the skips are at 1/1, 1/2, 1/4 and 1/8.
+  original TransUNet's ResNet stem (Chen et al. 2021; He et al. 2016), stage 1 stays at 1/2, the
+  skips are at 1/2, 1/4 and 1/8 and the decoder's last (1/1) stage gets a narrow full-resolution
+  residual block of the input (``full_res_channels``; TransUNet's cascaded upsampler has no skip
+  there) or the input image itself. With ``stem_stride=1`` (``small``,
+  ``tiny``), the stem is a full-resolution residual block and the skips are at 1/1, 1/2, 1/4 and
+  1/8.
 * Patch embedding: a 1 x 1 convolution on the 1/16 map (one token per 1/16 cell, i.e. 16 x 16
   image patches), plus learnable position embeddings (bilinearly interpolated when the token grid
   differs from the default image size).
@@ -52,9 +54,13 @@ class SegConfig:
         encoder_blocks: residual blocks per stage (same length as ``encoder_channels``; the first
             must be 1 with ``stem_stride=2``, where the stem is a single convolution).
         stem_stride: 1: residual stem at full resolution (skips at 1/1, 1/2, 1/4, 1/8); 2: 7 x 7
-            stride-2 convolution stem as in TransUNet, stage 1 at 1/2 (skips at 1/2, 1/4, 1/8).
+            stride-2 convolution stem as in TransUNet, stage 1 at 1/2 (skips at 1/2, 1/4, 1/8,
+            and the input image as the 1/1 skip).
             Checkpoints written before this field existed load with the default, 1, which is
             the architecture they were trained with.
+        full_res_channels: with ``stem_stride=2`` only: width of one light residual block run on
+            the input at full resolution whose output is the 1/1 skip (0: the input image itself
+            is the 1/1 skip).
         hidden_size, num_heads, mlp_dim, num_layers: the vision transformer.
         decoder_channels: decoder widths at 1/8, 1/4, 1/2 and 1/1.
     Network (U-Net baseline):
@@ -78,6 +84,7 @@ class SegConfig:
     encoder_channels: tuple[int, ...] = (8, 16, 32, 64, 128)
     encoder_blocks: tuple[int, ...] = (1, 1, 1, 1, 1)
     stem_stride: int = 1
+    full_res_channels: int = 0
     hidden_size: int = 192
     num_heads: int = 4
     mlp_dim: int = 512
@@ -113,11 +120,13 @@ class SegConfig:
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if len(self.encoder_channels) != 5 or min(self.encoder_channels) < 1:
-            raise ValueError(f"encoder_channels needs 5 positive widths (1/1 .. 1/16), got {self.encoder_channels}")
+            raise ValueError(f"encoder_channels needs 5 positive widths (stem, 1/2 .. 1/16), got {self.encoder_channels}")
         if len(self.encoder_blocks) != 5 or min(self.encoder_blocks) < 1:
             raise ValueError(f"encoder_blocks needs 5 counts >= 1, got {self.encoder_blocks}")
         if self.stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.full_res_channels < 0 or (self.full_res_channels and self.stem_stride != 2):
+            raise ValueError(f"full_res_channels must be >= 0 and needs stem_stride 2, got {self.full_res_channels}")
         if self.stem_stride == 2 and self.encoder_blocks[0] != 1:
             raise ValueError(f"with stem_stride 2 the stem is one convolution: encoder_blocks[0] must be 1, got {self.encoder_blocks[0]}")
         if len(self.decoder_channels) != 4 or min(self.decoder_channels) < 1:
@@ -160,7 +169,13 @@ class SegConfig:
         return dataclasses.replace(self, **changes)
 
 
-#: ``paper``: the seed's TransUNet (4 heads, MLP 512, 8 blocks, about 67 M parameters; Adam 5e-5).
+#: ``paper``: the seed's TransUNet size (4 heads, MLP 512, 8 blocks, about 67 M parameters; Adam
+#: 5e-5) with the original TransUNet's 7 x 7 stride-2 stem and cascaded-upsampler widths
+#: (256, 128, 64, 16) (Chen et al. 2021), plus a 32-wide full-resolution block for the 1/1 skip;
+#: the parameters sit where they cost least, at 1/16 (a 1472-wide last stage). 7.7 GMAC per
+#: 128 x 128 slice, against 17.4 before the stride-2 stem (full-resolution 64-wide stem, decoder
+#: 512/256/128/64) and 8.2 for the seed's implementation: ``benchmarks/bench_transunet.py``
+#: times them.
 #: ``small``: CPU-sized (about 2.2 M parameters TransUNet, 0.4 M U-Net), Adam 3e-4 so that a few
 #: hundred CPU iterations learn something (the paper's 5e-5 is for 10^4 GPU iterations; 1e-3 made
 #: the contrastive phase collapse: all projections equal, loss stuck at log((B - 1) / (B/2 - 1))).
@@ -171,6 +186,7 @@ SEG_CONFIGS: dict[str, SegConfig] = {
         encoder_channels=(64, 64, 128, 256, 1472),
         encoder_blocks=(1, 1, 2, 1, 1),
         stem_stride=2,
+        full_res_channels=32,
         hidden_size=768,
         num_heads=4,
         mlp_dim=512,
@@ -271,17 +287,26 @@ class CNNEncoder(nn.Module):
     ``stem_stride`` 1: a residual block at full resolution, then four stride-2 stages; the skips
     are at 1/1, 1/2, 1/4 and 1/8. ``stem_stride`` 2: a 7 x 7 stride-2 convolution + norm + ReLU
     (the ResNet stem used by TransUNet, Chen et al. 2021, without its max-pool), a stride-1 stage
-    at 1/2 and three stride-2 stages; the skips are at 1/2, 1/4 and 1/8 (no full-resolution
-    feature map is ever computed in the encoder).
+    at 1/2 and three stride-2 stages; the skips are at 1/2, 1/4 and 1/8, and the 1/1 skip, where
+    TransUNet's cascaded upsampler has none, is either the input image itself (free) or, with
+    ``full_res_channels``, one narrow residual block on the input at full resolution: in the
+    equal-budget check on phantoms (``benchmarks/bench_transunet.py --dice-check``) the stride-2
+    stem alone lost about 0.11 Dice against the full-resolution stem, the input as skip did not
+    help, and the narrow full-resolution block recovered most of it, at a fraction of the cost of
+    a full-width full-resolution stem.
 
-    Returns the 1/16 feature map and the skips, finest first.
+    Returns the 1/16 feature map and the four skips at 1/1, 1/2, 1/4, 1/8 (finest first).
     """
 
-    def __init__(self, in_channels: int, channels: tuple[int, ...], blocks: tuple[int, ...], stem_stride: int = 1) -> None:
+    def __init__(self, in_channels: int, channels: tuple[int, ...], blocks: tuple[int, ...], stem_stride: int = 1,
+                 full_res_channels: int = 0) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         self.stem_stride = stem_stride
+        self.in_channels = in_channels
+        # with a stride-2 stem: a light full-resolution block for the 1/1 skip, or the input itself
+        self.full_res: nn.Module | None = ResidualBlock(in_channels, full_res_channels) if full_res_channels and stem_stride == 2 else None
         stages = []
         cin = in_channels
         for i, (cout, n) in enumerate(zip(channels, blocks)):
@@ -297,9 +322,11 @@ class CNNEncoder(nn.Module):
 
     @property
     def skip_channels(self) -> list[int]:
-        """Widths of the skips, finest first (4 with ``stem_stride`` 1, 3 with 2)."""
+        """Widths of the skips at 1/1, 1/2, 1/4, 1/8 (with ``stem_stride`` 2 the first is the input's)."""
         widths = [self._width(stage) for stage in self.stages[:-1]]
-        return widths if self.stem_stride == 1 else widths[1:]
+        if self.stem_stride == 1:
+            return widths
+        return [self.in_channels if self.full_res is None else self._width(self.full_res), *widths[1:]]
 
     @staticmethod
     def _width(stage: nn.Module) -> int:
@@ -307,6 +334,8 @@ class CNNEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
+        if self.stem_stride == 2:  # the 1/1 skip: (B, full_res_channels or in_channels, H, W)
+            skips.append(x if self.full_res is None else self.full_res(x))
         for i, stage in enumerate(self.stages[:-1]):
             x = stage(x)
             if i > 0 or self.stem_stride == 1:
@@ -392,7 +421,7 @@ class TransUNet(nn.Module):
             raise ValueError(f"config must be a SegConfig, got {type(config).__name__}")
         self.config = config
         c = config
-        self.encoder = CNNEncoder(c.in_channels, c.encoder_channels, c.encoder_blocks, c.stem_stride)
+        self.encoder = CNNEncoder(c.in_channels, c.encoder_channels, c.encoder_blocks, c.stem_stride, c.full_res_channels)
         self.patch_embed = nn.Conv2d(c.encoder_channels[-1], c.hidden_size, kernel_size=1)
         self.grid = c.image_size // DOWNSAMPLE
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, c.hidden_size))
@@ -403,8 +432,7 @@ class TransUNet(nn.Module):
         )
         self.norm = nn.LayerNorm(c.hidden_size, eps=1e-6)
         self.conv_more = conv_norm_relu(c.hidden_size, c.encoder_channels[-1])
-        # skip widths at 1/8, 1/4, 1/2, 1/1 (0: no skip at 1/1 after a stride-2 stem)
-        skips = list(reversed(self.encoder.skip_channels)) + [0] * (4 - len(self.encoder.skip_channels))
+        skips = list(reversed(self.encoder.skip_channels))  # widths at 1/8, 1/4, 1/2, 1/1
         cins = [c.encoder_channels[-1], *c.decoder_channels[:-1]]
         self.decoder = nn.ModuleList(DecoderBlock(ci, s, co) for ci, s, co in zip(cins, skips, c.decoder_channels))
         self.head = nn.Conv2d(c.decoder_channels[-1], 1, kernel_size=3, padding=1)
@@ -431,10 +459,9 @@ class TransUNet(nn.Module):
         return rearrange(tokens, "b (gh gw) c -> b c gh gw", gh=gh), skips  # (B, hidden, gh, gw)
 
     def decode(self, encoded: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
-        """Cascaded upsampler: 1/16 -> 1/8, 1/4, 1/2, 1/1 with the skips (none at 1/1 after a stride-2 stem)."""
+        """Cascaded upsampler: 1/16 -> 1/8, 1/4, 1/2, 1/1, each stage with its skip."""
         x = self.conv_more(encoded)  # (B, C16, H/16, W/16)
-        coarse_first: list[torch.Tensor | None] = [*reversed(skips), *([None] * (len(self.decoder) - len(skips)))]
-        for block, skip in zip(self.decoder, coarse_first):
+        for block, skip in zip(self.decoder, reversed(skips)):
             x = block(x, skip)
         return self.head(x)  # (B, 1, H, W)
 

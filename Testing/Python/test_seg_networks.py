@@ -128,9 +128,10 @@ def test_paper_stem_is_7x7_stride_2_and_small_keeps_full_resolution_stem():
     assert SEG_CONFIGS["paper"].stem_stride == 2
     conv = _stem_conv(paper)
     assert conv.kernel_size == (7, 7) and conv.stride == (2, 2) and conv.padding == (3, 3)
-    assert paper.encoder.skip_channels == list(SEG_CONFIGS["paper"].encoder_channels[1:4])
-    # the decoder's last (full-resolution) stage has no skip: its input is the previous stage only
-    assert paper.decoder[-1].conv1[0].in_channels == SEG_CONFIGS["paper"].decoder_channels[-2]
+    # skips at 1/2, 1/4, 1/8 from the stages; at 1/1 a narrow full-resolution block (32 wide)
+    c = SEG_CONFIGS["paper"]
+    assert c.full_res_channels == 32 and paper.encoder.skip_channels == [32, *c.encoder_channels[1:4]]
+    assert paper.decoder[-1].conv1[0].in_channels == c.decoder_channels[-2] + 32
     # small is unchanged (its speed and its checkpoints)
     assert SEG_CONFIGS["small"].stem_stride == 1 and _stem_conv(small).stride == (1, 1)
     assert len(small.encoder.skip_channels) == 4
@@ -143,8 +144,9 @@ def test_stride2_stem_shapes_skips_and_projection(size):
     x = torch.rand(2, 1, *size)
     with torch.no_grad():
         feat, skips = model.encoder(x)
-        assert [tuple(s.shape[2:]) for s in skips] == [(size[0] // f, size[1] // f) for f in (2, 4, 8)]
-        assert [s.shape[1] for s in skips] == list(TINY_S2.encoder_channels[1:4])
+        assert [tuple(s.shape[2:]) for s in skips] == [(size[0] // f, size[1] // f) for f in (1, 2, 4, 8)]
+        assert [s.shape[1] for s in skips] == [1, *TINY_S2.encoder_channels[1:4]]
+        assert skips[0] is x  # the 1/1 skip is the input: no full-resolution feature map in the encoder
         assert tuple(feat.shape) == (2, TINY_S2.encoder_channels[-1], size[0] // 16, size[1] // 16)
         logits = model(x)
         logits2, z = model.forward_with_projection(x)
@@ -175,9 +177,24 @@ def test_paper_forward_full_resolution_logits():
         assert model(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
 
 
+def test_full_resolution_block_is_the_1_1_skip():
+    torch.manual_seed(0)
+    cfg = TINY_S2.replace(full_res_channels=4)
+    model = TransUNet(cfg).eval()
+    assert model.encoder.skip_channels == [4, *cfg.encoder_channels[1:4]]
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        _, skips = model.encoder(x)
+        assert tuple(skips[0].shape) == (2, 4, 32, 32)
+        assert model(x).shape == (2, 1, 32, 32)
+    assert model.decoder[-1].conv1[0].in_channels == cfg.decoder_channels[-2] + 4
+
+
 def test_stem_stride_checks():
     with pytest.raises(ValueError, match="stem_stride"):
         SegConfig(stem_stride=4)
+    with pytest.raises(ValueError, match="full_res_channels"):
+        SegConfig(full_res_channels=8)  # needs the stride-2 stem
     with pytest.raises(ValueError, match="encoder_blocks"):
         SegConfig(stem_stride=2, encoder_blocks=(2, 1, 1, 1, 1))
     assert SegConfig.from_dict(TINY_S2.to_dict()) == TINY_S2
