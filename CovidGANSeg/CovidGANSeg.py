@@ -66,6 +66,9 @@ TransUNet trained on such differences segments the lesions. Results are ordinary
 a pseudo-healthy volume, a difference map (heat overlay), a segmentation with <b>Lungs</b> and
 <b>Lesion</b> segments to correct in the Segment Editor, and tables with lesion volume, percent of
 lung involved, MosMed category and agreement with a ground truth.
+<p>After correcting the Lesion segment, <b>Compare with AI result</b> shows what changed (mL added and
+removed, Dice between the AI and the corrected lesion, number of lesions before and after), and
+<b>Export</b> writes the corrected mask as <i>study_XXXX_mask.nii.gz</i> on the CT's own grid.</p>
 <p><b>Not for clinical use.</b> Models trained on synthetic phantoms are demonstration models.</p>
 """)
         self.parent.acknowledgementText = _("""
