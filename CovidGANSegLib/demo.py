@@ -62,8 +62,9 @@ class DemoPlan:
     seg_grid: tuple[int, int, int] | None = None
     lesion_model: str = "independent"
     pseudo_rule: str = "refined"
-    synthetic_fraction: float = 0.5
+    synthetic_fraction: float = 1.0
     synthetic_variants: int = 4
+    synthetic_coverage: tuple[float, float] = (0.002, 0.8)
     val_covid: int = 10
 
 
@@ -151,7 +152,8 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
             seg_models[name] = train_segmenter(pseudo, work / "runs" / name, model=name, config=plan.seg_config,
                                                iterations=plan.seg_iterations, device=device, seed=plan.seed, data=train_dir,
                                                synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction,
-                                                                              variants_per_volume=plan.synthetic_variants))
+                                                                              variants_per_volume=plan.synthetic_variants,
+                                                                              coverage=plan.synthetic_coverage))
         timings[f"{name}_training_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -6,13 +6,17 @@ cohort is never used here, so nothing is chosen on it) and on the real normal CT
 marked as lesion). Variants, each adding one lever to the previous one unless said otherwise:
 
 * ``paper``: the paper's path: pseudo-masks by the paper rule on the GAN's grid, no synthetic
-  lesions, probability > 0.5 inside the lung;
+  lesions, probability > 0.5 inside the lung (no post-processing);
 * ``+grid``: the segmenter on the finer grid (paper rule mapped there);
 * ``+rule``: the refined pseudo-mask rule (regional thresholds, hysteresis, HU prior, thin structures);
-* ``+synthetic``: half of each batch from synthetic lesions in healthy volumes, the probability
-  threshold chosen on synthetic lesions in held-out healthy volumes;
-* ``+hu-floor``: lesions only where the input is at least -800 HU (the default pipeline);
-* ``synthetic-only``: the default with synthetic lesions alone in phase 2 (no pseudo-masks);
+* ``+synthetic-half``: half of each end-to-end batch from synthetic lesions in healthy volumes, the
+  probability threshold chosen on synthetic lesions in held-out healthy volumes;
+* ``synthetic-prior``: synthetic lesions only in phase 2, drawn with the synthesiser's peripheral /
+  posterior preference and involvement up to 30 %;
+* ``synthetic-only``: synthetic lesions only, no location preference, involvement up to 80 %;
+* ``+hu-range``: lesions only where the input is -800..+100 HU;
+* ``+opening``: and an in-plane opening (2.5 mm);
+* ``+growth``: and growth into connected lesion-range density (the default pipeline);
 * ``+gan-gate``: the default, with lesions kept only where the GAN removed density (difference > 30 HU).
 
 Rows: Dice (all cases, and mild cases under 5 % of lung apart), sensitivity, precision, real-normal
@@ -40,16 +44,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("paper", "+grid", "+rule", "+synthetic", "+hu-floor", "synthetic-only", "+gan-gate")
-#: (pseudo-mask rule, segmenter grid is the fine one, synthetic fraction, GAN gate, HU floor at inference)
+VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
+            "+gan-gate")
+#: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
+#: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
+_PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
+_NEW = {"prior": False, "coverage": (0.002, 0.8)}
 SETTINGS = {
-    "paper": ("paper", False, 0.0, False, False),
-    "+grid": ("paper", True, 0.0, False, False),
-    "+rule": ("refined", True, 0.0, False, False),
-    "+synthetic": ("refined", True, 0.5, False, False),
-    "+hu-floor": ("refined", True, 0.5, False, True),
-    "synthetic-only": ("refined", True, 1.0, False, True),
-    "+gan-gate": ("refined", True, 0.5, True, True),
+    "paper": {"rule": "paper", "fine": False, "fraction": 0.0, "post": _PLAIN, **_NEW},
+    "+grid": {"rule": "paper", "fine": True, "fraction": 0.0, "post": _PLAIN, **_NEW},
+    "+rule": {"rule": "refined", "fine": True, "fraction": 0.0, "post": _PLAIN, **_NEW},
+    "+synthetic-half": {"rule": "refined", "fine": True, "fraction": 0.5, "post": _PLAIN, **_NEW},
+    "synthetic-prior": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, "prior": True, "coverage": (0.002, 0.3)},
+    "synthetic-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, **_NEW},
+    "+hu-range": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"open_mm": 0.0, "grow": False}, **_NEW},
+    "+opening": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, **_NEW},
+    "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, **_NEW},
+    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": True, **_NEW},
 }
 GATE_HU = 30.0
 MILD_PERCENT = 5.0
@@ -63,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="transunet", choices=["transunet", "unet"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--real-normal", type=Path, default=None, help="folder of real normal CTs (default: shared/data/real_ct)")
+    ap.add_argument("--iterations", type=int, default=None, help="segmenter iterations (default: the plan's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -73,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     progress.set_mode("none")
     plan = demo.QUICK if args.plan == "quick" else demo.FULL
+    if args.iterations:
+        plan = dataclasses.replace(plan, seg_iterations=args.iterations)
     real_dir = args.real_normal or demo.default_real_normal_dir()
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
@@ -92,15 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     result["variants"]["hu_threshold"] = _score_hu_threshold(cases, real_dir)
     _save(result, result_path)
     for name in args.variants:
-        rule, fine, fraction, gate, floor = SETTINGS[name]
-        pm = _pseudo_masks(work, plan, train_dir, gan_model, rule, fine, result)
+        st = SETTINGS[name]
+        pm = _pseudo_masks(work, plan, train_dir, gan_model, st["rule"], st["fine"], result)
         t = time.perf_counter()
-        model = _train(work, plan, pm, name, fraction, args.arch, train_dir)
+        model, trained = _train(work, plan, pm, st, args.arch, train_dir)
         train_s = time.perf_counter() - t
-        row = _score(model, cases, real_dir, gan_model if gate else None, floor)
-        row["train_s"] = round(train_s, 1)
-        row["settings"] = {"rule": rule, "fine_grid": fine, "synthetic_fraction": fraction, "gan_gate_hu": GATE_HU if gate else None,
-                           "hu_floor": floor}
+        row = _score(model, cases, real_dir, gan_model if st.get("gate") else None, st["post"])
+        row["train_s"] = round(train_s, 1) if trained else "same model as above"
+        row["settings"] = {**st, "gan_gate_hu": GATE_HU if st.get("gate") else None}
         result["variants"][name] = row
         _save(result, result_path)
         print(_table(result), flush=True)
@@ -161,21 +174,24 @@ def _pseudo_masks(work: Path, plan, train_dir: Path, gan_model: Path, rule: str,
     return out
 
 
-def _train(work: Path, plan, pm: Path, name: str, fraction: float, arch: str, train_dir: Path) -> Path:
+def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir: Path) -> tuple[Path, bool]:
+    """The segmenter of one setting (trained once; variants that differ only at inference share it)."""
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
 
-    settings = SETTINGS[name]
-    key = f"{arch}_{settings[0]}_{'fine' if settings[1] else 'gan'}_syn{settings[2]:g}"
+    key = (f"{arch}_{st['rule']}_{'fine' if st['fine'] else 'gan'}_syn{st['fraction']:g}"
+           f"_cov{st['coverage'][0]:g}-{st['coverage'][1]:g}{'_prior' if st['prior'] else ''}_it{plan.seg_iterations}")
     run = work / "runs" / key
     if (run / "model.pt").is_file():
-        return run / "model.pt"
+        return run / "model.pt", False
     if run.exists():
         import shutil
 
         shutil.rmtree(run)
+    syn = SyntheticSupervision(fraction=st["fraction"], variants_per_volume=plan.synthetic_variants, coverage=st["coverage"],
+                               location_prior=st["prior"])
     return train_segmenter(pm, run, model=arch, config=plan.seg_config, iterations=plan.seg_iterations, device="cpu", seed=plan.seed,
-                           data=train_dir, synthetic=SyntheticSupervision(fraction=fraction, variants_per_volume=plan.synthetic_variants))
+                           data=train_dir, synthetic=syn), True
 
 
 def _load_cases(val_dir: Path) -> list[dict[str, Any]]:
@@ -240,9 +256,10 @@ def _score_hu_threshold(cases: list[dict[str, Any]], real_dir: Path | None) -> d
     return row
 
 
-def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None, gan: Path | None, floor: bool) -> dict[str, Any]:
-    from CovidGANSegLib.seg.inference import LESION_HU_FLOOR, load_segmenter, segment_ct
+def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None, gan: Path | None, post: dict[str, Any]) -> dict[str, Any]:
+    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, segment_ct
 
+    rule = PostProcessing(**post)
     model, _ = load_segmenter(model_path, "cpu")
     generator = gan_pp = None
     if gan is not None:
@@ -252,7 +269,7 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
         gan_pp = preprocess_config_of(payload)
 
     def predict(ct, lung):
-        mask = segment_ct(ct, model, lung_mask=lung, hu_floor=LESION_HU_FLOOR if floor else None).lesion_mask
+        mask = segment_ct(ct, model, lung_mask=lung, post=rule).lesion_mask
         if generator is not None:
             mask &= pseudo_healthy(generator, ct, gan_pp, lung_mask=lung).difference_hu > GATE_HU
         return mask

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "masks). Phase 1: contrastive pre-training of the encoder on high- vs low-infection slices with\n"
             "the enhanced contrastive loss (eq. 4, learnable temperature, initial 0.06). Phase 2: end to end\n"
             "with the sensitivity-enhanced loss (eq. 5), MSE to the pseudo-mask and the contrastive loss.\n"
-            "Synthetic-lesion supervision (--synthetic-fraction, default half of each batch): the folder's\n"
+            "Synthetic-lesion supervision (--synthetic-fraction, default all of each phase-2 batch): the folder's\n"
             "healthy volumes with lesions drawn by the Perlin lesion model, exactly labelled by construction.\n"
             "Adam with x0.9 every 1,000 steps; the model (and the probability threshold) with the best Dice\n"
             "on synthetic lesions in held-out healthy VOLUMES is kept (without healthy volumes: Dice\n"
@@ -46,9 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt exactly where it stopped")
     p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of a fresh run (default 0)")
-    p.add_argument("--synthetic-fraction", type=float, default=0.5, metavar="F",
-                   help="share of each batch from synthetic lesions in the pseudo-masks folder's healthy volumes "
-                        "(default 0.5; 0 = the paper's pseudo-masks alone)")
+    p.add_argument("--synthetic-fraction", type=float, default=1.0, metavar="F",
+                   help="share of each end-to-end batch from synthetic lesions in the pseudo-masks folder's healthy volumes "
+                        "(default 1: the pseudo-masks then serve the contrastive phase only; 0 = the paper's pseudo-masks alone)")
     p.set_defaults(handler=run_train)
 
     p = subparsers.add_parser(

@@ -19,7 +19,7 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
-from CovidGANSegLib.seg.inference import LESION_HU_FLOOR, load_segmenter, segment_ct, segment_file
+from CovidGANSegLib.seg.inference import PLAIN, PostProcessing, load_segmenter, post_process, segment_ct, segment_file
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
@@ -78,12 +78,13 @@ def test_output_grid_equals_input_for_odd_geometries(phantom, tmp_path, axcodes,
         assert np.allclose(img.affine, src.affine, atol=1e-5)
         assert img.get_data_dtype() == np.uint8
     lesion, lung = np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(lungs)).dataobj)
-    # the crop box holds the lungs plus a margin, so "lesion everywhere" is exactly the lung mask where the
-    # input is at least as dense as the HU floor
-    dense = np.asarray(src.dataobj) >= LESION_HU_FLOOR
-    assert lung.sum() > 1000 and np.array_equal(lesion, lung & dense)
+    # the crop box holds the lungs plus a margin, so "lesion everywhere" is the lung mask where the input is
+    # lesion-dense (post-processing: HU range, opening, growth)
+    assert lung.sum() > 1000 and lesion.any() and not (lesion & ~lung).any()
+    hu = np.asarray(src.dataobj)
+    assert ((hu[lesion > 0] >= -800) & (hu[lesion > 0] <= 100)).all()
     on_disk = json.loads(report.read_text())
-    assert on_disk["percent_involved"] == pytest.approx(100.0 * (lung & dense).sum() / lung.sum(), rel=1e-4)
+    assert on_disk["percent_involved"] == pytest.approx(100.0 * lesion.sum() / lung.sum(), rel=1e-4)
     assert on_disk["lung_ml"] == pytest.approx(lung.sum() * np.prod(src.header.get_zooms()[:3]) / 1000, rel=1e-5)
     assert rep["demo_models"] is True
 
@@ -111,14 +112,46 @@ def test_segment_ct_in_memory(phantom, tmp_path):
         segment_ct(ct, model, threshold=1.5)
 
 
-def test_hu_floor_at_inference(phantom, tmp_path):
+def test_plain_rule_is_probability_in_the_lung(phantom, tmp_path):
     model, _ = load_segmenter(_seg_checkpoint(tmp_path / "seg.pt", bias=10.0), "cpu")
     ct = CTVolume.from_array(phantom.hu, phantom.affine)
-    everywhere = segment_ct(ct, model, hu_floor=None).lesion_mask
-    floored = segment_ct(ct, model).lesion_mask
-    assert np.array_equal(everywhere, segment_ct(ct, model, hu_floor=None).lung_mask)
-    assert np.array_equal(floored, everywhere & (ct.array >= LESION_HU_FLOOR))
-    assert 0 < floored.sum() < everywhere.sum()  # aerated lung is below the floor
+    plain = segment_ct(ct, model, post=PLAIN)
+    assert np.array_equal(plain.lesion_mask, plain.lung_mask)
+    ranged = segment_ct(ct, model, post=PostProcessing(open_mm=0.0, grow=False)).lesion_mask
+    assert np.array_equal(ranged, plain.lung_mask & (ct.array >= -800) & (ct.array <= 100))
+
+
+def _slab(shape=(60, 60, 4)):
+    """Aerated lung (-850 HU) with a 1-voxel vessel (+40 HU), a 12-voxel disc lesion (-450 HU) and a
+    faint rim of the lesion (-650 HU) that the model does not see."""
+    hu = np.full(shape, -850.0)
+    lung = np.ones(shape, bool)
+    hu[5:55, 10, :] = 40.0
+    u, v = np.mgrid[: shape[0], : shape[1]]
+    rim = (u - 35) ** 2 + (v - 35) ** 2 <= 10 ** 2
+    core = (u - 35) ** 2 + (v - 35) ** 2 <= 6 ** 2
+    hu[rim] = -650.0
+    hu[core] = -450.0
+    return hu, lung, core, rim
+
+
+def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_lesion_extent():
+    hu, lung, core, rim = _slab()
+    spacing = (1.0, 1.0, 8.0)
+    detections = np.zeros(hu.shape, bool)
+    detections[:, :, 1:3] = core[:, :, None]  # the model found the core ...
+    detections[5:55, 10, :] = True  # ... and fired on the vessel
+    plain = post_process(detections, hu, lung, spacing, PLAIN)
+    assert np.array_equal(plain, detections)
+    opened = post_process(detections, hu, lung, spacing, PostProcessing(grow=False))
+    assert not opened[:, 10, :].any()  # the vessel is thinner than the 2.5 mm disk
+    assert opened[:, :, 1][core].mean() > 0.9
+    grown = post_process(detections, hu, lung, spacing, PostProcessing())
+    assert grown[:, :, 0][rim].mean() > 0.9 and grown[:, :, 3][rim].mean() > 0.9  # the whole dense region, all slices
+    assert not grown[:, 10, :].any() and not (grown & (hu < -750)).any()
+    assert not post_process(np.zeros_like(detections), hu, lung, spacing, PostProcessing()).any()  # no seed, no growth
+    with pytest.raises(ValueError):
+        PostProcessing(open_mm=-1.0)
 
 
 def test_checkpoint_errors_write_nothing(phantom, tmp_path):
