@@ -126,35 +126,38 @@ class Case:
         gen = torch.Generator().manual_seed(0)
         self.x = torch.rand(batch, 1, size, size, generator=gen)  # (B, 1, H, W)
         self.y = (torch.rand(batch, 1, size, size, generator=gen) > 0.9).float()  # (B, 1, H, W)
-        self.times: Dict[str, List[float]] = {"forward_s": [], "train_step_s": []}
+        self.times: Dict[str, List[float]] = {k: [] for k in ("forward_s", "train_step_s", "forward_cpu_s", "train_step_cpu_s")}
 
-    def forward(self) -> float:
+    def forward(self) -> tuple[float, float]:
+        """Wall and CPU seconds of one inference forward pass."""
         self.model.eval()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = self.model(self.x)
-        dt_s = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
         assert out.shape == self.y.shape, (self.name, tuple(out.shape))
-        return dt_s
+        return wall, cpu
 
-    def train_step(self) -> float:
+    def train_step(self) -> tuple[float, float]:
+        """Wall and CPU seconds of one training step."""
         self.model.train()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.binary_cross_entropy_with_logits(self.model(self.x), self.y)
         loss.backward()
         self.optimizer.step()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
 
 def run(cases: List[Case], rounds: int, warmup: int, log: Callable[[str], None]) -> None:
     """Interleaved timing: each round runs every case's forward, then every case's training step."""
     for r in range(warmup + rounds):
-        for kind in ("forward_s", "train_step_s"):
+        for kind in ("forward", "train_step"):
             for case in cases:
-                s = case.forward() if kind == "forward_s" else case.train_step()
+                wall, cpu = case.forward() if kind == "forward" else case.train_step()
                 if r >= warmup:
-                    case.times[kind].append(s)
+                    case.times[f"{kind}_s"].append(wall)
+                    case.times[f"{kind}_cpu_s"].append(cpu)
         if r >= warmup:
             log(f"round {r - warmup + 1}/{rounds}: " + ", ".join(
                 f"{c.name} {c.times['forward_s'][-1]:.2f}/{c.times['train_step_s'][-1]:.2f} s" for c in cases))
@@ -285,19 +288,24 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     seed = results.get("seed")
     print(f"\nTransUNet, batch {args.batch} x 1 x {args.size} x {args.size}, {args.threads} thread(s), median of {args.rounds} "
           f"interleaved rounds")
-    print(f"{'model':<16}{'params (M)':>11}{'forward (s)':>13}{'train step (s)':>16}{'fwd vs seed':>13}{'train vs seed':>15}")
+    print("wall seconds, and CPU seconds of this process (1 thread: less disturbed by other jobs on the machine)")
+    print(f"{'model':<20}{'params (M)':>11}{'fwd (s)':>9}{'fwd CPU':>9}{'train (s)':>11}{'train CPU':>11}"
+          f"{'fwd CPU vs seed':>17}{'train CPU vs seed':>19}")
     for name, r in results.items():
         rel = ("", "")
         if seed is not None:
-            rel = (f"{r['forward_s'] / seed['forward_s']:.2f}x", f"{r['train_step_s'] / seed['train_step_s']:.2f}x")
-        print(f"{name:<16}{r['parameters'] / 1e6:>11.2f}{r['forward_s']:>13.3f}{r['train_step_s']:>16.3f}{rel[0]:>13}{rel[1]:>15}")
+            rel = (f"{r['forward_cpu_s'] / seed['forward_cpu_s']:.2f}x", f"{r['train_step_cpu_s'] / seed['train_step_cpu_s']:.2f}x")
+        print(f"{name:<20}{r['parameters'] / 1e6:>11.2f}{r['forward_s']:>9.3f}{r['forward_cpu_s']:>9.3f}{r['train_step_s']:>11.3f}"
+              f"{r['train_step_cpu_s']:>11.3f}{rel[0]:>17}{rel[1]:>19}")
 
     payload = {"benchmark": "transunet", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
                "protocol": (f"one process, {args.threads} torch thread(s), batch {args.batch} x 1 x {args.size} x {args.size}; "
                             f"{args.warmup} warm-up round(s) then {args.rounds} interleaved rounds (every model's forward, then "
                             "every model's training step, per round); median reported. forward: eval + inference_mode; "
-                            "train step: train mode, BCE-with-logits, backward, Adam step. The machine's other core(s) may "
-                            "be busy with other jobs; interleaving spreads that load over all models."),
+                            "train step: train mode, BCE-with-logits, backward, Adam step. *_s: wall seconds; *_cpu_s: CPU "
+                            "seconds of this process (time.process_time; with 1 thread, time spent waiting for a core "
+                            "taken by another job is not counted). The machine's other core(s) may be busy with other "
+                            "jobs; interleaving spreads that load over all models."),
                "seed": "mkara44/transunet_pytorch utils/transunet.py, TransUNet(img_dim=128, in_channels=1, out_channels=128, "
                        "head_num=4, mlp_dim=512, block_num=8, patch_dim=16, class_num=1)" if seed is not None else None,
                "note": args.note, "results": results}
