@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         model, trained = _train(work, plan, pm, st, args.arch, train_dir)
         train_s = time.perf_counter() - t
         row = _score(model, cases, real_dir, gan_model if st.get("gate") else None, st["post"])
-        row["train_s"] = round(train_s, 1) if trained else "same model as above"
+        row["train_s"] = round(train_s if trained else _logged_seconds(model.parent), 1)
+        row["model"] = str(model.parent.name)
         row["settings"] = {**st, "gan_gate_hu": GATE_HU if st.get("gate") else None}
         result["variants"][name] = row
         _save(result, result_path)
@@ -192,6 +193,14 @@ def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir:
                                location_prior=st["prior"])
     return train_segmenter(pm, run, model=arch, config=plan.seg_config, iterations=plan.seg_iterations, device="cpu", seed=plan.seed,
                            data=train_dir, synthetic=syn), True
+
+
+def _logged_seconds(run: Path) -> float:
+    """Training seconds of an earlier run (sum of its losses.csv ``seconds`` column)."""
+    import csv
+
+    with open(run / "losses.csv", newline="") as fh:
+        return float(sum(float(r["seconds"] or 0.0) for r in csv.DictReader(fh)))
 
 
 def _load_cases(val_dir: Path) -> list[dict[str, Any]]:
