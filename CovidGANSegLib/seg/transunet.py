@@ -306,12 +306,15 @@ class CNNEncoder(nn.Module):
         self.stem_stride = stem_stride
         self.in_channels = in_channels
         # with a stride-2 stem: a light full-resolution block for the 1/1 skip, or the input itself
-        self.full_res: nn.Module | None = ResidualBlock(in_channels, full_res_channels) if full_res_channels and stem_stride == 2 else None
+        self.full_res: nn.Module | None = None
+        if full_res_channels and stem_stride == 2:
+            self.full_res = ResidualBlock(in_channels, full_res_channels)
         stages = []
         cin = in_channels
         for i, (cout, n) in enumerate(zip(channels, blocks)):
             if i == 0 and stem_stride == 2:
-                stages.append(nn.Sequential(nn.Conv2d(cin, cout, 7, stride=2, padding=3, bias=False), group_norm(cout), nn.ReLU(inplace=True)))
+                stem = nn.Conv2d(cin, cout, 7, stride=2, padding=3, bias=False)  # (B, C0, H/2, W/2)
+                stages.append(nn.Sequential(stem, group_norm(cout), nn.ReLU(inplace=True)))
             else:
                 stride = 1 if i == 0 or (i == 1 and stem_stride == 2) else 2
                 layers = [ResidualBlock(cin, cout, stride=stride)]
