@@ -351,11 +351,17 @@ class SegTrainer:
 
     @torch.inference_mode()
     def validate(self, val: SliceSet, *, batch: int = 32, threshold: float = 0.5) -> dict[str, float]:
-        """Loss (eq. 5 + MSE, weighted and restricted as in training) and Dice of p > 0.5 in the lung, vs the pseudo-masks."""
+        """Loss (eq. 5 + MSE, weighted and restricted as in training) and Dice of ``p > threshold`` in the lung.
+
+        ``val_dice`` is the mean of the per-VOLUME Dice (both empty: 1), the figure the evaluation
+        reports, so that a mild case weighs as much as a severe one; ``val_dice_pooled`` pools all
+        voxels.
+        """
         was = self.model.training
         self.model.eval()
         cfg = self.config
-        total, pixels, tp, fp, fn = 0.0, 0, 0, 0, 0
+        total, pixels = 0.0, 0
+        counts: dict[int, list[int]] = {}  # volume -> [tp, fp, fn]
         try:
             for i in range(0, len(val.images), batch):
                 x, y, lung = val.images[i:i + batch], val.masks[i:i + batch], val.lungs[i:i + batch]
@@ -366,13 +372,25 @@ class SegTrainer:
                 pixels += n
                 pred = (torch.sigmoid(logits) > threshold) & lung
                 t = (y > 0.5) & lung
-                tp += int((pred & t).sum())
-                fp += int((pred & ~t).sum())
-                fn += int((~pred & t).sum())
+                tp = (pred & t).flatten(1).sum(dim=1).tolist()
+                fp = (pred & ~t).flatten(1).sum(dim=1).tolist()
+                fn = (~pred & t).flatten(1).sum(dim=1).tolist()
+                for k in range(len(x)):
+                    volume = val.index[i + k][0] if val.index else 0
+                    c = counts.setdefault(volume, [0, 0, 0])
+                    c[0] += int(tp[k])
+                    c[1] += int(fp[k])
+                    c[2] += int(fn[k])
         finally:
             self.model.train(was)
-        dice = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-        return {"val_loss": total / max(pixels, 1), "val_dice": dice, "val_has_lesion": tp + fn > 0}
+
+        def dice(tp: int, fp: int, fn: int) -> float:
+            return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+        tp_all, fp_all, fn_all = (sum(c[j] for c in counts.values()) for j in range(3))
+        per_volume = [dice(*c) for c in counts.values()]
+        return {"val_loss": total / max(pixels, 1), "val_dice": float(np.mean(per_volume)) if per_volume else 1.0,
+                "val_dice_pooled": dice(tp_all, fp_all, fn_all), "val_has_lesion": tp_all + fn_all > 0}
 
     def consider(self, result: dict[str, float]) -> bool:
         """Keep the current weights if they are the best on validation so far (strictly better)."""
