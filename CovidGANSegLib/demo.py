@@ -159,7 +159,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     t = time.perf_counter()
     progress.report(0.85, "segmenting the held-out studies")
     with progress.scope(0.85, 0.95):
-        cases = _segment_held_out(test_dir, seg_models, work / "predictions", device)
+        cases = _segment_held_out(test_dir, seg_models, work / "predictions", device, gan_model)
     timings["segmentation_s"] = time.perf_counter() - t
 
     progress.report(0.95, "evaluating")
@@ -171,7 +171,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     summary["lung_ml_by_case"] = {i: float(lung.sum()) * float(sp[0] * sp[1] * sp[2]) / 1000.0
                                   for i, lung, sp in zip(cases["ids"], cases["lungs"], cases["spacings"])}
     _save_examples(cases, work / "figures" / "held_out_examples.png")
-    real = _real_normal_check(real_dir, seg_models, device) if real_dir is not None else None
+    real = _real_normal_check(real_dir, seg_models, device, gan_model) if real_dir is not None else None
     runtime = time.perf_counter() - start
     metrics = {
         "cases": summary["cases"],
@@ -190,16 +190,17 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     return metrics
 
 
-def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Path, device: str) -> dict[str, Any]:
-    """Segment every held-out study with each method on its own grid; load the reference masks."""
+def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Path, device: str, gan_model: Path | None = None) -> dict[str, Any]:
+    """Segment every held-out study with each method on its own grid (as ``segment --gan`` does); load the reference masks."""
     from CovidGANSegLib.datasets import discover_studies, lesion_mask_path
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.nifti import load_ct, load_mask, save_like
     from CovidGANSegLib.preprocessing import preprocess_ct
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import load_segmenter, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
 
     models = {name: load_segmenter(path, device=device)[0] for name, path in seg_models.items()}
+    generator, gan_payload = _load_gan(gan_model, device)
     configs = {m.preprocess_config for m in models.values()}
     if len(configs) != 1:
         raise ValueError("the two segmenters were trained with different preprocessing")
@@ -210,7 +211,10 @@ def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Pat
         ct = load_ct(study.path)
         lung = extract_lung_mask(ct.array, ct.spacing)
         pv = preprocess_ct(ct, preprocess, lung_mask=lung)
-        preds = {name: segment_ct(ct, model, preprocess, lung_mask=lung, preprocessed=pv).lesion_mask for name, model in models.items()}
+        ph, gate = gan_gate(ct, lung, generator, gan_payload) if generator is not None else (None, None)
+        diff = None if ph is None else ph.difference_hu
+        preds = {name: segment_ct(ct, model, preprocess, lung_mask=lung, preprocessed=pv, difference_hu=diff, gate_hu=gate).lesion_mask
+                 for name, model in models.items()}
         preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
         for name, mask in preds.items():
             save_like(mask.astype("uint8"), ct, pred_dir / name / f"{study.id}.nii.gz", dtype="uint8")
@@ -226,22 +230,33 @@ def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Pat
     return cases
 
 
-def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str) -> dict[str, Any]:
+def _load_gan(gan_model: Path | None, device: str) -> tuple[Any, dict[str, Any]]:
+    if gan_model is None:
+        return None, {}
+    from CovidGANSegLib.gan.inference import load_generator
+
+    return load_generator(gan_model, device)
+
+
+def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str, gan_model: Path | None = None) -> dict[str, Any]:
     """Percent of lung each method marks as lesion on every real normal CT of ``real_dir`` (should be ~0)."""
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.nifti import load_ct
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import load_segmenter, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
 
     t = time.perf_counter()
     models = {name: load_segmenter(path, device=device)[0] for name, path in seg_models.items()}
+    generator, gan_payload = _load_gan(gan_model, device)
     files = sorted(p for p in real_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
     result: dict[str, Any] = {"cases": [], "percent": {m: [] for m in METHODS}, "folder": str(real_dir)}
     for path in progress.track(files, desc="real normal CTs"):
         ct = load_ct(path, min_slices=1)
         lung = extract_lung_mask(ct.array, ct.spacing)
         n_lung = max(1, int(lung.sum()))
-        preds = {name: segment_ct(ct, model, lung_mask=lung).lesion_mask for name, model in models.items()}
+        ph, gate = gan_gate(ct, lung, generator, gan_payload) if generator is not None else (None, None)
+        diff = None if ph is None else ph.difference_hu
+        preds = {name: segment_ct(ct, model, lung_mask=lung, difference_hu=diff, gate_hu=gate).lesion_mask for name, model in models.items()}
         preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
         result["cases"].append(path.name.split(".nii")[0])
         for m in METHODS:

@@ -17,7 +17,11 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``+hu-range``: lesions only where the input is -800..+100 HU;
 * ``+opening``: and an in-plane opening (2.5 mm);
 * ``+growth``: and growth into connected lesion-range density (the default pipeline);
-* ``+gan-gate``: the default, with lesions kept only where the GAN removed density (difference > 30 HU).
+* ``+gan-gate``: the default pipeline (``segment --gan``): detected components are kept only where
+  the GAN removed density (mean difference above median + 4 sigma of G's healthy-lung difference);
+* ``gan-gate-voxel``: instead, a voxel-wise gate (difference > 30 HU), tried first.
+
+``--gate-sweep`` adds rows for component gates at fixed HU levels (0 .. 90 HU).
 
 Rows: Dice (all cases, and mild cases under 5 % of lung apart), sensitivity, precision, real-normal
 false-positive percent per CT, training seconds. Results are printed and saved to
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
-            "+gan-gate")
+            "+gan-gate", "gan-gate-voxel")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
@@ -60,8 +64,10 @@ SETTINGS = {
     "+hu-range": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"open_mm": 0.0, "grow": False}, **_NEW},
     "+opening": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, **_NEW},
     "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, **_NEW},
-    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": True, **_NEW},
+    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW},
+    "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "voxel", **_NEW},
 }
+GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
 MILD_PERCENT = 5.0
 
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--real-normal", type=Path, default=None, help="folder of real normal CTs (default: shared/data/real_ct)")
     ap.add_argument("--iterations", type=int, default=None, help="segmenter iterations (default: the plan's)")
+    ap.add_argument("--gate-sweep", action="store_true", help="also score component gates at fixed HU levels on the default model")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -111,13 +118,22 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         model, trained = _train(work, plan, pm, st, args.arch, train_dir)
         train_s = time.perf_counter() - t
-        row = _score(model, cases, real_dir, gan_model if st.get("gate") else None, st["post"])
+        row = _score(model, cases, real_dir, gan_model if st.get("gate") else None, st["post"], st.get("gate"))
         row["train_s"] = round(train_s if trained else _logged_seconds(model.parent), 1)
         row["model"] = str(model.parent.name)
         row["settings"] = {**st, "gan_gate_hu": GATE_HU if st.get("gate") else None}
         result["variants"][name] = row
         _save(result, result_path)
         print(_table(result), flush=True)
+    if args.gate_sweep:
+        st = SETTINGS["+gan-gate"]
+        model, _ = _train(work, plan, _pseudo_masks(work, plan, train_dir, gan_model, st["rule"], st["fine"], result), st, args.arch, train_dir)
+        for level in GATE_LEVELS_HU:
+            row = _score(model, cases, real_dir, gan_model, st["post"], "component", fixed_gate_hu=level)
+            row["settings"] = {**st, "gate_hu": level}
+            result["variants"][f"gate {level:g} HU"] = row
+            _save(result, result_path)
+            print(_table(result), flush=True)
     print(f"saved {result_path}")
     return 0
 
@@ -265,23 +281,28 @@ def _score_hu_threshold(cases: list[dict[str, Any]], real_dir: Path | None) -> d
     return row
 
 
-def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None, gan: Path | None, post: dict[str, Any]) -> dict[str, Any]:
-    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, segment_ct
+def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None, gan: Path | None, post: dict[str, Any],
+           gate: str | None = None, fixed_gate_hu: float | None = None) -> dict[str, Any]:
+    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, load_segmenter, segment_ct
 
     rule = PostProcessing(**post)
     model, _ = load_segmenter(model_path, "cpu")
-    generator = gan_pp = None
+    generator = payload = None
     if gan is not None:
-        from CovidGANSegLib.gan.inference import load_generator, preprocess_config_of, pseudo_healthy
+        from CovidGANSegLib.gan.inference import load_generator
 
         generator, payload = load_generator(gan, "cpu")
-        gan_pp = preprocess_config_of(payload)
+    levels: list[float] = []
 
     def predict(ct, lung):
-        mask = segment_ct(ct, model, lung_mask=lung, post=rule).lesion_mask
-        if generator is not None:
-            mask &= pseudo_healthy(generator, ct, gan_pp, lung_mask=lung).difference_hu > GATE_HU
-        return mask
+        if generator is None:
+            return segment_ct(ct, model, lung_mask=lung, post=rule).lesion_mask
+        ph, level = gan_gate(ct, lung, generator, payload, rule)
+        if gate == "voxel":
+            return segment_ct(ct, model, lung_mask=lung, post=rule).lesion_mask & (ph.difference_hu > GATE_HU)
+        level = fixed_gate_hu if fixed_gate_hu is not None else level
+        levels.append(level)
+        return segment_ct(ct, model, lung_mask=lung, post=rule, difference_hu=ph.difference_hu, gate_hu=level).lesion_mask
 
     t = time.perf_counter()
     per_case = [_confusion(predict(c["ct"], c["lung"]), c["truth"]) for c in cases]
@@ -289,6 +310,8 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
     row["segment_s_per_case"] = round((time.perf_counter() - t) / max(1, len(cases)), 2)
     row["real_normal_percent"] = _real_normal(real_dir, predict)
     row["threshold"] = float(getattr(model, "threshold", 0.5))
+    if levels:
+        row["gate_hu"] = round(float(levels[0]), 1)
     return row
 
 

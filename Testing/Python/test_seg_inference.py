@@ -150,6 +150,16 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
     assert grown[:, :, 0][rim].mean() > 0.9 and grown[:, :, 3][rim].mean() > 0.9  # the whole dense region, all slices
     assert not grown[:, 10, :].any() and not (grown & (hu < -750)).any()
     assert not post_process(np.zeros_like(detections), hu, lung, spacing, PostProcessing()).any()  # no seed, no growth
+    # GAN agreement: a component is kept only when the GAN removed density there (mean difference above the gate)
+    difference = np.zeros(hu.shape, np.float32)
+    difference[core] = 200.0
+    gated = post_process(detections, hu, lung, spacing, PostProcessing(), difference_hu=difference, gate_hu=40.0)
+    assert np.array_equal(gated, grown)
+    assert not post_process(detections, hu, lung, spacing, PostProcessing(), difference_hu=difference * 0.1, gate_hu=40.0).any()
+    assert np.array_equal(post_process(detections, hu, lung, spacing, PostProcessing(), difference_hu=None, gate_hu=40.0), grown)
+    stats = {"count": 100, "median": 0.01, "sigma": 0.005}
+    assert PostProcessing().gate_hu(stats, 1400.0) == pytest.approx((0.01 + 4 * 0.005) * 1400.0)
+    assert PostProcessing(gan_gate_sigmas=None).gate_hu(stats, 1400.0) is None and PostProcessing().gate_hu(None, 1400.0) is None
     with pytest.raises(ValueError):
         PostProcessing(open_mm=-1.0)
 
