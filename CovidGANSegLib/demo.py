@@ -71,7 +71,7 @@ class DemoPlan:
 QUICK = DemoPlan(train_healthy=12, train_covid=24, test_covid=10, phantom_size="small", grid=(64, 64, 16), seg_grid=(128, 128, 32),
                  gan_config="quick", gan_iterations=400, seg_config="small", seg_iterations=500)
 FULL = DemoPlan(train_healthy=24, train_covid=36, test_covid=16, phantom_size="small", grid=(64, 64, 16), seg_grid=(128, 128, 32),
-                gan_config="quick", gan_iterations=1500, seg_config="small", seg_iterations=2000, val_covid=16)
+                gan_config="quick", gan_iterations=1500, seg_config="small", seg_iterations=1500, val_covid=16)
 
 METHODS = ("transunet", "unet", "hu_threshold")
 SPLITS = ("test", "validation")
