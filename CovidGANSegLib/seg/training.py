@@ -5,6 +5,12 @@ volumes on the model grid, (N, D, H, W) in [0, 1]), ``pseudo_masks.npy`` (bool),
 ``severity.json`` ("high" / "low" lists of [volume_index, slice_index]). Lesion masks are never
 read. Training uses the 2D axial slices that contain lung, held in memory as tensors.
 
+* Synthetic-lesion supervision (``seg.synthetic``, default): the folder's healthy volumes with
+  lesions drawn by the Perlin training lesion model, exactly labelled by construction, fill
+  ``SyntheticSupervision.fraction`` of each phase-2 batch (default all of it; measured on the
+  validation phantoms, mixing in the pseudo-masks of a CPU-trained GAN made the models worse). The
+  healthy volumes are split by volume; synthetic lesions in the validation ones select the model
+  (mean per-volume Dice) and the probability threshold. No real or phantom lesion mask is read.
 * Validation split by VOLUME (``val_fraction`` of the pseudo-mask volumes, never ground truth):
   all lung slices of those volumes are scored against their pseudo-masks (eq. 5 + MSE loss, and
   Dice of ``p > 0.5`` inside the lung). The model with the best validation Dice (ties: lower loss;
@@ -38,6 +44,7 @@ Run folder::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -506,8 +513,9 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         seed: seeds the weights, the volume split, batches and augmentation.
         data: the dataset the pseudo-masks came from (provenance only: model card, demo flag).
         synthetic: synthetic-lesion supervision from the folder's healthy volumes (default
-            ``SyntheticSupervision()``: half of each end-to-end batch; ``fraction=0`` for the
-            paper's pseudo-masks alone). The healthy volumes are split by volume like the COVID
+            ``SyntheticSupervision()``: all of each end-to-end batch, the pseudo-masks' severity
+            groups then serve the contrastive phase; ``fraction=0`` for the paper's pseudo-masks
+            alone). A resumed run keeps its own. The healthy volumes are split by volume like the COVID
             ones; synthetic pairs of the validation healthy volumes select the model and the
             probability threshold (label-free: the labels are the synthesiser's own).
 
@@ -529,8 +537,10 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
             raise InputError(f"this run trains a {payload.get('arch')!r} model, not {model!r}", run_dir)
         cfg = SegConfig.from_dict(payload["config"])
         seed = int(payload.get("metadata", {}).get("seed", seed))
-        if isinstance(payload.get("metadata", {}).get("synthetic"), dict):
-            synthetic = SyntheticSupervision(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["metadata"]["synthetic"].items()})
+        if "synthetic" in payload.get("metadata", {}):  # the run's own supervision (None: it had none)
+            stored = payload["metadata"]["synthetic"]
+            synthetic = (SyntheticSupervision(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+                         if isinstance(stored, dict) else SyntheticSupervision(fraction=0.0))
     else:
         if ckpt_path.exists():
             raise InputError("this run folder already has a checkpoint (checkpoints/last.pt): use --resume to continue it, "
@@ -596,8 +606,6 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     del payload
 
     demo, source = _is_demo(pm, data_path)
-    import dataclasses
-
     metadata = {"config_name": cfg.name, "seed": int(seed), "pseudo_masks": str(pm_path), "data": None if data_path is None else str(data_path),
                 "n_train_volumes": len(train_vols), "n_val_volumes": len(val_vols), "device": str(dev), "demo": demo,
                 "synthetic": dataclasses.asdict(syn) if syn_train is not None else None,

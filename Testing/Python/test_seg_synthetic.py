@@ -105,3 +105,13 @@ def test_folder_without_healthy_volumes_trains_on_pseudo_masks(tmp_path, caplog)
     path = training.train_segmenter(pm, tmp_path / "run", model="unet", config="tiny", iterations=3, device="cpu")
     assert load_checkpoint(path, kind="seg")["metadata"]["synthetic"] is None
     assert "synthetic-lesion supervision is off" in caplog.text
+
+
+def test_resume_keeps_the_runs_own_supervision(tmp_path):
+    progress.set_mode("none")
+    pm = _with_healthy(tmp_path / "pm")
+    run = tmp_path / "run"
+    training.train_segmenter(pm, run, model="unet", config="tiny", iterations=3, device="cpu", synthetic=SyntheticSupervision(fraction=0.0))
+    resumed = training.train_segmenter(pm, run, model="unet", config="tiny", iterations=5, device="cpu", resume=True)
+    meta = load_checkpoint(resumed, kind="seg")["metadata"]
+    assert meta["synthetic"] is None and meta["iterations"] == 5
