@@ -479,6 +479,8 @@ def test_output_set_rolls_back_when_a_rename_fails(tmp_path, monkeypatch):
 _SIGNAL_DURING_WRITE = """
 import os, signal, time
 from CovidGANSegLib import nifti
+# a foreground process: Ctrl-C is not ignored (a test run started as a background job inherits SIG_IGN)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 _orig, _calls = nifti.save_like, []
 def _save_like(*args, **kwargs):
     out = _orig(*args, **kwargs)
