@@ -223,11 +223,11 @@ def refined_masks(images: np.ndarray, difference: np.ndarray, lungs: np.ndarray,
         candidate = lungs[i] & (hu >= rule.hu_range[0]) & (hu <= rule.hu_range[1])
         candidate &= ~thin_structures(images[i], rule.vessel_radius, rule.vessel_contrast_hu / (hi - lo))
         weak_mask = candidate & (difference[i] > weak)
-        masks[i] = remove_small_components(_touches(weak_mask & (difference[i] > strong), weak_mask), rule.min_size)
+        masks[i] = remove_small_components(components_touching(weak_mask & (difference[i] > strong), weak_mask), rule.min_size)
     return masks
 
 
-def _touches(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
+def components_touching(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Voxels of ``region`` whose 26-connected component contains a voxel of ``seeds`` (hysteresis)."""
     lab, n = ndi.label(region, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:

@@ -132,12 +132,10 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
         seeds = keep[lab]
     if not rule.grow or not seeds.any():
         return seeds
+    from CovidGANSegLib.gan.pseudomasks import components_touching
+
     region = _opening(lung & (hu >= rule.grow_hu_range[0]) & (hu <= rule.grow_hu_range[1]), spacing, rule.open_mm)
-    lab, n = ndi.label(region, structure=np.ones((3, 3, 3), dtype=bool))
-    touched = np.zeros(n + 1, dtype=bool)
-    touched[np.unique(lab[seeds])] = True
-    touched[0] = False
-    return seeds | touched[lab]
+    return seeds | components_touching(seeds, region)
 
 
 def gan_gate(ct, lung: np.ndarray, generator: Any, gan_payload: dict[str, Any], rule: PostProcessing | None = None) -> tuple[Any, float | None]:
