@@ -45,6 +45,7 @@ from CovidGANSegLib.config import DEFAULT_PREPROCESS, PreprocessConfig
 from CovidGANSegLib.errors import InputError
 from CovidGANSegLib.gan import GAN_ARCH
 from CovidGANSegLib.losslog import append_losses, read_losses, truncate_losses
+from CovidGANSegLib.runlock import stop_after_step
 from CovidGANSegLib.gan.networks import DenseUNetGenerator3D, Discriminator3D, GANConfig, get_gan_config, resolve_device
 
 log = logging.getLogger(__name__)
@@ -377,7 +378,8 @@ def _write_sample(trainer: GANTrainer, image: np.ndarray, lung: np.ndarray, path
 
 
 def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str | None = None, preprocess: PreprocessConfig | None = None,
-              iterations: int | None = None, resume: bool = False, device: str = "auto", seed: int = 0) -> Path:
+              iterations: int | None = None, resume: bool = False, device: str = "auto", seed: int = 0,
+              run_info: dict[str, Any] | None = None) -> Path:
     """Train the 3D GAN (Algorithm 1) on DATA and write RUN/model.pt; returns its path.
 
     Args:
@@ -393,10 +395,15 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
         resume: continue from RUN/checkpoints/last.pt (its configurations win over the arguments).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         seed: random seed of a fresh run (a resumed run restores its RNG states).
+        run_info: extra metadata for every checkpoint (``covidganseg train``: the plan and its hash).
+
+    SIGINT / SIGTERM / SIGHUP during the loop: the current iteration finishes, ``last.pt`` is
+    written and :class:`~CovidGANSegLib.runlock.TrainingInterrupted` says how to resume.
 
     Raises:
         InputError: RUN already holds a checkpoint and ``resume`` is False, nothing to resume,
-            no healthy or no COVID volumes, a grid the generator cannot take.
+            fewer iterations than a resumed run already has, no healthy or no COVID volumes, a
+            grid the generator cannot take.
     """
     from CovidGANSegLib.preprocessing import ensure_preprocessed
 
@@ -423,6 +430,9 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
     total = int(iterations if iterations is not None else config.iterations)
     if total < 1:
         raise ValueError(f"iterations must be >= 1, got {total}")
+    if payload is not None and total < int(payload["iteration"]):
+        raise InputError(f"this run already has {int(payload['iteration'])} iterations; resuming up to {total} would rewrite model.pt "
+                         f"with fewer: give --iterations {int(payload['iteration'])} or more", run_dir)
     bad = [g for g in preprocess.grid if g % config.divisor]
     if bad:
         raise InputError(f"grid {preprocess.grid} is not divisible by {config.divisor} (2 ** generator depth) along every axis; "
@@ -450,7 +460,7 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
     del payload
 
     metadata = {"config_name": config.name, "seed": int(seed), "data": str(data), "n_healthy": int(len(ds.healthy)), "n_covid": int(len(ds.covid)),
-                "device": str(trainer.device), "amp": trainer.use_amp}
+                "device": str(trainer.device), "amp": trainer.use_amp, **(run_info or {})}
     common = dict(kind="gan", arch=GAN_ARCH, config=config.to_dict(), metadata=metadata, preprocess=preprocess.to_dict())
 
     def save_state() -> None:
@@ -460,7 +470,13 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
     sample_image, sample_lung = ds.covid[0], ds.covid_lungs[0].astype(bool)
     samples = run_dir / "samples"
     start = trainer.iteration
-    for _ in progress.track(range(start, total), total=max(total - start, 0), desc="GAN training"):
+    def stop() -> str:
+        save_state()
+        return (f"GAN training interrupted after iteration {trainer.iteration} of {total}; checkpoint written to {ckpt_path}. "
+                "Run the same command again with --resume to continue.")
+
+    steps = progress.track(range(start, total), total=max(total - start, 0), desc="GAN training")
+    for _ in stop_after_step(steps, stop):
         t0 = time.perf_counter()
         batch = trainer.sample_batch(ds.healthy, ds.healthy_lungs, ds.covid, ds.covid_lungs, healthy_spacing)
         losses = trainer.step(*batch)

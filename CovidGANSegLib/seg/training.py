@@ -62,6 +62,7 @@ from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card, save_ch
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.losslog import append_losses, read_losses, truncate_losses
+from CovidGANSegLib.runlock import stop_after_step
 from CovidGANSegLib.seg import ARCHS, resolve_device
 from CovidGANSegLib.seg.losses import EnhancedContrastiveLoss, SensitivityEnhancedLoss, mse_to_pseudo_mask
 from CovidGANSegLib.seg.synthetic import SyntheticSupervision, synthetic_pairs
@@ -498,7 +499,8 @@ def _write_samples(trainer: SegTrainer, val: SliceSet, path: Path, iteration: in
 
 def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str = "transunet", config: str | Path | SegConfig = "small",
                     iterations: int | None = None, resume: bool = False, device: str = "auto", seed: int = 0,
-                    data: str | Path | None = None, synthetic: SyntheticSupervision | None = None) -> Path:
+                    data: str | Path | None = None, synthetic: SyntheticSupervision | None = None,
+                    run_info: dict[str, Any] | None = None) -> Path:
     """Train a segmenter on a pseudo-masks folder and write RUN/model.pt; returns its path.
 
     Args:
@@ -518,10 +520,15 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
             alone). A resumed run keeps its own. The healthy volumes are split by volume like the COVID
             ones; synthetic pairs of the validation healthy volumes select the model and the
             probability threshold (label-free: the labels are the synthesiser's own).
+        run_info: extra metadata for every checkpoint (``covidganseg train``: the plan and its hash).
+
+    SIGINT / SIGTERM / SIGHUP during the loop: the current iteration finishes, ``last.pt`` is
+    written and :class:`~CovidGANSegLib.runlock.TrainingInterrupted` says how to resume.
 
     Raises:
         InputError: not a pseudo-masks folder, no lung slices, a checkpoint exists without
-            ``resume`` (or is missing with it), a checkpoint of another architecture.
+            ``resume`` (or is missing with it), a checkpoint of another architecture, fewer
+            iterations than a resumed run already has.
     """
     pm_path, run_dir = Path(pseudo_masks), Path(run_dir)
     data_path = None if data is None else Path(data)
@@ -557,6 +564,9 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     total = int(iterations if iterations is not None else cfg.iterations)
     if total < 1:
         raise ValueError(f"iterations must be >= 1, got {total}")
+    if payload is not None and total < int(payload["iteration"]):
+        raise InputError(f"this run already has {int(payload['iteration'])} iterations; resuming up to {total} would rewrite model.pt "
+                         f"with fewer: give --iterations {int(payload['iteration'])} or more", run_dir)
 
     train_vols, val_vols = split_volumes(n, cfg.val_fraction, seed)
     if payload is not None and "split" in payload:
@@ -609,7 +619,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     metadata = {"config_name": cfg.name, "seed": int(seed), "pseudo_masks": str(pm_path), "data": None if data_path is None else str(data_path),
                 "n_train_volumes": len(train_vols), "n_val_volumes": len(val_vols), "device": str(dev), "demo": demo,
                 "synthetic": dataclasses.asdict(syn) if syn_train is not None else None,
-                "n_train_healthy_volumes": len(h_train), "n_val_healthy_volumes": len(h_val)}
+                "n_train_healthy_volumes": len(h_train), "n_val_healthy_volumes": len(h_val), **(run_info or {})}
     common = dict(kind="seg", arch=model, config=cfg.to_dict(), metadata=metadata, preprocess=pm.preprocess.to_dict(),
                   split={"train": train_vols, "val": val_vols})
 
@@ -618,7 +628,13 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
 
     samples = run_dir / "samples"
     start = trainer.iteration
-    for _ in progress.track(range(start, total), total=max(total - start, 0), desc=f"{model} training"):
+    def stop() -> str:
+        save_state()
+        return (f"{model} training interrupted after iteration {trainer.iteration} of {total}; checkpoint written to {ckpt_path}. "
+                "Run the same command again with --resume to continue.")
+
+    steps = progress.track(range(start, total), total=max(total - start, 0), desc=f"{model} training")
+    for _ in stop_after_step(steps, stop):
         t0 = time.perf_counter()
         phase = PHASE_CONTRASTIVE if trainer.iteration < trainer.pretrain_iterations else PHASE_END_TO_END
         if phase == PHASE_END_TO_END and n_syn:
