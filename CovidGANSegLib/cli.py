@@ -18,7 +18,7 @@ from CovidGANSegLib import __version__, atomic, progress, protocol
 from CovidGANSegLib.errors import CovidGANSegError
 
 #: command modules, in the order of the pipeline
-COMMAND_MODULES = ("phantoms", "preprocess", "gan", "seg", "evaluate", "demo", "models")
+COMMAND_MODULES = ("phantoms", "preprocess", "gan", "seg", "train", "evaluate", "demo", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,6 +98,7 @@ class RunLock:
                       "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         self.held = False
         self.took_over: dict[str, Any] | None = None
+        self._created: list[Path] = []
 
     def _create(self) -> bool:
         try:
@@ -117,6 +118,7 @@ class RunLock:
         from CovidGANSegLib.atomic import describe_os_error
 
         try:
+            self._created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for _ in range(3):
                 if self._create():
@@ -126,6 +128,7 @@ class RunLock:
                 if owner is None:
                     continue  # released meanwhile
                 if not is_stale(owner):
+                    self._remove_created()
                     raise RunLockedError(f"the run folder is in use by {_describe(owner)}; wait for that run to end or choose "
                                          f"another --out (if that process is gone, remove {LOCK_NAME})", self.run_dir)
                 if self._take_over(owner):
@@ -163,6 +166,16 @@ class RunLock:
         if owner and owner.get("pid") == self.owner["pid"] and owner.get("started") == self.owner["started"]:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        """Remove the folders :meth:`acquire` created when nothing else was written in them."""
+        for folder in self._created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def __enter__(self) -> RunLock:
         return self.acquire()

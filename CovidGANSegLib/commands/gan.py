@@ -110,8 +110,13 @@ def run_train(args: argparse.Namespace) -> int:
         import logging
 
         logging.getLogger(__name__).warning("--grid is ignored with --resume: the run keeps its own preprocessing")
-    path = train_gan(args.data, args.out, config=config, preprocess=preprocess, iterations=args.iterations, resume=args.resume,
-                     device=_check_device(args.device), seed=args.seed)
+    device = _check_device(args.device)
+    from CovidGANSegLib.runlock import clean_stale_partials, run_lock
+
+    with run_lock(args.out, "train-gan") as lock:  # one process per run folder
+        clean_stale_partials(args.out, lock)  # temporary files of a killed earlier run
+        path = train_gan(args.data, args.out, config=config, preprocess=preprocess, iterations=args.iterations, resume=args.resume,
+                         device=device, seed=args.seed)
     print(path)
     return 0
 

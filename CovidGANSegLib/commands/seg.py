@@ -96,8 +96,13 @@ def run_train(args: argparse.Namespace) -> int:
         from CovidGANSegLib.errors import InputError
 
         raise InputError(f"--synthetic-fraction must be in [0, 1], got {args.synthetic_fraction}")
-    path = train_segmenter(args.pseudo_masks, args.out, model=args.model, config=config, iterations=args.iterations, resume=args.resume,
-                           device=device, seed=args.seed, data=args.data, synthetic=SyntheticSupervision(fraction=args.synthetic_fraction))
+    from CovidGANSegLib.runlock import clean_stale_partials, run_lock
+
+    with run_lock(args.out, "train-seg") as lock:  # one process per run folder
+        clean_stale_partials(args.out, lock)  # temporary files of a killed earlier run
+        path = train_segmenter(args.pseudo_masks, args.out, model=args.model, config=config, iterations=args.iterations,
+                               resume=args.resume, device=device, seed=args.seed, data=args.data,
+                               synthetic=SyntheticSupervision(fraction=args.synthetic_fraction))
     print(path)
     return 0
 

@@ -1,0 +1,416 @@
+"""``covidganseg train``: the whole training pipeline from one plan, resumable, one process per run.
+
+Stages, each in its own folder of RUN with a ``manifest.json`` (:mod:`CovidGANSegLib.manifest`):
+
+1. ``RUN/preprocessed``: the data set on the GAN's grid (``preprocessing.ensure_preprocessed``);
+2. ``RUN/gan``: the 3D GAN (``gan.training.train_gan``), ``RUN/gan/model.pt``;
+3. ``RUN/pseudo_masks``: difference maps, pseudo-masks, severity groups (``gan.pseudomasks``);
+4. ``RUN/seg_<model>``: each planned segmenter (``seg.training.train_segmenter``), ``model.pt``.
+
+A stage whose manifest matches the plan and its inputs and whose outputs are there is skipped; an
+interrupted stage continues from its last checkpoint with ``--resume``. Before anything is written
+the plan is validated and the data, the output folder, the free disk space and the device are
+checked; then ``RUN/.lock`` is taken, temporary files of a killed earlier run are removed and the
+effective plan is written to ``RUN/plan.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from CovidGANSegLib import protocol
+
+log = logging.getLogger(__name__)
+
+#: plan sections (and keys of the run section) each stage depends on; iterations are compared apart
+_RUN_KEYS = ("seed", "deterministic")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="the whole training pipeline from one plan: preprocess, GAN, pseudo-masks, segmenter(s)",
+        description=(
+            "Run every training stage in order into RUN: preprocessed/ (the data on the model grid), gan/ (the 3D\n"
+            "GAN), pseudo_masks/ and seg_<model>/ (TransUNet and / or the U-Net baseline). The plan (--plan: a\n"
+            "shipped plan or a TOML file; --set section.key=value overrides, values in TOML syntax) is written to\n"
+            "RUN/plan.toml and into every checkpoint; each stage writes manifest.json (plan hash, inputs with\n"
+            "SHA-256, outputs, provenance). A stage that matches the plan and its inputs is skipped; --resume\n"
+            "continues an interrupted stage from its checkpoint. Ctrl-C / SIGTERM: the current step ends, a\n"
+            "checkpoint is written, exit code 130. RUN/.lock keeps a second run out of the same folder.\n"
+            "Prints the GAN and segmenter checkpoints that 'covidganseg segment' uses."),
+        epilog=("plans: paper (the paper's sizes; GPU), quick (the demo's sizes; minutes on a CPU), tiny (tests)\n"
+                "examples:\n"
+                "  covidganseg train --data MosMedData --out runs/paper --plan paper\n"
+                "  covidganseg train --data phantoms --out runs/quick --plan quick --set gan.iterations=600 --set run.device=cpu\n"
+                "  covidganseg train --data MosMedData --out runs/paper --resume\n"
+                "  PythonSlicer -m CovidGANSegLib train --data MosMedData --out runs/paper --plan paper"),
+    )
+    p.add_argument("--data", type=Path, required=True, help="raw data set (MosMedData layout studies/CT-0..CT-4, or healthy/ + covid/)")
+    p.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder (created; reused stage by stage)")
+    p.add_argument("--plan", default=None, metavar="NAME|FILE.toml",
+                   help="paper, quick, tiny or a TOML plan file (default: RUN/plan.toml when RUN has one, else paper)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="override one plan value (TOML syntax: gan.iterations=30, preprocess.grid=[64,64,16]); repeatable")
+    p.add_argument("--resume", action="store_true", help="continue interrupted (or extended) stages from their last checkpoint")
+    p.set_defaults(handler=run_train)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the run: its folder, the plan sections it depends on and their hash."""
+
+    name: str
+    folder: Path
+    plan: dict[str, Any]
+    hash: str
+    iterations: int | None = None  # trained stages: the planned total
+
+
+def stages_of(plan: Any, run_dir: Path) -> list[Stage]:
+    """The stages of ``plan`` in order."""
+    from CovidGANSegLib.plan import plan_hash
+
+    data = plan.to_dict()
+    run = {k: data["run"][k] for k in _RUN_KEYS}
+    gan = {k: v for k, v in data["gan"].items() if k != "iterations"}
+    seg = {k: v for k, v in data["segmenter"].items() if k not in ("iterations", "models")}
+    parts = [
+        ("preprocessed", {"preprocess": data["preprocess"]}, None),
+        ("gan", {"preprocess": data["preprocess"], "gan": gan, "run": run}, plan.gan.iterations),
+        ("pseudo_masks", {"pseudo_masks": data["pseudo_masks"], "segmenter": {"grid": data["segmenter"].get("grid")}}, None),
+    ]
+    parts += [(f"seg_{m}", {"segmenter": {**seg, "model": m}, "run": run}, plan.segmenter.config.iterations) for m in plan.segmenter.models]
+    return [Stage(name, run_dir / name, section, plan_hash(section), its) for name, section, its in parts]
+
+
+# ------------------------------------------------------------------------------------------------
+# before anything is written
+
+
+def _load_plan(args: argparse.Namespace) -> Any:
+    from CovidGANSegLib.plan import load_plan
+
+    if args.plan is not None:
+        return load_plan(args.plan, args.overrides)
+    own = args.out / "plan.toml"
+    if own.is_file():
+        log.info("using the run's own plan %s", own)
+        return load_plan(own, args.overrides)
+    return load_plan("paper", args.overrides)
+
+
+def check_data(data: Path, min_slices: int) -> tuple[int, int]:
+    """``(healthy, covid)`` study counts of a raw data set; InputError for anything unusable."""
+    from CovidGANSegLib.datasets import discover_studies
+    from CovidGANSegLib.errors import InputError
+
+    if not data.exists():
+        raise InputError("data folder not found", data)
+    if not data.is_dir():
+        raise InputError("the data is not a folder", data)
+    if (data / "index.json").is_file():
+        raise InputError("this is a preprocessed folder; 'train' needs the raw data set (it preprocesses into RUN/preprocessed)", data)
+    try:
+        studies = discover_studies(data, min_slices=min_slices)
+    except OSError as exc:
+        raise InputError(f"cannot read the data folder ({exc.strerror or exc})", data) from exc
+    if not studies:
+        raise InputError(f"no study with at least {min_slices} slices", data)
+    healthy = sum(not s.covid for s in studies)
+    covid = len(studies) - healthy
+    if healthy == 0:
+        raise InputError("no healthy (CT-0) study: the GAN learns healthy lungs from them", data)
+    if covid == 0:
+        raise InputError("no COVID (CT-1..CT-4) study to train on", data)
+    return healthy, covid
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output(out: Path) -> Path:
+    """The nearest existing folder of ``out``, checked to be writable (a probe file, removed at once)."""
+    from CovidGANSegLib.errors import InputError
+
+    if out.exists() and not out.is_dir():
+        raise InputError("the run folder is a file; give a folder", out)
+    base = _existing_ancestor(out)
+    if not base.is_dir():
+        raise InputError(f"{base} is a file, not a folder", out)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"the run folder is not writable (no permission to write in {base})", out)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".partial", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"the run folder is not writable ({exc.strerror or exc})", out) from exc
+    return base
+
+
+def _parameters(factory: Any) -> int:
+    """Parameter count of a network built on torch's meta device (nothing allocated)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = factory()
+    except Exception:  # a module that cannot be built on meta: build it for real
+        net = factory()
+    return sum(p.numel() for p in net.parameters())
+
+
+def estimate_disk_bytes(plan: Any, healthy: int, covid: int) -> int:
+    """About the bytes the plan writes: preprocessed data, pseudo-masks and checkpoints (+ atomic copies)."""
+    from CovidGANSegLib.gan.networks import DenseUNetGenerator3D, Discriminator3D
+    from CovidGANSegLib.seg.transunet import DOWNSAMPLE
+    from CovidGANSegLib.seg.unet import build_segmenter
+
+    n = healthy + covid
+    gan_voxels = math.prod(plan.preprocess.grid)
+    seg_grid = plan.segmenter.grid or plan.preprocess.grid
+    seg_voxels = math.prod(seg_grid)
+    total = n * gan_voxels * 5  # float32 image + bool lungs
+    total += covid * seg_voxels * 10 + healthy * seg_voxels * 5  # difference, image, mask, lungs; healthy + lungs
+    if tuple(seg_grid) != tuple(plan.preprocess.grid):
+        total += n * seg_voxels * 5  # the preprocessed data on the segmenter's grid
+    g = _parameters(lambda: DenseUNetGenerator3D(plan.gan))
+    d = _parameters(lambda: Discriminator3D(plan.gan))
+    total += (g + d) * 4 * 3 * 2 + g * 4  # last.pt (weights + two Adam moments) and its atomic copy; model.pt
+    size = seg_grid[1] + (-seg_grid[1]) % DOWNSAMPLE
+    cfg = plan.segmenter.config.replace(image_size=size)
+    for model in plan.segmenter.models:
+        p = _parameters(lambda m=model: build_segmenter(m, cfg))
+        total += p * 4 * 3 * 2 * 2 + p * 4  # last.pt with the best model so far, its atomic copy; model.pt
+    return int(total * 1.2) + (64 << 20)  # margin: figures, logs, manifests
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def check_disk(out: Path, base: Path, plan: Any, healthy: int, covid: int) -> int:
+    """The estimated need in bytes; InputError when the disk of ``out`` has less free space."""
+    from CovidGANSegLib.errors import InputError
+
+    need = estimate_disk_bytes(plan, healthy, covid)
+    free = shutil.disk_usage(base).free
+    if free < need:
+        raise InputError(f"not enough free disk space: the plan writes about {_gib(need)} (preprocessed data, pseudo-masks, "
+                         f"checkpoints), {_gib(free)} free", out)
+    return need
+
+
+def check_stages(stages: list[Stage], resume: bool, data_fingerprint: dict[str, Any]) -> None:
+    """Refuse, before anything is written, stages made with another plan or interrupted ones without --resume."""
+    from CovidGANSegLib.errors import InputError
+    from CovidGANSegLib.manifest import plan_differences, read_manifest
+
+    for i, stage in enumerate(stages):
+        manifest = read_manifest(stage.folder)
+        checkpoint = stage.folder / "checkpoints" / "last.pt"
+        if manifest is None:
+            if checkpoint.is_file() and not resume:
+                raise InputError("holds an interrupted training (checkpoints/last.pt): continue it with --resume, "
+                                 "or choose another --out", stage.folder)
+            continue
+        if manifest.get("stage_hash") != stage.hash:
+            diffs = plan_differences(manifest.get("plan", {}), stage.plan)
+            raise InputError(f"was made with another plan (differs in {', '.join(diffs) or 'its plan'}); choose another --out "
+                             "or remove this folder", stage.folder)
+        if i == 0 and manifest.get("inputs", {}).get("data", {}).get("fingerprint") not in (None, data_fingerprint["fingerprint"]):
+            later = [s.folder.name for s in stages[1:] if s.folder.exists()]
+            if later:
+                raise InputError(f"the data set changed since this run preprocessed it, and {', '.join(later)} depend on it; "
+                                 "choose another --out", stage.folder)
+        done = manifest.get("iterations")
+        if stage.iterations is not None and isinstance(done, int):
+            if stage.iterations < done:
+                raise InputError(f"already has {done} iterations; the plan asks for {stage.iterations}: keep {done} or more, "
+                                 "or choose another --out", stage.folder)
+            if manifest.get("status") == "complete" and stage.iterations > done and not resume:
+                raise InputError(f"has {done} iterations, the plan asks for {stage.iterations}: continue it with --resume",
+                                 stage.folder)
+        if manifest.get("status") != "complete" and checkpoint.is_file() and not resume:
+            raise InputError("holds an interrupted training (checkpoints/last.pt): continue it with --resume, "
+                             "or choose another --out", stage.folder)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[dict[str, Any]]:
+    """torch's deterministic algorithms (warn where none exists) for the block; yields what was set."""
+    import torch
+
+    info = {"deterministic": bool(enabled)}
+    if not enabled:
+        yield info
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    info.update(torch_deterministic_algorithms=True, warn_only=True, cudnn_benchmark=False, cudnn_deterministic=True)
+    try:
+        yield info
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from CovidGANSegLib.manifest import data_fingerprint
+    from CovidGANSegLib.runlock import clean_stale_partials, run_lock
+
+    plan = _load_plan(args)
+    device = protocol.resolve_device(plan.run.device)  # CudaMissingError: exit code EXIT_CUDA_MISSING
+    healthy, covid = check_data(args.data, plan.preprocess.min_slices)
+    base = check_output(args.out)
+    check_disk(args.out, base, plan, healthy, covid)
+    stages = stages_of(plan, args.out)
+    fingerprint = data_fingerprint(args.data)
+    check_stages(stages, args.resume, fingerprint)
+
+    with run_lock(args.out, "train") as lock:
+        clean_stale_partials(args.out, lock)
+        _write_plan(args.out, plan)
+        with deterministic_mode(plan.run.deterministic) as det:
+            models = _run_stages(args, plan, stages, device, fingerprint, det)
+    log.info("segment with: covidganseg segment --gan %s --seg %s --input CT --output LESIONS", models[0], models[1])
+    for path in models:
+        print(path)
+    return 0
+
+
+def _write_plan(run_dir: Path, plan: Any) -> Path:
+    from CovidGANSegLib.atomic import atomic_path
+
+    path = run_dir / "plan.toml"
+    with atomic_path(path) as tmp:
+        tmp.write_text(plan.to_toml(), encoding="utf-8")
+    return path
+
+
+def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device: str, fingerprint: dict[str, Any],
+                det: dict[str, Any]) -> list[Path]:
+    from CovidGANSegLib import progress
+    from CovidGANSegLib.manifest import file_entry, folder_digest, is_complete, provenance, read_manifest, write_manifest
+    from CovidGANSegLib.runlock import clean_stale_partials, run_lock
+
+    plan_dict, full_hash = plan.to_dict(), plan.hash()
+    source = provenance(args.data)
+    by_name = {s.name: s for s in stages}
+    pre, gan, pm = by_name["preprocessed"], by_name["gan"], by_name["pseudo_masks"]
+    segs = [s for s in stages if s.name.startswith("seg_")]
+    spans = [(0.0, 0.05), (0.05, 0.45), (0.45, 0.5)] + [(0.5 + 0.5 * i / len(segs), 0.5 + 0.5 * (i + 1) / len(segs)) for i in range(len(segs))]
+
+    def finish(stage: Stage, inputs: dict[str, Any], outputs: dict[str, Any], **extra: Any) -> None:
+        write_manifest(stage.folder, stage=stage.name, status="complete", plan_hash=full_hash, stage_hash=stage.hash, plan=stage.plan,
+                       inputs=inputs, outputs=outputs, provenance=source, extra={**extra, **det})
+
+    def skip(stage: Stage, inputs: dict[str, Any]) -> bool:
+        manifest = read_manifest(stage.folder) or {}
+        done = is_complete(stage.folder, stage.hash, inputs) and manifest.get("iterations") in (None, stage.iterations)
+        if done:
+            log.info("stage %s: up to date (manifest %s), skipped", stage.name, stage.folder / "manifest.json")
+        return done
+
+    def run_info(stage: Stage) -> dict[str, Any]:
+        return {"plan": plan_dict, "plan_hash": full_hash, "stage": stage.name, "stage_hash": stage.hash, "provenance": source, **det}
+
+    # 1. preprocessing
+    inputs = {"data": fingerprint}
+    with progress.scope(*spans[0]):
+        if not skip(pre, inputs):
+            from CovidGANSegLib.preprocessing import ensure_preprocessed
+
+            progress.report(0.0, "preprocessing")
+            ensure_preprocessed(args.data, pre.folder, plan.preprocess)
+            finish(pre, inputs, {"data": {"path": ".", "kind": "folder", **folder_digest(pre.folder)},
+                                 "index": file_entry(pre.folder / "index.json", pre.folder)})
+    pre_digest = read_manifest(pre.folder)["outputs"]["data"]["sha256"]
+
+    # 2. the GAN
+    inputs = {"preprocessed": pre_digest}
+    with progress.scope(*spans[1]):
+        if not skip(gan, inputs):
+            from CovidGANSegLib.gan.training import train_gan
+
+            resume = (gan.folder / "checkpoints" / "last.pt").is_file()
+            with run_lock(gan.folder, "train") as lock:
+                clean_stale_partials(gan.folder, lock)
+                _running(gan, inputs, full_hash, source)
+                train_gan(pre.folder, gan.folder, config=plan.gan, preprocess=plan.preprocess, iterations=plan.gan.iterations,
+                          resume=resume, device=device, seed=plan.run.seed, run_info=run_info(gan))
+                finish(gan, inputs, _checkpoint_outputs(gan.folder), iterations=plan.gan.iterations)
+    gan_model = gan.folder / "model.pt"
+
+    # 3. pseudo-masks
+    inputs = {"gan_model": read_manifest(gan.folder)["outputs"]["model"]["sha256"], "preprocessed": pre_digest}
+    with progress.scope(*spans[2]):
+        if not skip(pm, inputs):
+            from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
+
+            rule = plan.pseudo_masks
+            make_pseudo_masks(gan_model, pre.folder, pm.folder, device=device, k=rule.k, floor=rule.floor, min_size=rule.min_size,
+                              rule=rule.rule, overwrite=True, cache=pre.folder, grid=plan.segmenter.grid)
+            finish(pm, inputs, {"data": {"path": ".", "kind": "folder", **folder_digest(pm.folder)},
+                                "index": file_entry(pm.folder / "index.json", pm.folder)})
+    pm_digest = read_manifest(pm.folder)["outputs"]["data"]["sha256"]
+
+    # 4. segmenters
+    models = [gan_model]
+    for stage, span in zip(segs, spans[3:]):
+        inputs = {"pseudo_masks": pm_digest}
+        model = stage.name[len("seg_"):]
+        with progress.scope(*span):
+            if not skip(stage, inputs):
+                from CovidGANSegLib.seg.training import train_segmenter
+
+                resume = (stage.folder / "checkpoints" / "last.pt").is_file()
+                with run_lock(stage.folder, "train") as lock:
+                    clean_stale_partials(stage.folder, lock)
+                    _running(stage, inputs, full_hash, source)
+                    train_segmenter(pm.folder, stage.folder, model=model, config=plan.segmenter.config,
+                                    iterations=plan.segmenter.config.iterations, resume=resume, device=device, seed=plan.run.seed,
+                                    data=args.data, synthetic=plan.segmenter.synthetic, run_info=run_info(stage))
+                    finish(stage, inputs, _checkpoint_outputs(stage.folder), iterations=plan.segmenter.config.iterations)
+        models.append(stage.folder / "model.pt")
+    return models
+
+
+def _running(stage: Stage, inputs: dict[str, Any], full_hash: str, source: dict[str, Any]) -> None:
+    """A ``running`` manifest: an interrupted stage is recognised (and its plan compared) on the next run."""
+    from CovidGANSegLib.manifest import read_manifest, write_manifest
+
+    previous = read_manifest(stage.folder) or {}
+    extra = {"iterations": previous["iterations"]} if isinstance(previous.get("iterations"), int) else {}
+    write_manifest(stage.folder, stage=stage.name, status="running", plan_hash=full_hash, stage_hash=stage.hash, plan=stage.plan,
+                   inputs=inputs, provenance=source, extra=extra)
+
+
+def _checkpoint_outputs(folder: Path) -> dict[str, Any]:
+    from CovidGANSegLib.manifest import file_entry
+
+    names = {"model": "model.pt", "card": "model.pt.json", "last": "checkpoints/last.pt"}
+    return {key: file_entry(folder / rel, folder) for key, rel in names.items()}
