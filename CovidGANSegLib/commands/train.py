@@ -356,7 +356,7 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
         if not skip(gan, inputs):
             from CovidGANSegLib.gan.training import train_gan
 
-            resume = (gan.folder / "checkpoints" / "last.pt").is_file()
+            resume = _resumable(gan, inputs)
             with run_lock(gan.folder, "train") as lock:
                 clean_stale_partials(gan.folder, lock)
                 _running(gan, inputs, full_hash, source)
@@ -387,7 +387,7 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
             if not skip(stage, inputs):
                 from CovidGANSegLib.seg.training import train_segmenter
 
-                resume = (stage.folder / "checkpoints" / "last.pt").is_file()
+                resume = _resumable(stage, inputs)
                 with run_lock(stage.folder, "train") as lock:
                     clean_stale_partials(stage.folder, lock)
                     _running(stage, inputs, full_hash, source)
@@ -397,6 +397,28 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
                     finish(stage, inputs, _checkpoint_outputs(stage.folder), iterations=plan.segmenter.config.iterations)
         models.append(stage.folder / "model.pt")
     return models
+
+
+def _resumable(stage: Stage, inputs: dict[str, Any]) -> bool:
+    """Whether a trained stage continues from its checkpoint; a stage whose inputs changed restarts.
+
+    Its inputs change when an upstream stage was redone (e.g. the GAN resumed to more iterations):
+    its old outputs are then moved aside and removed, and it trains again from the start.
+    """
+    import json
+
+    from CovidGANSegLib.manifest import read_manifest
+
+    if not (stage.folder / "checkpoints" / "last.pt").is_file():
+        return False
+    manifest = read_manifest(stage.folder)
+    if manifest is None or manifest.get("inputs") == json.loads(json.dumps(inputs)):
+        return True
+    log.warning("%s: its inputs changed (an earlier stage was redone); training it again from the start", stage.folder)
+    aside = Path(tempfile.mkdtemp(prefix=f".{stage.folder.name}.", suffix=".old.partial", dir=stage.folder.parent))
+    os.replace(stage.folder, aside / "old")
+    shutil.rmtree(aside, ignore_errors=True)
+    return False
 
 
 def _running(stage: Stage, inputs: dict[str, Any], full_hash: str, source: dict[str, Any]) -> None:
