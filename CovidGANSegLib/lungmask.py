@@ -178,7 +178,7 @@ def _finish_lungs(lungs: np.ndarray, s: np.ndarray, body: np.ndarray, airway: np
                   open_mm: float = 4.0) -> np.ndarray:
     """Ground-glass growth, per-lung ball closing, z closing and per-slice hole filling."""
     allowed = body & (s < 200.0)  # no bone / bright contrast added by the closing
-    cavity, d_wall = _thoracic_cavity(s, body, wspacing)
+    cavity, d_wall, midline = _thoracic_cavity(s, body, wspacing)
     if grow_steps > 0:  # ground glass (up to about -300 HU) next to the aerated lung belongs to it
         far = 2 * grow_steps if cavity.any() else grow_steps
         near = ndi.binary_dilation(lungs, structure=_S2D, iterations=grow_steps)
@@ -209,8 +209,10 @@ def _finish_lungs(lungs: np.ndarray, s: np.ndarray, body: np.ndarray, airway: np
         padded = np.pad(lungs | closed, ((0, 0), (0, 0), (kz, kz)))
         closed |= ndi.binary_closing(padded, structure=st)[:, :, kz:-kz]
     closed &= allowed
-    mask = _fill_holes_2d(lungs)
-    mask |= _fill_holes_2d(closed | lungs) & ~airway
+    # holes that straddle the midline are the mediastinum enclosed where the lungs meet (anterior and
+    # posterior junction lines), not lung
+    mask = _fill_holes_2d(lungs, midline)
+    mask |= _fill_holes_2d(closed | lungs, midline) & ~airway
     mask &= body
     return _components_touching(mask, lungs)
 
@@ -222,9 +224,10 @@ def _disc(r: int) -> np.ndarray:
 
 
 def _thoracic_cavity(s: np.ndarray, body: np.ndarray, wspacing: tuple[float, float, float],
-                     bone_hu: float = 200.0, mediastinum_mm: float = 35.0) -> tuple[np.ndarray, np.ndarray]:
-    """Per slice, the convex hull of the bones (ribs, spine, sternum) and the in-plane distance (mm)
-    of each voxel inside it to the hull's border (the chest wall)."""
+                     bone_hu: float = 200.0, mediastinum_mm: float = 35.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per slice, the convex hull of the bones (ribs, spine, sternum), the in-plane distance (mm)
+    of each voxel inside it to the hull's border (the chest wall) and the midline: the x index of
+    the hull's centre (of the body's where there is no hull; NaN where there is neither)."""
     from skimage.morphology import convex_hull_image
 
     bone = (s >= bone_hu) & body
@@ -239,21 +242,36 @@ def _thoracic_cavity(s: np.ndarray, body: np.ndarray, wspacing: tuple[float, flo
     d_wall = ndi.distance_transform_edt(cavity, sampling=(wspacing[0], wspacing[1], 1e6))
     # the mediastinum (sternum to spine, between the lungs) lines the hull too: drop a midline band
     x = (np.arange(s.shape[0]) * wspacing[0])[:, None]
+    midline = np.full(s.shape[2], np.nan)
     for z in range(s.shape[2]):
         c = cavity[:, :, z]
         if c.any():
-            xm = (np.nonzero(c)[0].mean()) * wspacing[0]
-            c &= np.abs(x - xm) > mediastinum_mm
-    return cavity & body & ~bone, d_wall
+            midline[z] = np.nonzero(c)[0].mean()
+            c &= np.abs(x - midline[z] * wspacing[0]) > mediastinum_mm
+        elif body[:, :, z].any():
+            midline[z] = np.nonzero(body[:, :, z])[0].mean()
+    return cavity & body & ~bone, d_wall, midline
 
 
-def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
-    """Per-slice hole filling: background regions not touching the slice border become mask."""
+def _fill_holes_2d(mask: np.ndarray, midline: np.ndarray | None = None) -> np.ndarray:
+    """Per-slice hole filling: background regions not touching the slice border become mask.
+
+    With ``midline`` (per-slice x index, NaN: none), holes with voxels on both sides of it stay
+    background: where the two lungs meet in front of and behind the mediastinum, the mediastinum
+    is such a hole.
+    """
     lab, n = ndi.label(~mask, _S2D)
     edge = np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel()])
     open_ = np.zeros(n + 1, dtype=bool)
     open_[edge] = True
     open_[0] = True
+    if midline is not None and n:
+        x = np.arange(mask.shape[0], dtype=float)[:, None, None]
+        xm = np.broadcast_to(np.asarray(midline, dtype=float)[None, None, :], mask.shape)
+        has_mid = ~np.isnan(xm)
+        left = np.bincount(lab[has_mid & (x < xm)].ravel(), minlength=n + 1) > 0
+        right = np.bincount(lab[has_mid & (x > xm)].ravel(), minlength=n + 1) > 0
+        open_ |= left & right
     return mask | ~open_[lab]
 
 

@@ -223,3 +223,34 @@ def test_phantom_severe_involvement():
     assert mask.any()
     assert dice(mask, truth) >= 0.85
     assert (mask & lesions).sum() / lesions.sum() >= 0.7
+
+
+def test_mediastinum_between_touching_lungs_is_not_lung():
+    """Where the two lungs meet in front of and behind the mediastinum (anterior and posterior
+    junction lines), the mediastinum is enclosed by lung in every slice: it is a hole, but not lung.
+    A nodule enclosed by one lung is still filled in."""
+    nx, ny, nz = 160, 128, 24
+    x, y = np.mgrid[0:nx, 0:ny].astype(float)
+    hu = np.full((nx, ny, nz), -1000.0)
+    body = ((x - 80) / 74) ** 2 + ((y - 64) / 56) ** 2 <= 1
+    cavity = ((x - 80) / 64) ** 2 + ((y - 64) / 46) ** 2 <= 1
+    ribs = body & ~(((x - 80) / 68) ** 2 + ((y - 64) / 50) ** 2 <= 1)
+    mediastinum = ((x - 80) / 16) ** 2 + ((y - 64) / 30) ** 2 <= 1
+    spine = ((x - 80) / 8) ** 2 + ((y - 114) / 5) ** 2 <= 1
+    nodule = ((x - 40) / 5) ** 2 + ((y - 64) / 5) ** 2 <= 1
+    sl = np.full((nx, ny), -1000.0)
+    sl[body] = 40.0
+    sl[cavity] = -850.0  # one lung space around the mediastinum: the lungs touch front and back
+    sl[mediastinum] = 40.0
+    sl[nodule] = 20.0
+    sl[ribs & ((np.arctan2(y - 64, x - 80) * 8) % 2 < 1)] = 700.0
+    sl[spine] = 700.0
+    hu[:, :, 2:-2] = sl[:, :, None]
+    rng = np.random.default_rng(0)
+    hu += rng.normal(0, 15, hu.shape)
+    mask = extract_lung_mask(hu, (2.0, 2.0, 5.0))
+    mid = mask[:, :, 4:-4]
+    med = np.broadcast_to(mediastinum[:, :, None], mid.shape)
+    nod = np.broadcast_to(nodule[:, :, None], mid.shape)
+    assert (mid & med).sum() < 0.05 * med.sum(), f"{(mid & med).sum() / med.sum():.0%} of the mediastinum marked as lung"
+    assert (mid & nod).sum() > 0.9 * nod.sum(), "a nodule enclosed by one lung must stay in the mask"
