@@ -56,16 +56,18 @@ def folder_digest(folder: str | Path) -> dict[str, Any]:
 
 
 def data_fingerprint(data: str | Path) -> dict[str, Any]:
-    """A cheap fingerprint of a raw data set: SHA-256 over its NIfTI files' paths, sizes and times."""
+    """A cheap fingerprint of a raw data set's studies (never its lesion masks): SHA-256 over their
+    paths, sizes and modification times."""
+    from CovidGANSegLib.datasets import discover_studies
+
     data = Path(data)
     digest = hashlib.sha256()
-    n = 0
-    for p in sorted(data.rglob("*.nii*")):
-        if p.is_file() and not p.name.startswith("."):
-            st = p.stat()
-            digest.update(f"{p.relative_to(data).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
-            n += 1
-    return {"path": str(data.resolve()), "fingerprint": digest.hexdigest(), "files": n, "method": "path, size and mtime of *.nii*"}
+    studies = sorted(discover_studies(data, min_slices=1), key=lambda s: s.path.as_posix())
+    for study in studies:
+        st = study.path.stat()
+        digest.update(f"{study.path.relative_to(data).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+    return {"path": str(data.resolve()), "fingerprint": digest.hexdigest(), "files": len(studies),
+            "method": "path, size and modification time of each study file"}
 
 
 def provenance(data: str | Path) -> dict[str, Any]:

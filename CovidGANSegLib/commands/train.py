@@ -360,7 +360,7 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
             with run_lock(gan.folder, "train") as lock:
                 clean_stale_partials(gan.folder, lock)
                 _running(gan, inputs, full_hash, source)
-                train_gan(pre.folder, gan.folder, config=plan.gan, preprocess=plan.preprocess, iterations=plan.gan.iterations,
+                train_gan(pre.folder, gan.folder, config=None if resume else plan.gan, preprocess=plan.preprocess, iterations=plan.gan.iterations,
                           resume=resume, device=device, seed=plan.run.seed, run_info=run_info(gan))
                 finish(gan, inputs, _checkpoint_outputs(gan.folder), iterations=plan.gan.iterations)
     gan_model = gan.folder / "model.pt"
