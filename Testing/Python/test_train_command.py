@@ -361,8 +361,13 @@ def test_sigint_during_training_writes_a_checkpoint_and_says_how_to_resume(train
         if losses.is_file() and len(losses.read_text().splitlines()) >= 4:  # header + 3 iterations
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # it ignored the signal: do not leave it running
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err
     assert "--resume" in err and "checkpoint written" in err and "Traceback" not in err
     rows = len(losses.read_text().splitlines()) - 1
