@@ -302,6 +302,26 @@ class PreprocessedVolume:
     lung_mask_canonical: np.ndarray
 
 
+def thick_slices(ct: CTVolume, thickness_mm: float = 8.0) -> CTVolume | None:
+    """``ct`` as a thick-slice scan: groups of ``k`` consecutive slices averaged into one slice of
+    about ``thickness_mm`` (the partial volume of MosMed's 8 mm slices), centred on the group.
+
+    None when the slices are already at least ``0.75 * thickness_mm`` thick (nothing to average).
+    A trailing group of fewer than ``k`` slices is dropped.
+    """
+    dz = ct.spacing[2]
+    k = int(round(thickness_mm / dz))
+    if dz >= 0.75 * thickness_mm or k < 2 or ct.shape[2] < k:
+        return None
+    n = ct.shape[2] // k
+    x, y, _ = ct.shape
+    slabs = ct.array[:, :, :n * k].reshape(x, y, n, k).mean(axis=3)  # (x, y, z) -> (x, y, n, k) -> (x, y, n)
+    affine = ct.affine.copy()
+    affine[:3, 3] += affine[:3, 2] * (k - 1) / 2.0  # first slab centre
+    affine[:3, 2] *= k
+    return CTVolume.from_array(slabs.astype(np.float32), affine, ct.path)
+
+
 def check_voxel_budget(ct: CTVolume, config: PreprocessConfig = DEFAULT_PREPROCESS, *, work_spacing_mm: float = 2.0) -> None:
     """Refuse, before anything is allocated, a CT whose grids would exceed :data:`nifti.MAX_VOXELS`.
 

@@ -32,20 +32,27 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread):
     # metrics.json has exactly the documented shape (+ the real-normal check when the real CTs are there)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == metrics
-    assert set(metrics) == {"cases", "models", "runtime_s"} | ({"real_normal_cases"} if real else set())
+    assert set(metrics) == {"cases", "models", "runtime_s"} | ({"real_normal_cases", "real_normal_8mm_cases"} if real else set())
     assert metrics["cases"] == 2
     assert set(metrics["models"]) == {"transunet", "unet", "hu_threshold"}
     for stats in metrics["models"].values():
-        assert set(stats) == {"dice", "sensitivity", "specificity"} | ({"real_normal_percent_involved"} if real else set())
+        assert set(stats) == {"dice", "sensitivity", "specificity"} | (
+            {"real_normal_percent_involved", "real_normal_8mm_percent_involved"} if real else set())
         for key, s in stats.items():
             if key == "real_normal_percent_involved":
                 assert len(s) == len(metrics["real_normal_cases"]) == 3 and all(0.0 <= v <= 100.0 for v in s)
+                continue
+            if key == "real_normal_8mm_percent_involved":  # every real CT has thin slices: all three get an 8 mm version
+                assert len(s) == len(metrics["real_normal_8mm_cases"]) == 3 and all(0.0 <= v <= 100.0 for v in s)
                 continue
             assert set(s) == {"mean", "std"}
             assert 0.0 <= s["mean"] <= 1.0
     if real:
         # the HU threshold marks vessels and partial volume of normal lungs (a real, known failure)
         assert min(metrics["models"]["hu_threshold"]["real_normal_percent_involved"]) > 5.0
+        # at 8 mm the partial volume of vessels makes it worse
+        hu = metrics["models"]["hu_threshold"]
+        assert min(b - a for a, b in zip(hu["real_normal_percent_involved"], hu["real_normal_8mm_percent_involved"])) > 0.0
     assert metrics["runtime_s"] > 0
 
     # lesion masks are looked up only for the held-out studies, never for the training cohort
@@ -55,6 +62,7 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread):
     assert "HU-threshold baseline" in report and "transunet" in report and "Held-out examples" in report
     assert "Mild cases" in report or "No mild case" in report
     assert ("Real normal chest CTs" in report) == bool(real)
+    assert ("(8 mm)" in report) == bool(real)
     cohort = json.loads((out / "data" / "test" / "cohort.json").read_text())
     assert cohort.get("lesion_model") == "independent"
     assert json.loads((out / "data" / "train" / "cohort.json").read_text()).get("lesion_model") == "independent"

@@ -297,3 +297,22 @@ def test_cli_preprocess(cohort, tmp_path, capsys):
     cfg.write_text(json.dumps({"gird": [1, 2, 3]}))
     assert cli.main(["--progress", "none", "preprocess", str(cohort), str(tmp_path / "o3"), "--config", str(cfg)]) == 2
     assert "cfg.json" in capsys.readouterr().err
+
+
+def test_thick_slices_average_groups_of_slices_and_keep_the_geometry():
+    """1.5 mm slices -> 7.5 mm slabs (5 slices averaged), centred on each group, in world mm."""
+    from CovidGANSegLib.nifti import CTVolume
+    from CovidGANSegLib.preprocessing import thick_slices
+
+    affine = np.diag([0.8, 0.8, 1.5, 1.0])
+    affine[:3, 3] = (-50.0, -60.0, 100.0)
+    hu = np.zeros((6, 5, 23), dtype=np.float32)
+    hu[:, :, :] = np.arange(23, dtype=np.float32)[None, None, :] * 10.0  # HU = 10 x slice index
+    ct = CTVolume.from_array(hu, affine)
+    thick = thick_slices(ct, 8.0)
+    assert thick.shape == (6, 5, 4)  # 23 // 5: the last 3 slices are dropped
+    assert np.allclose(thick.spacing, (0.8, 0.8, 7.5))
+    assert np.allclose(thick.array[0, 0], [20.0, 70.0, 120.0, 170.0])  # means of slices 0-4, 5-9, ...
+    # slab centre = world z of the middle slice of its group
+    assert np.allclose(thick.affine @ [0, 0, 1, 1], affine @ [0, 0, 7, 1])
+    assert thick_slices(CTVolume.from_array(hu, np.diag([0.8, 0.8, 7.0, 1.0])), 8.0) is None  # already thick
