@@ -373,3 +373,19 @@ def test_sigint_during_training_writes_a_checkpoint_and_says_how_to_resume(train
     rows = len(losses.read_text().splitlines()) - 1
     assert load_checkpoint(run / "checkpoints" / "last.pt", kind="gan")["iteration"] == rows >= 3
     assert not (run / LOCK_NAME).exists() and not [p for p in run.rglob(".*") if ".partial" in p.name]
+
+
+def test_deterministic_mode_is_set_for_the_run_and_restored():
+    before = torch.are_deterministic_algorithms_enabled()
+    with train_command.deterministic_mode(True) as info:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert info == {"deterministic": True, "torch_deterministic_algorithms": True, "warn_only": True, "cudnn_benchmark": False,
+                        "cudnn_deterministic": True}
+    assert torch.are_deterministic_algorithms_enabled() == before
+    with train_command.deterministic_mode(False) as info:
+        assert info == {"deterministic": False}
+
+
+def test_manifests_record_the_deterministic_setting(trained):
+    assert read_manifest(trained[0] / "gan")["deterministic"] is False
+    assert load_checkpoint(trained[0] / "seg_unet" / "model.pt", kind="seg")["metadata"]["deterministic"] is False
