@@ -251,12 +251,14 @@ class _StopRequest:
         log.warning("%s received: finishing the current training step, then writing a checkpoint (send it again to stop at once)", name)
 
 
-def stop_after_step(steps: Iterable[T], on_stop: Callable[[], str]) -> Iterator[T]:
+def stop_after_step(steps: Iterable[T], on_stop: Callable[[], str], agree: Callable[[bool], bool] | None = None) -> Iterator[T]:
     """Yield ``steps``; on SIGINT / SIGTERM / SIGHUP finish the current one, call ``on_stop`` and stop.
 
     ``on_stop`` writes the checkpoint and returns the message to show (how to resume); the loop
     then ends with :class:`TrainingInterrupted` (a ``KeyboardInterrupt``: the command line exits
     with code 130). Outside the main thread signals cannot be caught: the steps run unchanged.
+    ``agree`` (distributed training: :func:`CovidGANSegLib.distributed.any_rank`) turns this
+    process's "a signal came" into the answer every process shares, so all stop after the same step.
     """
     if threading.current_thread() is not threading.main_thread():
         yield from steps
@@ -275,7 +277,10 @@ def stop_after_step(steps: Iterable[T], on_stop: Callable[[], str]) -> Iterator[
     try:
         for step in steps:
             yield step
-            if request.signal is not None:
+            stop = request.signal is not None
+            if agree is not None:
+                stop = agree(stop)
+            if stop:
                 message = on_stop()
                 print(message, file=sys.stderr, flush=True)  # shown whatever the log level
                 raise TrainingInterrupted(message)

@@ -12,6 +12,12 @@ interrupted stage continues from its last checkpoint with ``--resume``. Before a
 the plan is validated and the data, the output folder, the free disk space and the device are
 checked; then ``RUN/.lock`` is taken, temporary files of a killed earlier run are removed and the
 effective plan is written to ``RUN/plan.toml``.
+
+Under ``torchrun --nproc_per_node N -m CovidGANSegLib train ...`` (:mod:`CovidGANSegLib.distributed`)
+every process runs the read-only checks, then joins the process group; rank 0 alone takes the
+lock, decides which stages run, preprocesses, makes the pseudo-masks and writes every file, while
+all ranks train the GAN and the segmenters with DistributedDataParallel on their shares of the
+planned (global) batch. The other ranks wait for rank 0's stage results before reading them.
 """
 
 from __future__ import annotations
@@ -278,12 +284,25 @@ def deterministic_mode(enabled: bool) -> Iterator[dict[str, Any]]:
 # the run
 
 
+def check_world(plan: Any) -> int:
+    """The number of processes torchrun starts (1 without it); InputError for batches it cannot split."""
+    from CovidGANSegLib import distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed.requested() else 1
+    distributed.check_batch(plan.gan.batch_size, "GAN (gan.batch_size)", world)
+    distributed.check_batch(plan.segmenter.config.batch_size, "segmenter (segmenter.batch_size)", world)
+    distributed.timeout_s()  # a bad COVIDGANSEG_DIST_TIMEOUT: refused before anything starts
+    return world
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from CovidGANSegLib import distributed
     from CovidGANSegLib.manifest import data_fingerprint
     from CovidGANSegLib.runlock import clean_stale_partials, run_lock
 
     plan = _load_plan(args)
     device = protocol.resolve_device(plan.run.device)  # CudaMissingError: exit code EXIT_CUDA_MISSING
+    check_world(plan)
     healthy, covid = check_data(args.data, plan.preprocess.min_slices)
     base = check_output(args.out)
     check_disk(args.out, base, plan, healthy, covid)
@@ -291,14 +310,21 @@ def run_train(args: argparse.Namespace) -> int:
     fingerprint = data_fingerprint(args.data)
     check_stages(stages, args.resume, fingerprint)
 
-    with run_lock(args.out, "train") as lock:
-        clean_stale_partials(args.out, lock)
-        _write_plan(args.out, plan)
+    # torchrun: every rank has passed the checks when the process group exists (joining waits for all)
+    with distributed.session(device) as device, contextlib.ExitStack() as held:
+        def start() -> None:
+            lock = held.enter_context(run_lock(args.out, "train"))  # rank 0's, for the whole run
+            clean_stale_partials(args.out, lock)
+            _write_plan(args.out, plan)
+
+        distributed.run_on_main("taking the run folder", start)
         with deterministic_mode(plan.run.deterministic) as det:
             models = _run_stages(args, plan, stages, device, fingerprint, det)
-    log.info("segment with: covidganseg segment --gan %s --seg %s --input CT --output LESIONS", models[0], models[1])
-    for path in models:
-        print(path)
+        main = distributed.is_main()
+    if main:
+        log.info("segment with: covidganseg segment --gan %s --seg %s --input CT --output LESIONS", models[0], models[1])
+        for path in models:
+            print(path)
     return 0
 
 
@@ -313,7 +339,7 @@ def _write_plan(run_dir: Path, plan: Any) -> Path:
 
 def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device: str, fingerprint: dict[str, Any],
                 det: dict[str, Any]) -> list[Path]:
-    from CovidGANSegLib import progress
+    from CovidGANSegLib import distributed, progress
     from CovidGANSegLib.manifest import file_entry, folder_digest, is_complete, provenance, read_manifest, write_manifest
     from CovidGANSegLib.runlock import clean_stale_partials, run_lock
 
@@ -338,9 +364,20 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
     def run_info(stage: Stage) -> dict[str, Any]:
         return {"plan": plan_dict, "plan_hash": full_hash, "stage": stage.name, "stage_hash": stage.hash, "provenance": source, **det}
 
+    def prepare(stage: Stage, inputs: dict[str, Any], held: contextlib.ExitStack) -> bool | None:
+        """Rank 0: None to skip the stage, else whether it resumes; its lock is taken and held."""
+        if skip(stage, inputs):
+            return None
+        resume = _resumable(stage, inputs)
+        lock = held.enter_context(run_lock(stage.folder, "train"))
+        clean_stale_partials(stage.folder, lock)
+        _running(stage, inputs, full_hash, source)
+        return resume
+
+    # every rank calls run_on_main in the same order; rank 0 does the work, the others get its result
     # 1. preprocessing
-    inputs = {"data": fingerprint}
-    with progress.scope(*spans[0]):
+    def preprocess() -> str:
+        inputs = {"data": fingerprint}
         if not skip(pre, inputs):
             from CovidGANSegLib.preprocessing import ensure_preprocessed
 
@@ -348,26 +385,27 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
             ensure_preprocessed(args.data, pre.folder, plan.preprocess)
             finish(pre, inputs, {"data": {"path": ".", "kind": "folder", **folder_digest(pre.folder)},
                                  "index": file_entry(pre.folder / "index.json", pre.folder)})
-    pre_digest = read_manifest(pre.folder)["outputs"]["data"]["sha256"]
+        return read_manifest(pre.folder)["outputs"]["data"]["sha256"]
+
+    with progress.scope(*spans[0]):
+        pre_digest = distributed.run_on_main("preprocessing", preprocess)
 
     # 2. the GAN
     inputs = {"preprocessed": pre_digest}
-    with progress.scope(*spans[1]):
-        if not skip(gan, inputs):
+    with progress.scope(*spans[1]), contextlib.ExitStack() as held:
+        resume = distributed.run_on_main("preparing the GAN stage", lambda: prepare(gan, inputs, held))
+        if resume is not None:
             from CovidGANSegLib.gan.training import train_gan
 
-            resume = _resumable(gan, inputs)
-            with run_lock(gan.folder, "train") as lock:
-                clean_stale_partials(gan.folder, lock)
-                _running(gan, inputs, full_hash, source)
-                train_gan(pre.folder, gan.folder, config=None if resume else plan.gan, preprocess=plan.preprocess, iterations=plan.gan.iterations,
-                          resume=resume, device=device, seed=plan.run.seed, run_info=run_info(gan))
-                finish(gan, inputs, _checkpoint_outputs(gan.folder), iterations=plan.gan.iterations)
+            train_gan(pre.folder, gan.folder, config=None if resume else plan.gan, preprocess=plan.preprocess, iterations=plan.gan.iterations,
+                      resume=resume, device=device, seed=plan.run.seed, run_info=run_info(gan))
+            distributed.run_on_main("writing the GAN", lambda: finish(gan, inputs, _checkpoint_outputs(gan.folder),
+                                                                       iterations=plan.gan.iterations))
     gan_model = gan.folder / "model.pt"
 
     # 3. pseudo-masks
-    inputs = {"gan_model": read_manifest(gan.folder)["outputs"]["model"]["sha256"], "preprocessed": pre_digest}
-    with progress.scope(*spans[2]):
+    def pseudo_masks() -> str:
+        inputs = {"gan_model": read_manifest(gan.folder)["outputs"]["model"]["sha256"], "preprocessed": pre_digest}
         if not skip(pm, inputs):
             from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
 
@@ -376,25 +414,26 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
                               rule=rule.rule, overwrite=True, cache=pre.folder, grid=plan.segmenter.grid)
             finish(pm, inputs, {"data": {"path": ".", "kind": "folder", **folder_digest(pm.folder)},
                                 "index": file_entry(pm.folder / "index.json", pm.folder)})
-    pm_digest = read_manifest(pm.folder)["outputs"]["data"]["sha256"]
+        return read_manifest(pm.folder)["outputs"]["data"]["sha256"]
+
+    with progress.scope(*spans[2]):
+        pm_digest = distributed.run_on_main("making the pseudo-masks", pseudo_masks)
 
     # 4. segmenters
     models = [gan_model]
     for stage, span in zip(segs, spans[3:]):
         inputs = {"pseudo_masks": pm_digest}
         model = stage.name[len("seg_"):]
-        with progress.scope(*span):
-            if not skip(stage, inputs):
+        with progress.scope(*span), contextlib.ExitStack() as held:
+            resume = distributed.run_on_main(f"preparing {stage.name}", lambda: prepare(stage, inputs, held))
+            if resume is not None:
                 from CovidGANSegLib.seg.training import train_segmenter
 
-                resume = _resumable(stage, inputs)
-                with run_lock(stage.folder, "train") as lock:
-                    clean_stale_partials(stage.folder, lock)
-                    _running(stage, inputs, full_hash, source)
-                    train_segmenter(pm.folder, stage.folder, model=model, config=plan.segmenter.config,
-                                    iterations=plan.segmenter.config.iterations, resume=resume, device=device, seed=plan.run.seed,
-                                    data=args.data, synthetic=plan.segmenter.synthetic, run_info=run_info(stage))
-                    finish(stage, inputs, _checkpoint_outputs(stage.folder), iterations=plan.segmenter.config.iterations)
+                train_segmenter(pm.folder, stage.folder, model=model, config=plan.segmenter.config,
+                                iterations=plan.segmenter.config.iterations, resume=resume, device=device, seed=plan.run.seed,
+                                data=args.data, synthetic=plan.segmenter.synthetic, run_info=run_info(stage))
+                distributed.run_on_main(f"writing {stage.name}", lambda: finish(stage, inputs, _checkpoint_outputs(stage.folder),
+                                                                                  iterations=plan.segmenter.config.iterations))
         models.append(stage.folder / "model.pt")
     return models
 

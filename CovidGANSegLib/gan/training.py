@@ -16,6 +16,14 @@ GradScaler) on CUDA; optional gradient checkpointing. ``RUN/checkpoints/last.pt`
 training state (weights, optimisers, schedulers, scalers, iteration, RNG states) so that a resumed
 run ends exactly where an uninterrupted one would.
 
+Distributed (``torchrun``, :mod:`CovidGANSegLib.distributed`): G and D are wrapped in
+DistributedDataParallel. Every rank draws the whole planned batch (indices, synthetic lesions and
+G's latent noise U_N) from the same seeded generators, as one process would, and trains on its
+``batch / world`` rows; DDP averages the gradients of the mean losses, which is the full batch's
+gradient, so N processes train the same weights as one (within float rounding). The networks use
+GroupNorm (per sample); ``norm = "batch"`` becomes SyncBatchNorm on CUDA (per-rank statistics on
+CPU). Rank 0 alone writes files; all ranks stop after the same step on a signal.
+
 Run folder::
 
     RUN/preprocessed/          the preprocessed dataset (when DATA is a raw dataset)
@@ -39,7 +47,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from CovidGANSegLib import progress
+from CovidGANSegLib import distributed, progress
 from CovidGANSegLib.checkpoints import load_checkpoint, save_checkpoint, write_model_card
 from CovidGANSegLib.config import DEFAULT_PREPROCESS, PreprocessConfig
 from CovidGANSegLib.errors import InputError
@@ -76,6 +84,22 @@ def generator_adversarial_loss(fake: torch.Tensor, kind: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # the trainer
+
+
+def _shard_latent_noise(generator: torch.nn.Module, rank: int, world: int) -> None:
+    """Make G draw U_N for the global batch and keep this rank's rows (distributed training only).
+
+    Every rank then consumes torch's random stream exactly as one process on the whole batch does,
+    so N processes see the same noise as one (and their random streams stay in step).
+    """
+    draw = generator.latent_noise
+
+    def latent_noise(latent: torch.Tensor) -> torch.Tensor:
+        b = latent.shape[0]
+        full = draw(latent.new_empty((b * world, *latent.shape[1:])))
+        return full[rank * b:(rank + 1) * b]
+
+    generator.latent_noise = latent_noise  # type: ignore[method-assign]
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
@@ -126,6 +150,15 @@ class GANTrainer:
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=scaler_on)
         self.iteration = 0
         self._lesion_config = None
+        # distributed: every rank trains on its rows of the global batch (config.batch_size)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self._G, self._D = self.generator, self.discriminator  # what the gradient-carrying passes call
+        if self.world > 1:
+            distributed.check_batch(config.batch_size, "GAN", self.world)
+            self.generator = distributed.sync_batch_norm(self.generator)
+            _shard_latent_noise(self.generator, self.rank, self.world)
+            self._G = distributed.wrap_ddp(self.generator)
+            self._D = distributed.wrap_ddp(self.discriminator)
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -175,12 +208,18 @@ class GANTrainer:
         """One iteration of Algorithm 1 on ``(B, D, H, W)`` arrays in [0, 1]; returns the losses.
 
         ``noisy_healthy`` (I_H^Pe) is synthesised from ``healthy`` (voxel sizes
-        ``healthy_spacing``, see :meth:`make_noisy`) when not given.
+        ``healthy_spacing``, see :meth:`make_noisy`) when not given. Distributed, the arrays are the
+        global batch: this rank trains on its rows and the returned losses are the global batch's.
         """
         if noisy_healthy is None:
             noisy_healthy = self.make_noisy(healthy, healthy_lungs, healthy_spacing)
+        if self.world > 1:
+            rows = distributed.shard_rows(len(healthy))
+            healthy, healthy_lungs, covid, covid_lungs, noisy_healthy = (
+                a[rows] for a in (healthy, healthy_lungs, covid, covid_lungs, noisy_healthy))
         cfg = self.config
         G, D = self.generator, self.discriminator
+        G_grad = self._G  # DDP under torchrun: passes whose backward reaches G's weights
         G.train()
         D.train()
         i_h, m_h = self._tensor(healthy), self._tensor(healthy_lungs, torch.bool)
@@ -188,15 +227,16 @@ class GANTrainer:
         i_pe = self._tensor(noisy_healthy)
 
         # G(I_C) once; the D step sees it detached, the G step back-propagates through it.
-        with self._autocast():
-            fake = G(i_c, m_c)  # (B, 1, D, H, W)
+        with self._autocast(), torch.set_grad_enabled(cfg.adv_weight > 0):
+            # without an adversarial term no gradient reaches G through it: plain G, no DDP pass
+            fake = (G_grad if cfg.adv_weight > 0 else G)(i_c, m_c)  # (B, 1, D, H, W)
 
         # 1. D step: maximise log D(I_H) + log(1 - D(G(I_C)))  (eq. 2)
         D.requires_grad_(True)
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
-            d_real = D(i_h)
-            d_fake = D(fake.detach())
+            d_real = self._D(i_h)
+            d_fake = self._D(fake.detach())
         d_loss = discriminator_loss(d_real, d_fake, cfg.loss)
         self.scaler_d.scale(d_loss).backward()
         self.scaler_d.step(self.opt_d)
@@ -206,7 +246,7 @@ class GANTrainer:
         D.requires_grad_(False)
         self.opt_g.zero_grad(set_to_none=True)
         with self._autocast():
-            d_fake_g = D(fake)
+            d_fake_g = D(fake)  # plain D (frozen): no gradient for D's weights, nothing for DDP to reduce
         g_adv = generator_adversarial_loss(d_fake_g, cfg.loss)
         joint = cfg.g_update == "joint"
         if cfg.adv_weight > 0:
@@ -219,8 +259,8 @@ class GANTrainer:
         D.requires_grad_(True)
 
         # 3. G reconstruction step: MSE(G(I_H^Pe), I_H)  (eq. 2, third term)
-        with self._autocast():
-            recon = G(i_pe, m_h)
+        with self._autocast(), torch.set_grad_enabled(cfg.rec_weight > 0):
+            recon = (G_grad if cfg.rec_weight > 0 else G)(i_pe, m_h)
         g_rec = F.mse_loss(recon.float(), i_h)
         if cfg.rec_weight > 0:
             self.scaler_g.scale(cfg.rec_weight * g_rec).backward()
@@ -236,8 +276,11 @@ class GANTrainer:
         with torch.no_grad():
             p_real = torch.sigmoid(d_real.float()).mean().item() if cfg.loss != "lsgan" else d_real.float().mean().item()
             p_fake = torch.sigmoid(d_fake.float()).mean().item() if cfg.loss != "lsgan" else d_fake.float().mean().item()
-        return {"d_loss": float(d_loss.item()), "g_adv": float(g_adv.item()), "g_rec": float(g_rec.item()),
-                "d_real": p_real, "d_fake": p_fake, "lr_g": lrs[0], "lr_d": lrs[1]}
+        values = [float(d_loss.item()), float(g_adv.item()), float(g_rec.item()), p_real, p_fake]
+        if self.world > 1:  # means over equal shards: the global batch's means
+            values = distributed.mean_over_ranks(values)
+        return {"d_loss": values[0], "g_adv": values[1], "g_rec": values[2],
+                "d_real": values[3], "d_fake": values[4], "lr_g": lrs[0], "lr_d": lrs[1]}
 
     @torch.no_grad()
     def generate(self, images: np.ndarray, lungs: np.ndarray, *, batch: int = 2) -> np.ndarray:
@@ -377,6 +420,17 @@ def _write_sample(trainer: GANTrainer, image: np.ndarray, lung: np.ndarray, path
 # the training run
 
 
+def _ensure_only(ensure: Any, *args: Any) -> None:
+    """Run ``ensure(*args)`` for its files only (rank 0's part of :func:`distributed.run_on_main`)."""
+    ensure(*args)
+
+
+def _backend() -> str | None:
+    import torch.distributed as dist
+
+    return dist.get_backend() if distributed.is_initialized() else None
+
+
 def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str | None = None, preprocess: PreprocessConfig | None = None,
               iterations: int | None = None, resume: bool = False, device: str = "auto", seed: int = 0,
               run_info: dict[str, Any] | None = None) -> Path:
@@ -438,8 +492,11 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
         raise InputError(f"grid {preprocess.grid} is not divisible by {config.divisor} (2 ** generator depth) along every axis; "
                          "choose another --grid", data)
 
+    main = distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
     progress.report(0.0, "preparing data")
+    if distributed.world_size() > 1:  # rank 0 preprocesses (if needed), then every rank reads the result
+        distributed.run_on_main("preprocessing", lambda: _ensure_only(ensure_preprocessed, data, run_dir / "preprocessed", preprocess))
     ds = ensure_preprocessed(data, run_dir / "preprocessed", preprocess)
     if len(ds.healthy) == 0:
         raise InputError("no healthy (CT-0) volumes to train on", data)
@@ -453,18 +510,22 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
     losses_csv = run_dir / "losses.csv"
     if payload is not None:
         trainer.load_state(payload)
-        truncate_losses(losses_csv, trainer.iteration, LOSS_COLUMNS)
+        if main:
+            truncate_losses(losses_csv, trainer.iteration, LOSS_COLUMNS)
         log.info("resumed at iteration %d of %d", trainer.iteration, total)
-    elif losses_csv.exists():
+    elif losses_csv.exists() and main:
         losses_csv.unlink()
     del payload
 
     metadata = {"config_name": config.name, "seed": int(seed), "data": str(data), "n_healthy": int(len(ds.healthy)), "n_covid": int(len(ds.covid)),
                 "device": str(trainer.device), "amp": trainer.use_amp, **(run_info or {})}
+    if trainer.world > 1:
+        metadata["distributed"] = {"world_size": trainer.world, "backend": _backend(), "global_batch": int(config.batch_size)}
     common = dict(kind="gan", arch=GAN_ARCH, config=config.to_dict(), metadata=metadata, preprocess=preprocess.to_dict())
 
     def save_state() -> None:
-        save_checkpoint(ckpt_path, **common, **trainer.state())
+        if main:
+            save_checkpoint(ckpt_path, **common, **trainer.state())
 
     healthy_spacing = _model_spacings(ds, "healthy")
     sample_image, sample_lung = ds.covid[0], ds.covid_lungs[0].astype(bool)
@@ -476,17 +537,19 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
                 "Run the same command again with --resume to continue.")
 
     steps = progress.track(range(start, total), total=max(total - start, 0), desc="GAN training")
-    for _ in stop_after_step(steps, stop):
+    agree = distributed.any_rank if trainer.world > 1 else None
+    for _ in stop_after_step(steps, stop, agree):
         t0 = time.perf_counter()
         batch = trainer.sample_batch(ds.healthy, ds.healthy_lungs, ds.covid, ds.covid_lungs, healthy_spacing)
         losses = trainer.step(*batch)
         it = trainer.iteration
-        append_losses(losses_csv, {"iteration": it, **losses, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
-        if not all(np.isfinite(v) for v in losses.values()):
+        if main:
+            append_losses(losses_csv, {"iteration": it, **losses, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
+        if not all(np.isfinite(v) for v in losses.values()):  # the same global losses on every rank
             raise RuntimeError(f"GAN training diverged at iteration {it}: {losses}")
         if it % config.checkpoint_every == 0 or it == total:
             save_state()
-        if it % config.sample_every == 0 or it == total:
+        if main and (it % config.sample_every == 0 or it == total):
             from CovidGANSegLib.gan.figures import save_loss_curves
 
             _write_sample(trainer, sample_image, sample_lung, samples / f"iter_{it:05d}.png", it)
@@ -494,11 +557,13 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
         if it % max(1, min(100, config.sample_every)) == 0:
             log.info("iteration %d/%d: D %.4f, G adv %.4f, G rec %.5f", it, total, losses["d_loss"], losses["g_adv"], losses["g_rec"])
 
+    model_path = run_dir / "model.pt"
+    if not main:  # rank 0 calibrates and writes the model
+        return model_path
     progress.report(0.98, "calibrating on healthy volumes")
     stats = healthy_difference_stats(trainer, ds.healthy, ds.healthy_lungs.astype(bool))
     demo = is_phantom_data(data)
     final_meta = {**metadata, "iteration": int(trainer.iteration), "healthy_difference": stats, "demo": demo}
-    model_path = run_dir / "model.pt"
     generator_state = {k: v.detach().cpu() for k, v in trainer.generator.state_dict().items()}
     save_checkpoint(model_path, kind="gan", arch=GAN_ARCH, config=config.to_dict(), metadata=final_meta,
                     preprocess=preprocess.to_dict(), generator=generator_state, iteration=int(trainer.iteration))

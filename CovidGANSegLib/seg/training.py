@@ -32,6 +32,25 @@ read. Training uses the 2D axial slices that contain lung, held in memory as ten
   optimised with the network. Light augmentation: random horizontal / vertical flips and a small
   intensity jitter (x [0.95, 1.05], + [-0.03, 0.03], clipped to [0, 1]).
 
+Distributed (``torchrun``, :mod:`CovidGANSegLib.distributed`): the network is wrapped in
+DistributedDataParallel. Every rank draws the whole planned batch (indices and augmentation, from
+the same seeded generator, as one process would) and trains on its ``batch / world`` rows. The
+losses are made to give the full batch's gradient once DDP has averaged the ranks' gradients:
+
+* eq. 5 and the MSE are masked means over the batch's lung pixels; a shard's masked mean is not its
+  share of the global one, so each rank's is rescaled by ``world * (its lung pixels) / (all ranks'
+  lung pixels)`` (numerator and denominator reduced over the ranks): the ranks' mean is then
+  exactly the global masked mean;
+* eq. 4 compares every pair of slices of the batch: the projections are gathered from all ranks
+  (``all_gather`` with autograd, gradients summed back to each rank's rows) and every rank computes
+  the global batch's contrastive loss;
+* the networks use GroupNorm / LayerNorm (per sample); dropout masks (``dropout > 0``, TransUNet)
+  are drawn per rank (seeded by seed, iteration and rank, so a resumed run continues identically),
+  so such runs match one process statistically, not bit for bit.
+
+Validation, model selection, figures and files are rank 0's; all ranks stop after the same step on
+a signal.
+
 Run folder::
 
     RUN/checkpoints/last.pt     resumable state: weights, optimiser (incl. log tau), scheduler,
@@ -57,7 +76,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from CovidGANSegLib import progress
+from CovidGANSegLib import distributed, progress
 from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card, save_checkpoint, write_model_card
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
@@ -257,6 +276,17 @@ def synthetic_slices(data: PseudoMaskData, volumes: list[int], plan: SyntheticSu
 # the trainer
 
 
+class _Dispatch(torch.nn.Module):
+    """``forward(x, method)`` calls ``model.<method>(x)``: lets DDP wrap the heads besides ``forward``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, method: str = "forward") -> Any:
+        return getattr(self.model, method)(x)
+
+
 class SegTrainer:
     """Network, losses, optimiser and one training iteration (usable without files)."""
 
@@ -267,6 +297,7 @@ class SegTrainer:
         self.config = config
         self.device = torch.device(resolve_device(device))
         torch.manual_seed(seed)
+        self._seed = int(seed)
         self.model = build_segmenter(arch, config).to(self.device)
         self.contrastive = EnhancedContrastiveLoss(config.tau_init).to(self.device)
         self.sensitivity = SensitivityEnhancedLoss(config.beta, fn_mode=config.fn_mode)
@@ -277,6 +308,21 @@ class SegTrainer:
         self.iteration = 0
         self.pretrain_iterations = 0
         self.best: dict[str, Any] = {"key": None, "iteration": None, "val_loss": None, "val_dice": None, "state": None}
+        # distributed: every rank trains on its rows of the global batch (config.batch_size)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self._ddp = None
+        if self.world > 1:
+            distributed.check_batch(config.batch_size, "segmenter", self.world)
+            self.model = distributed.sync_batch_norm(self.model)
+            # the phases use different heads (contrastive: encoder + projection; eq. 5 without a
+            # contrastive term: no projection): DDP looks for the unused parameters each step
+            self._ddp = distributed.wrap_ddp(_Dispatch(self.model), find_unused_parameters=True)
+
+    def _run(self, method: str, x: torch.Tensor) -> Any:
+        """``self.model.<method>(x)`` (through DDP when distributed, so that its gradients are averaged)."""
+        if self._ddp is None:
+            return getattr(self.model, method)(x)
+        return self._ddp(x, method=method)
 
     # -- batches ---------------------------------------------------------------------------------
 
@@ -317,26 +363,39 @@ class SegTrainer:
         """One optimiser step on a batch ``x, y`` (B, 1, H, W) with severity ``labels`` (B,).
 
         ``lung`` (B, 1, H, W) bool restricts eq. 5 and the MSE to the lung when the configuration's
-        ``loss_region`` is ``lung``.
+        ``loss_region`` is ``lung``. Distributed, ``x, y, labels, lung`` are the global batch: this
+        rank trains on its rows and the returned losses are the global batch's (module docstring).
         """
-        region = lung if self.config.loss_region == "lung" else None
         cfg = self.config
+        if self.world > 1:
+            rows = distributed.shard_rows(len(x))
+            x, y = x[rows], y[rows]
+            lung = None if lung is None else lung[rows]
+            # dropout masks: independent per rank, reproducible per (seed, iteration, rank) on resume
+            torch.manual_seed(int(np.random.SeedSequence((self._seed, self.iteration, self.rank)).generate_state(1)[0]))
+        region = lung if cfg.loss_region == "lung" else None
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         nan = float("nan")
         if phase == PHASE_CONTRASTIVE:
-            con = self.contrastive(self.model.project(x), labels)
+            con = self.contrastive(distributed.gather_rows(self._run("project", x)), labels)
             loss, sel_v, mse_v = con, nan, nan
         else:
-            logits, z = self.model.forward_with_projection(x)
+            logits, z = self._run("forward_with_projection", x)
             sel = self.sensitivity(logits, y, region)
             mse = mse_to_pseudo_mask(logits, y, region)
+            if self.world > 1 and region is not None:
+                # masked means of this shard -> its share of the global masked mean (x world: DDP averages)
+                mine = region.sum().to(torch.float64)
+                share = (mine / distributed.sum_over_ranks(mine).clamp_min(1.0) * self.world).to(sel.dtype)
+                sel, mse = sel * share, mse * share
             loss = cfg.weight_sensitivity * sel + cfg.weight_mse * mse
-            grouped = labels >= 0
+            grouped = labels >= 0  # the global batch's labels: the same decision on every rank
             counts = torch.bincount(labels[grouped]) if bool(grouped.any()) else labels.new_zeros(0)
             con = None
             if cfg.weight_contrastive > 0 and bool((counts >= 2).any()):  # some anchor has a positive in the batch
-                con = self.contrastive(z[grouped], labels[grouped])
+                z = distributed.gather_rows(z)
+                con = self.contrastive(z[grouped.to(z.device)], labels[grouped])
                 loss = loss + cfg.weight_contrastive * con
             sel_v, mse_v = float(sel.item()), float(mse.item())
         loss.backward()
@@ -344,7 +403,10 @@ class SegTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.iteration += 1
-        return {"phase": phase, "loss": float(loss.item()), "contrastive": nan if con is None else float(con.item()), "sensitivity": sel_v, "mse": mse_v,
+        loss_v = float(loss.item())
+        if self.world > 1:  # the ranks' mean: the global batch's values (the contrastive term is global already)
+            loss_v, sel_v, mse_v = distributed.mean_over_ranks([loss_v, sel_v, mse_v])
+        return {"phase": phase, "loss": loss_v, "contrastive": nan if con is None else float(con.item()), "sensitivity": sel_v, "mse": mse_v,
                 "tau": float(self.contrastive.tau.item()), "lr": lr}
 
     @torch.inference_mode()
@@ -601,13 +663,15 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
              model, len(train.images), len(train_vols), len(positive), len(high), len(low), len(val.images), len(val_vols))
 
     losses_csv = run_dir / "losses.csv"
+    main = distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
     if payload is not None:
         trainer.load_state(payload)
-        truncate_losses(losses_csv, trainer.iteration, LOSS_COLUMNS)
+        if main:
+            truncate_losses(losses_csv, trainer.iteration, LOSS_COLUMNS)
         log.info("resumed at iteration %d of %d", trainer.iteration, total)
     else:
-        if losses_csv.exists():
+        if losses_csv.exists() and main:
             losses_csv.unlink()
         can_pretrain = len(high) > 0 and len(low) > 0
         trainer.pretrain_iterations = int(round(cfg.pretrain_fraction * total)) if can_pretrain else 0
@@ -620,11 +684,16 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
                 "n_train_volumes": len(train_vols), "n_val_volumes": len(val_vols), "device": str(dev), "demo": demo,
                 "synthetic": dataclasses.asdict(syn) if syn_train is not None else None,
                 "n_train_healthy_volumes": len(h_train), "n_val_healthy_volumes": len(h_val), **(run_info or {})}
+    if trainer.world > 1:
+        import torch.distributed as dist
+
+        metadata["distributed"] = {"world_size": trainer.world, "backend": dist.get_backend(), "global_batch": int(cfg.batch_size)}
     common = dict(kind="seg", arch=model, config=cfg.to_dict(), metadata=metadata, preprocess=pm.preprocess.to_dict(),
                   split={"train": train_vols, "val": val_vols})
 
     def save_state() -> None:
-        save_checkpoint(ckpt_path, **common, **trainer.state())
+        if main:
+            save_checkpoint(ckpt_path, **common, **trainer.state())
 
     samples = run_dir / "samples"
     start = trainer.iteration
@@ -634,7 +703,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
                 "Run the same command again with --resume to continue.")
 
     steps = progress.track(range(start, total), total=max(total - start, 0), desc=f"{model} training")
-    for _ in stop_after_step(steps, stop):
+    agree = distributed.any_rank if trainer.world > 1 else None
+    for _ in stop_after_step(steps, stop, agree):
         t0 = time.perf_counter()
         phase = PHASE_CONTRASTIVE if trainer.iteration < trainer.pretrain_iterations else PHASE_END_TO_END
         if phase == PHASE_END_TO_END and n_syn:
@@ -653,7 +723,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         it = trainer.iteration
         if not math.isfinite(row["loss"]):
             raise RuntimeError(f"segmenter training diverged at iteration {it}: {row}")
-        validate = (bool(val_vols) or syn_val is not None) and phase == PHASE_END_TO_END and (it % cfg.val_every == 0 or it == total)
+        validate = main and (bool(val_vols) or syn_val is not None) and phase == PHASE_END_TO_END and (it % cfg.val_every == 0 or it == total)
         if validate:
             result = trainer.validate(val) if val_vols else None
             if result is not None:
@@ -665,6 +735,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
             if trainer.consider(result):
                 log.info("iteration %d: validation Dice %.4f, loss %.5f (best so far)", it, result["val_dice"], result["val_loss"])
             _write_samples(trainer, syn_val if syn_val is not None else val, samples / f"iter_{it:05d}.png", it)
+        if not main:
+            continue  # validation, files and figures are rank 0's
         append_losses(losses_csv, {"iteration": it, **row, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
         if it % cfg.checkpoint_every == 0 or it == total:
             save_state()
@@ -674,6 +746,9 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         if it % max(1, cfg.log_every * 10) == 0:
             log.info("iteration %d/%d (phase %d): loss %.5f, tau %.4f", it, total, phase, row["loss"], row["tau"])
 
+    model_path = run_dir / "model.pt"
+    if not main:  # rank 0 chooses the threshold and writes the model
+        return model_path
     progress.report(0.99, "writing the model")
     best = trainer.best
     if best["state"] is None:  # no validation happened: keep the last weights
@@ -685,7 +760,6 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     final_meta = {**metadata, "iterations": int(trainer.iteration), "threshold": threshold, "threshold_val_dice_synthetic": threshold_dice, "pretrain_iterations": int(trainer.pretrain_iterations),
                   "best_iteration": best["iteration"], "val_dice_pseudo": best["val_dice"], "val_loss_pseudo": best["val_loss"],
                   "tau": float(trainer.contrastive.tau.item()), "parameters": count_parameters(trainer.model)}
-    model_path = run_dir / "model.pt"
     save_checkpoint(model_path, kind="seg", arch=model, config=cfg.to_dict(), metadata=final_meta, preprocess=pm.preprocess.to_dict(),
                     model=best["state"], threshold=threshold)
     trained_on = f"pseudo-masks of {len(train_vols)} COVID volumes ({source})"
