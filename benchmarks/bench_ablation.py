@@ -19,7 +19,16 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``+growth``: and growth into connected lesion-range density (the default pipeline);
 * ``+gan-gate``: the default pipeline (``segment --gan``): detected components are kept only where
   the GAN removed density (mean difference above median + 4 sigma of G's healthy-lung difference);
-* ``gan-gate-voxel``: instead, a voxel-wise gate (difference > 30 HU), tried first.
+* ``gan-gate-voxel``: instead, a voxel-wise gate (difference > 30 HU), tried first;
+* ``+gate-quartile``: the gate compares the component's upper quartile of the difference instead
+  of its mean (the mean dropped whole lungs of extensive disease);
+* ``+no-contrastive``: no contrastive phase 1 (all iterations end-to-end on synthetic pairs);
+* ``+bce``: and plain BCE (eq. 5 with beta = 0, no MSE term): the labels are exact, nothing to
+  make up for (the default pipeline);
+* ``bce-with-contrastive``: instead, plain BCE after the contrastive phase.
+
+Variants that change the segmenter's configuration (``seg`` overrides) train their own model; with
+the plan's segmenter configuration changed, the older rows set it back explicitly.
 
 ``--gate-sweep`` adds rows for component gates at fixed HU levels (0 .. 90 HU).
 
@@ -49,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
-            "+gan-gate", "gan-gate-voxel")
+            "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
@@ -64,8 +73,15 @@ SETTINGS = {
     "+hu-range": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"open_mm": 0.0, "grow": False}, **_NEW},
     "+opening": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, **_NEW},
     "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, **_NEW},
-    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW},
+    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_quantile": None}, "gate": "component", **_NEW},
     "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "voxel", **_NEW},
+    "+gate-quartile": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW},
+    "+no-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
+                        "seg": {"pretrain_fraction": 0.0}},
+    "+bce": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
+             "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    "bce-with-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
+                             "seg": {"beta": 0.0, "weight_mse": 0.0}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
@@ -192,12 +208,21 @@ def _pseudo_masks(work: Path, plan, train_dir: Path, gan_model: Path, rule: str,
 
 
 def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir: Path) -> tuple[Path, bool]:
-    """The segmenter of one setting (trained once; variants that differ only at inference share it)."""
+    """The segmenter of one setting (trained once; variants that differ only at inference share it).
+
+    ``st["seg"]``: overrides of the plan's segmenter configuration (e.g. ``pretrain_fraction``);
+    ``st["iterations"]``: another number of iterations.
+    """
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
+    from CovidGANSegLib.seg.transunet import get_seg_config
 
+    overrides = st.get("seg", {})
+    iterations = st.get("iterations", plan.seg_iterations)
+    config = dataclasses.replace(get_seg_config(plan.seg_config), **overrides) if overrides else plan.seg_config
     key = (f"{arch}_{st['rule']}_{'fine' if st['fine'] else 'gan'}_syn{st['fraction']:g}"
-           f"_cov{st['coverage'][0]:g}-{st['coverage'][1]:g}{'_prior' if st['prior'] else ''}_it{plan.seg_iterations}")
+           f"_cov{st['coverage'][0]:g}-{st['coverage'][1]:g}{'_prior' if st['prior'] else ''}_it{iterations}"
+           + "".join(f"_{k}{v:g}" if isinstance(v, (int, float)) else f"_{k}{v}" for k, v in sorted(overrides.items())))
     run = work / "runs" / key
     if (run / "model.pt").is_file():
         return run / "model.pt", False
@@ -207,7 +232,7 @@ def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir:
         shutil.rmtree(run)
     syn = SyntheticSupervision(fraction=st["fraction"], variants_per_volume=plan.synthetic_variants, coverage=st["coverage"],
                                location_prior=st["prior"])
-    return train_segmenter(pm, run, model=arch, config=plan.seg_config, iterations=plan.seg_iterations, device="cpu", seed=plan.seed,
+    return train_segmenter(pm, run, model=arch, config=config, iterations=iterations, device="cpu", seed=plan.seed,
                            data=train_dir, synthetic=syn), True
 
 
@@ -258,15 +283,21 @@ def _summarise(per_case: list[dict[str, Any]], cases: list[dict[str, Any]]) -> d
     }
 
 
-def _real_normal(real_dir: Path | None, predict) -> list[float] | None:
+def _real_normal(real_dir: Path | None, predict, thickness_mm: float | None = None) -> list[float] | None:
+    """Percent of lung marked on each real normal CT, as acquired or resampled to ``thickness_mm`` slices."""
     if real_dir is None:
         return None
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.nifti import load_ct
+    from CovidGANSegLib.preprocessing import thick_slices
 
     out = []
     for path in sorted(p for p in real_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))):
         ct = load_ct(path, min_slices=1)
+        if thickness_mm is not None:
+            ct = thick_slices(ct, thickness_mm)
+            if ct is None:
+                continue
         lung = extract_lung_mask(ct.array, ct.spacing)
         out.append(round(100.0 * float(predict(ct, lung).sum()) / max(1, int(lung.sum())), 3))
     return out
@@ -278,6 +309,7 @@ def _score_hu_threshold(cases: list[dict[str, Any]], real_dir: Path | None) -> d
     per_case = [_confusion(hu_threshold_segment(c["ct"].array, c["lung"]), c["truth"]) for c in cases]
     row = _summarise(per_case, cases)
     row["real_normal_percent"] = _real_normal(real_dir, lambda ct, lung: hu_threshold_segment(ct.array, lung))
+    row["real_normal_8mm_percent"] = _real_normal(real_dir, lambda ct, lung: hu_threshold_segment(ct.array, lung), 8.0)
     return row
 
 
@@ -309,6 +341,7 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
     row = _summarise(per_case, cases)
     row["segment_s_per_case"] = round((time.perf_counter() - t) / max(1, len(cases)), 2)
     row["real_normal_percent"] = _real_normal(real_dir, predict)
+    row["real_normal_8mm_percent"] = _real_normal(real_dir, predict, 8.0)
     row["threshold"] = float(getattr(model, "threshold", 0.5))
     if levels:
         row["gate_hu"] = round(float(levels[0]), 1)
@@ -317,11 +350,12 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
 
 def _table(result: dict[str, Any]) -> str:
     lines = [f"validation cohort: {result.get('cases')} cases ({result.get('mild_cases')} mild < {MILD_PERCENT:g} %)",
-             "| variant | Dice | Dice mild | sensitivity | precision | real-normal FP % | train s |", "|---|---|---|---|---|---|---|"]
+             "| variant | Dice | Dice mild | sensitivity | precision | real-normal FP % | at 8 mm | train s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in result["variants"].items():
-        rn = r.get("real_normal_percent")
+        rn, rn8 = r.get("real_normal_percent"), r.get("real_normal_8mm_percent")
         lines.append(f"| {name} | {r['dice']:.3f} | {r['dice_mild']:.3f} | {r['sensitivity']:.3f} | {r['precision']:.3f} | "
-                     f"{', '.join(f'{v:.1f}' for v in rn) if rn else '-'} | {r.get('train_s', '-')} |")
+                     f"{', '.join(f'{v:.1f}' for v in rn) if rn else '-'} | {', '.join(f'{v:.1f}' for v in rn8) if rn8 else '-'} | "
+                     f"{r.get('train_s', '-')} |")
     return "\n".join(lines)
 
 
