@@ -63,25 +63,28 @@ VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "sy
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
 _NEW = {"prior": False, "coverage": (0.002, 0.8)}
+#: the segmenter's loss schedule before plain BCE became the default: contrastive phase 1 (20 %), eq. 5 with beta = 1 + MSE
+_PAPER_LOSS = {"pretrain_fraction": 0.2, "beta": 1.0, "weight_mse": 1.0}
 SETTINGS = {
-    "paper": {"rule": "paper", "fine": False, "fraction": 0.0, "post": _PLAIN, **_NEW},
-    "+grid": {"rule": "paper", "fine": True, "fraction": 0.0, "post": _PLAIN, **_NEW},
-    "+rule": {"rule": "refined", "fine": True, "fraction": 0.0, "post": _PLAIN, **_NEW},
-    "+synthetic-half": {"rule": "refined", "fine": True, "fraction": 0.5, "post": _PLAIN, **_NEW},
-    "synthetic-prior": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, "prior": True, "coverage": (0.002, 0.3)},
-    "synthetic-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, **_NEW},
-    "+hu-range": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"open_mm": 0.0, "grow": False}, **_NEW},
-    "+opening": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, **_NEW},
-    "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, **_NEW},
-    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_quantile": None}, "gate": "component", **_NEW},
-    "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "voxel", **_NEW},
-    "+gate-quartile": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW},
+    "paper": {"rule": "paper", "fine": False, "fraction": 0.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
+    "+grid": {"rule": "paper", "fine": True, "fraction": 0.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
+    "+rule": {"rule": "refined", "fine": True, "fraction": 0.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
+    "+synthetic-half": {"rule": "refined", "fine": True, "fraction": 0.5, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
+    "synthetic-prior": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, "prior": True, "coverage": (0.002, 0.3),
+                        "seg": _PAPER_LOSS},
+    "synthetic-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
+    "+hu-range": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"open_mm": 0.0, "grow": False}, **_NEW, "seg": _PAPER_LOSS},
+    "+opening": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, **_NEW, "seg": _PAPER_LOSS},
+    "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, **_NEW, "seg": _PAPER_LOSS},
+    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_quantile": None}, "gate": "component", **_NEW, "seg": _PAPER_LOSS},
+    "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "voxel", **_NEW, "seg": _PAPER_LOSS},
+    "+gate-quartile": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW, "seg": _PAPER_LOSS},
     "+no-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
-                        "seg": {"pretrain_fraction": 0.0}},
+                        "seg": {**_PAPER_LOSS, "pretrain_fraction": 0.0}},
     "+bce": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
              "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
     "bce-with-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
-                             "seg": {"beta": 0.0, "weight_mse": 0.0}},
+                             "seg": {**_PAPER_LOSS, "beta": 0.0, "weight_mse": 0.0}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
