@@ -175,12 +175,32 @@ def session(device: str = "cpu") -> Iterator[str]:
             root = logging.getLogger()
             root.setLevel(max(root.level, logging.WARNING))
         log.info("distributed training: %d processes, backend %s, collective timeout %.0f s", world_size(), backend, seconds)
-        yield device
+        try:
+            yield device
+        except Exception as exc:
+            if isinstance(exc, CovidGANSegError) or not is_peer_failure(exc):
+                raise
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            raise DistributedError(f"rank {rank()}: another process of the job failed or was killed ({first}); the job stops. "
+                                   "Run the same command again with --resume to continue from the last checkpoint") from exc
     finally:
         _stop_heartbeat()
         _state["store"] = None
         with contextlib.suppress(Exception):  # the group may already be broken (a dead peer)
             dist.destroy_process_group()
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank died, left or timed out."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover - torch < 2.1
+        DistError = ()  # type: ignore[assignment]  # noqa: N806
+    if DistError and isinstance(exc, DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(mark in text for mark in (
+        "Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "Timed out", "timed out", "ProcessGroup"))
 
 
 def _connect_store(seconds: float) -> Any:
