@@ -67,6 +67,11 @@ def requested() -> bool:
     return _env_int("WORLD_SIZE", 1) > 1 and "RANK" in os.environ
 
 
+def restart_count() -> int:
+    """How many times torchrun restarted the workers (``--max-restarts``; 0 on a first start or without torchrun)."""
+    return max(0, _env_int("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def is_initialized() -> bool:
     """Whether this process is in a torch.distributed process group."""
     import torch.distributed as dist

@@ -2,6 +2,8 @@
 
 Rows are appended as training goes; on ``--resume`` the rows logged after the checkpoint (a killed
 run may have logged more) are dropped atomically, so the log always matches the checkpoint.
+When the optional ``tensorboard`` package is installed, every logged value is also written as a
+TensorBoard scalar to ``RUN/tensorboard/`` (``tensorboard --logdir RUN``); it is never required.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from CovidGANSegLib.atomic import atomic_path
+
+_WRITERS: dict[Path, Any] = {}
 
 
 def _cell(value: Any) -> Any:
@@ -37,6 +41,23 @@ def append_losses(path: Path, row: dict[str, Any], columns: Sequence[str]) -> No
         if new:
             writer.writeheader()
         writer.writerow({k: _cell(row.get(k)) for k in columns})
+    _tensorboard(path.parent, row)
+
+
+def _tensorboard(run_dir: Path, row: dict[str, Any]) -> None:
+    """Mirror a row's numbers as TensorBoard scalars (step = ``iteration``) when tensorboard is installed."""
+    writer = _WRITERS.get(run_dir)
+    if writer is None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        writer = _WRITERS[run_dir] = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    step = int(row.get("iteration") or 0)
+    for key, value in row.items():
+        if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            writer.add_scalar(key, float(value), step)
+    writer.flush()
 
 
 def truncate_losses(path: Path, last_iteration: int, columns: Sequence[str]) -> None:

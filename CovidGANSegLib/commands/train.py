@@ -301,6 +301,10 @@ def run_train(args: argparse.Namespace) -> int:
     from CovidGANSegLib.runlock import clean_stale_partials, run_lock
 
     plan = _load_plan(args)
+    if distributed.restart_count() and not args.resume:
+        # an elastic restart (torchrun --max-restarts) continues the interrupted stage from its last checkpoint
+        log.warning("torchrun restarted the workers (restart %d): resuming from the last checkpoints", distributed.restart_count())
+        args.resume = True
     device = protocol.resolve_device(plan.run.device)  # CudaMissingError: exit code EXIT_CUDA_MISSING
     check_world(plan)
     healthy, covid = check_data(args.data, plan.preprocess.min_slices)

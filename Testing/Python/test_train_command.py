@@ -177,6 +177,19 @@ def test_an_interrupted_stage_needs_resume(run_copy, cohort, capsys):
     assert _listing(run_copy) == before
 
 
+def test_an_elastic_restart_resumes_the_interrupted_stage(run_copy, cohort, capsys, monkeypatch, caplog):
+    """torchrun --max-restarts starts the workers again with TORCHELASTIC_RESTART_COUNT > 0 and the
+    same command line (no --resume): the interrupted stage continues from its checkpoint."""
+    manifest = run_copy / "seg_unet" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "status": "running"}))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    rc, _, err = _run(capsys, "train", "--data", cohort, "--out", run_copy)
+    assert rc == 0, err
+    assert "restart 1" in caplog.text and "resuming" in caplog.text
+    assert read_manifest(run_copy / "seg_unet")["status"] == "complete"
+
+
 # ------------------------------------------------------------------------------------------------
 # pre-flight checks: one line, exit 2 (69 for CUDA), nothing written
 
