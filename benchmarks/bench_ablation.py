@@ -25,7 +25,10 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``+no-contrastive``: no contrastive phase 1 (all iterations end-to-end on synthetic pairs);
 * ``+bce``: and plain BCE (eq. 5 with beta = 0, no MSE term): the labels are exact, nothing to
   make up for (the default pipeline);
-* ``bce-with-contrastive``: instead, plain BCE after the contrastive phase.
+* ``bce-with-contrastive``: instead, plain BCE after the contrastive phase;
+* ``bce-coverage-30``: instead, synthetic involvement drawn from 0.1-30 % of the lung (more mild cases).
+
+``--iterations 1000`` gives the row "1,000 iterations" of the README.
 
 Variants that change the segmenter's configuration (``seg`` overrides) train their own model; with
 the plan's segmenter configuration changed, the older rows set it back explicitly.
@@ -58,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
-            "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive")
+            "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
@@ -85,6 +88,8 @@ SETTINGS = {
              "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
     "bce-with-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
                              "seg": {**_PAPER_LOSS, "beta": 0.0, "weight_mse": 0.0}},
+    "bce-coverage-30": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", "prior": False,
+                        "coverage": (0.001, 0.3), "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
