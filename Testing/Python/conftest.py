@@ -18,6 +18,17 @@ def real_ct_dir() -> Path:
     return REAL_CT_DIR
 
 
+@pytest.fixture()
+def no_progress_bars():
+    """No tqdm bars in a test's output; the previous progress mode is restored after it."""
+    from CovidGANSegLib import progress
+
+    previous = progress.get_mode()
+    progress.set_mode("none")
+    yield
+    progress.set_mode(previous)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Run a module's small CPU models on one torch thread, then restore the setting.

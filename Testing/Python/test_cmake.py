@@ -33,9 +33,13 @@ def configure(source: Path, build: Path, *extra: str) -> subprocess.CompletedPro
 
 
 def listedLibraryFiles(cmakelists: Path) -> list[str]:
+    """The files of the CovidGANSegLib_PYTHON_SCRIPTS and _PYTHON_RESOURCES lists."""
     text = cmakelists.read_text()
-    block = re.search(r"set\(CovidGANSegLib_PYTHON_SCRIPTS(.*?)\)", text, re.S).group(1)
-    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    files = []
+    for name in ("SCRIPTS", "RESOURCES"):
+        block = re.search(r"set\(CovidGANSegLib_PYTHON_" + name + r"(.*?)\)", text, re.S).group(1)
+        files += [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return files
 
 
 def libraryFiles(root: Path) -> list[str]:
@@ -114,6 +118,13 @@ def test_installed_library_imports_and_runs_from_the_install_tree(built, tmp_pat
     assert Path(result.stdout.strip()).resolve().is_relative_to(tree.resolve()), result.stdout + result.stderr
     result = _run([sys.executable, "-m", "CovidGANSegLib", "models", str(tmp_path), "--json"], cwd=tmp_path, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    # the named training plans are installed beside the code and load from there
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from CovidGANSegLib import plan; "
+            "print(plan.PLANS_DIR); print(plan.load_plan('quick').segmenter.config.iterations)")
+    result = _run([sys.executable, "-c", code, str(tree)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    plans_dir, iterations = result.stdout.split()
+    assert Path(plans_dir).resolve().is_relative_to(tree.resolve()) and int(iterations) == 500
 
 
 def test_installed_module_loads_in_the_harness(built, tmp_path):

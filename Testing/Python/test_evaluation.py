@@ -11,17 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from CovidGANSegLib import cli, evaluation, progress
+from CovidGANSegLib import cli, evaluation
 from CovidGANSegLib.errors import InputError
 
 AFFINE = np.diag([-0.8, 0.8, 5.0, 1.0])  # LAS-like
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_mode("none")
-    yield
-    progress.set_mode("bar")
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
 
 def _save(a: np.ndarray, path: Path, affine: np.ndarray = AFFINE, dtype=np.uint8) -> Path:

@@ -13,7 +13,6 @@ import pytest
 import torch
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from CovidGANSegLib import progress
 from CovidGANSegLib.checkpoints import save_checkpoint, write_model_card
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
@@ -25,11 +24,7 @@ from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_mode("none")
-    yield
-    progress.set_mode("bar")
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from CovidGANSegLib import progress
 from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import InputError
@@ -52,11 +51,7 @@ def make_pseudo_masks(folder: Path, *, n: int = 4, d: int = 4, h: int = 32, w: i
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_mode("none")
-    yield
-    progress.set_mode("bar")
+pytestmark = pytest.mark.usefixtures("no_progress_bars")
 
 
 @pytest.fixture()

@@ -26,7 +26,7 @@ from CovidGANSegLib.runlock import LOCK_NAME, clean_stale_partials, run_lock
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("preprocessed", "gan", "pseudo_masks", "seg_transunet", "seg_unet")
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_progress_bars")
 
 
 def _run(capsys, *argv: object) -> tuple[int, str, str]:
@@ -47,13 +47,6 @@ def _one_error_line(err: str, *names: object) -> str:
 
 def _listing(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    progress.set_mode("none")
-    yield
-    progress.set_mode("bar")
 
 
 @pytest.fixture(scope="module")
