@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "masks). Phase 1: contrastive pre-training of the encoder on high- vs low-infection slices with\n"
             "the enhanced contrastive loss (eq. 4, learnable temperature, initial 0.06). Phase 2: end to end\n"
             "with the sensitivity-enhanced loss (eq. 5), MSE to the pseudo-mask and the contrastive loss.\n"
+            "(The paper's schedule, kept by --config paper. The CPU configuration small has no phase 1 and\n"
+            "uses plain BCE, eq. 5 with beta = 0, without the MSE: measured better on synthetic labels.)\n"
             "Synthetic-lesion supervision (--synthetic-fraction, default all of each phase-2 batch): the folder's\n"
             "healthy volumes with lesions drawn by the Perlin lesion model, exactly labelled by construction.\n"
             "Adam with x0.9 every 1,000 steps; the model (and the probability threshold) with the best Dice\n"
@@ -30,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "against the pseudo-masks of held-out COVID volumes).\n\n"
             "RUN receives checkpoints/last.pt (resumable), losses.csv, loss_curves.png, samples/*.png and\n"
             "model.pt with its model card."),
-        epilog=("configurations: paper (~67 M parameters, Adam 5e-5, 10,000 iterations; GPU), small (~2 M, lr 1e-3;\n"
-                "CPU), tiny (tests). A JSON file may override fields of one: {\"base\": \"small\", \"beta\": 2.0}\n"
+        epilog=("configurations: paper (~67 M parameters, Adam 5e-5, 10,000 iterations; GPU), small (~2 M, lr 3e-4,\n"
+                "plain BCE; CPU), tiny (tests). A JSON file may override fields of one: {\"base\": \"small\", \"beta\": 2.0}\n"
                 "examples:\n"
                 "  covidganseg train-seg --data MosMedData --pseudo-masks runs/pseudo-masks --out runs/transunet --model transunet\n"
                 "  covidganseg train-seg --pseudo-masks runs/pseudo-masks --out runs/unet --model unet --config small --iterations 2000\n"
@@ -48,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of a fresh run (default 0)")
     p.add_argument("--synthetic-fraction", type=float, default=1.0, metavar="F",
                    help="share of each end-to-end batch from synthetic lesions in the pseudo-masks folder's healthy volumes "
-                        "(default 1: the pseudo-masks then serve the contrastive phase only; 0 = the paper's pseudo-masks alone)")
+                        "(default 1: the pseudo-masks then serve only the contrastive phase, if the configuration has one; "
+                        "0 = the paper's pseudo-masks alone)")
     p.set_defaults(handler=run_train)
 
     p = subparsers.add_parser(
