@@ -105,6 +105,8 @@ class PostProcessing:
             raise ValueError(f"grow_hu_range must be (low, high) with low < high, got {self.grow_hu_range}")
         if self.gan_gate_quantile is not None and not 0.0 <= self.gan_gate_quantile <= 1.0:
             raise ValueError(f"gan_gate_quantile must be in [0, 1] or None, got {self.gan_gate_quantile}")
+        if not 0.0 <= self.gan_gate_extensive <= 1.0:
+            raise ValueError(f"gan_gate_extensive must be in [0, 1], got {self.gan_gate_extensive}")
 
 
 #: the paper's plain rule: probability above the threshold inside the lung, nothing else
@@ -123,25 +125,13 @@ def _opening(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: f
     return ndi.binary_opening(mask, structure=disk)
 
 
-def _component_statistic(values: np.ndarray, labels: np.ndarray, n: int, quantile: float | None) -> np.ndarray:
-    """Per component ``1..n`` of ``labels``: the ``quantile`` of ``values`` (the mean when None)."""
-    from scipy import ndimage as ndi
-
-    if quantile is None:
-        return np.asarray(ndi.mean(values, labels, index=np.arange(1, n + 1)), dtype=np.float64)
-    out = np.empty(n, dtype=np.float64)
-    for i, box in enumerate(ndi.find_objects(labels), start=1):
-        out[i - 1] = np.quantile(values[box][labels[box] == i], quantile) if box is not None else -np.inf
-    return out
-
-
 def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
                  rule: PostProcessing, *, difference_hu: np.ndarray | None = None, gate_hu: float | None = None) -> np.ndarray:
     """Apply :class:`PostProcessing` to a canonical bool mask of above-threshold voxels.
 
     ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu`` switch on the
-    GAN-agreement gate: components whose difference statistic (``rule.gan_gate_quantile``) is at
-    most ``gate_hu`` are dropped.
+    GAN-agreement gate: components whose mean difference (for extensive ones, its
+    ``rule.gan_gate_quantile``) is at most ``gate_hu`` are dropped.
     """
     from scipy import ndimage as ndi
 
@@ -152,13 +142,13 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
     if difference_hu is not None and gate_hu is not None and seeds.any():
         lab, n = ndi.label(seeds, structure=np.ones((3, 3, 3), dtype=bool))
         difference = np.asarray(difference_hu, dtype=np.float32)
-        stats = _component_statistic(difference, lab, n, None)
+        stats = np.asarray(ndi.mean(difference, lab, index=np.arange(1, n + 1)), dtype=np.float64)  # per component
         if rule.gan_gate_quantile is not None:
             sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-            extensive = sizes > rule.gan_gate_extensive * max(1, int(lung.sum()))
-            if extensive.any():
-                stats[extensive] = _component_statistic(difference, np.where(np.isin(lab, np.nonzero(extensive)[0] + 1), lab, 0), n,
-                                                        rule.gan_gate_quantile)[extensive]
+            boxes = ndi.find_objects(lab)
+            for i in np.nonzero(sizes > rule.gan_gate_extensive * max(1, int(lung.sum())))[0]:
+                box = boxes[i]
+                stats[i] = np.quantile(difference[box][lab[box] == i + 1], rule.gan_gate_quantile)
         keep = np.concatenate([[False], stats > gate_hu])
         seeds = keep[lab]
     if not rule.grow or not seeds.any():
