@@ -277,7 +277,7 @@ def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str,
             for m, v in percent_marked(volume).items():
                 result["percent" + key][m].append(v)
     result["seconds"] = time.perf_counter() - t
-    log.info("real normal CTs, percent of lung marked as lesion: %s", result["percent"])
+    log.info("real normal CTs, percent of lung marked as lesion: %s; at 8 mm slices: %s", result["percent"], result["percent_8mm"])
     return result
 
 
