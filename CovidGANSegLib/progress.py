@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from CovidGANSegLib import protocol
 
@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 _MODES = ("bar", "lines", "none")
 _mode = "bar"
+_bar: Any = None  # the innermost tqdm bar of ``track`` (for ``postfix``)
 _scopes: list[tuple[float, float]] = []
 
 
@@ -58,6 +59,12 @@ def report(fraction: float, message: str) -> None:
         print(f"[{fraction * 100:5.1f} %] {message}", file=sys.stderr, flush=True)
 
 
+def postfix(**values: float) -> None:
+    """Show ``values`` (e.g. the latest losses) after the innermost running bar (``bar`` mode only)."""
+    if _mode == "bar" and _bar is not None:
+        _bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+
 def track(iterable: Iterable[T], *, total: int | None = None, desc: str = "", start: float = 0.0, end: float = 1.0) -> Iterator[T]:
     """Iterate with a tqdm bar (``bar``) or ``PROGRESS`` lines mapped onto [start, end] (``lines``)."""
     if total is None and hasattr(iterable, "__len__"):
@@ -65,7 +72,14 @@ def track(iterable: Iterable[T], *, total: int | None = None, desc: str = "", st
     if _mode == "bar":
         from tqdm.auto import tqdm
 
-        yield from tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        global _bar
+        bar = tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        outer, _bar = _bar, bar
+        try:
+            yield from bar
+        finally:
+            _bar = outer
+            bar.close()
         return
     step = max(1, (total or 1) // 50)
     for i, item in enumerate(iterable):

@@ -545,6 +545,7 @@ def train_gan(data: str | Path, run_dir: str | Path, *, config: GANConfig | str 
         it = trainer.iteration
         if main:
             append_losses(losses_csv, {"iteration": it, **losses, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
+            progress.postfix(D=losses["d_loss"], G_adv=losses["g_adv"], G_rec=losses["g_rec"])
         if not all(np.isfinite(v) for v in losses.values()):  # the same global losses on every rank
             raise RuntimeError(f"GAN training diverged at iteration {it}: {losses}")
         if it % config.checkpoint_every == 0 or it == total:

@@ -738,6 +738,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         if not main:
             continue  # validation, files and figures are rank 0's
         append_losses(losses_csv, {"iteration": it, **row, "seconds": time.perf_counter() - t0}, LOSS_COLUMNS)
+        best_dice = trainer.best.get("val_dice")
+        progress.postfix(loss=row["loss"], **({"best_val_dice": best_dice} if best_dice is not None else {}))
         if it % cfg.checkpoint_every == 0 or it == total:
             save_state()
             from CovidGANSegLib.seg.figures import save_loss_curves

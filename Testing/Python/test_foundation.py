@@ -119,6 +119,24 @@ def test_progress_lines(capsys):
         progress.set_mode("fancy")
 
 
+def test_progress_bar_shows_the_latest_losses(capsys):
+    """In ``bar`` mode the training loops put their latest losses after the bar (tqdm postfix);
+    outside a bar, and in the other modes, ``postfix`` does nothing."""
+    progress.set_mode("bar")
+    progress.postfix(loss=1.0)  # no bar running: nothing happens
+    for _ in progress.track(range(3), desc="training"):
+        progress.postfix(loss=0.123456, best_val_dice=0.5)
+    err = capsys.readouterr().err
+    assert "training" in err and "loss=0.1235" in err and "best_val_dice=0.5" in err
+    progress.set_mode("lines")
+    try:
+        for _ in progress.track(range(3), desc="training"):
+            progress.postfix(loss=0.5)
+    finally:
+        progress.set_mode("bar")
+    assert "loss=" not in capsys.readouterr().out
+
+
 def test_progress_scopes_nest(capsys):
     progress.set_mode("lines")
     try:
