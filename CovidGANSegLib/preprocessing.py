@@ -418,13 +418,66 @@ def _file_fingerprint(path: Path) -> dict[str, int]:
     return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
+def preprocess_study(study: Any, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One study on the model grid: ``(image, lung_mask, geometry)`` (``geometry``: JSON-ready)."""
+    from CovidGANSegLib.nifti import load_ct
+
+    try:
+        ct = load_ct(study.path, min_slices=config.min_slices)
+        vol = preprocess_ct(ct, config)
+    except InputError:
+        raise
+    except Exception:
+        log.error("preprocessing failed for %s", study.path)
+        raise
+    geometry = {
+        "original_shape": list(ct.original_shape),
+        "original_affine": np.asarray(ct.original_affine).tolist(),
+        "lung_ml": round(float(vol.lung_mask_canonical.sum()) * ct.voxel_volume_ml, 3),
+        "mapping": vol.mapping.to_dict(),
+    }
+    return vol.image, vol.lung_mask, geometry
+
+
+def preprocess_shard(data: str | Path, folder: str | Path, config: PreprocessConfig, rank: int, world: int) -> int:
+    """Preprocess this process's share of the studies (every ``world``-th, from ``rank``) into
+    ``folder`` (one ``<position>.npz`` per study), for :func:`preprocess_dataset` ``(precomputed=folder)``
+    to assemble. Returns the number of studies done."""
+    from CovidGANSegLib.datasets import discover_studies
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    studies = discover_studies(Path(data), min_slices=config.min_slices)
+    done = 0
+    for k in range(rank, len(studies), world):
+        image, lung, geometry = preprocess_study(studies[k], config)
+        tmp = folder / f".{k:06d}.tmp.npz"
+        np.savez(tmp, image=image, lung=lung, meta=np.array(json.dumps({"path": str(studies[k].path.resolve()), **geometry})))
+        tmp.replace(folder / f"{k:06d}.npz")
+        done += 1
+    return done
+
+
+def _precomputed_study(folder: Path | None, position: int, study: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """A study preprocessed by :func:`preprocess_shard`, or None (no file, or one of another study)."""
+    if folder is None or not (folder / f"{position:06d}.npz").is_file():
+        return None
+    with np.load(folder / f"{position:06d}.npz") as f:
+        meta = json.loads(str(f["meta"]))
+        if meta.pop("path") != str(study.path.resolve()):
+            return None
+        return f["image"], f["lung"], meta
+
+
 def preprocess_dataset(data: str | Path, out: str | Path, config: PreprocessConfig = DEFAULT_PREPROCESS, *,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, precomputed: str | Path | None = None) -> Path:
     """Preprocess every study of a data set into ``out`` (written atomically).
 
     ``out`` receives ``healthy.npy``, ``covid.npy`` (float32 ``(N, D, H, W)``),
     ``healthy_lungs.npy``, ``covid_lungs.npy`` (bool), ``index.json`` (one record per study with
     its original geometry and GridMapping) and ``config.json``. Lesion masks are never read.
+    ``precomputed``: a folder of :func:`preprocess_shard` results (several processes' shares),
+    used where it holds the study; the rest is computed here.
 
     Raises:
         InputError: no usable study, or a study that cannot be read / has no lungs (the message
@@ -432,7 +485,6 @@ def preprocess_dataset(data: str | Path, out: str | Path, config: PreprocessConf
         FileExistsError: ``out`` is not empty and ``overwrite`` is False.
     """
     from CovidGANSegLib.datasets import discover_studies
-    from CovidGANSegLib.nifti import load_ct
 
     data, out = Path(data), Path(out)
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
@@ -456,20 +508,14 @@ def preprocess_dataset(data: str | Path, out: str | Path, config: PreprocessConf
         }
         records = []
         counters = {"healthy": 0, "covid": 0}
-        for study in progress.track(studies, desc="preprocess"):
+        shards = None if precomputed is None else Path(precomputed)
+        for position, study in enumerate(progress.track(studies, desc="preprocess")):
             subset = "covid" if study.covid else "healthy"
-            try:
-                ct = load_ct(study.path, min_slices=config.min_slices)
-                vol = preprocess_ct(ct, config)
-            except InputError:
-                raise
-            except Exception:
-                log.error("preprocessing failed for %s", study.path)
-                raise
+            image, lung, geometry = _precomputed_study(shards, position, study) or preprocess_study(study, config)
             i = counters[subset]
             counters[subset] += 1
-            arrays[subset][i] = vol.image
-            arrays[f"{subset}_lungs"][i] = vol.lung_mask
+            arrays[subset][i] = image
+            arrays[f"{subset}_lungs"][i] = lung
             records.append({
                 "id": study.id,
                 "category": study.category,
@@ -479,10 +525,7 @@ def preprocess_dataset(data: str | Path, out: str | Path, config: PreprocessConf
                 "path": str(study.path.resolve()),
                 "relpath": study.path.resolve().relative_to(data.resolve()).as_posix(),
                 **_file_fingerprint(study.path),
-                "original_shape": list(ct.original_shape),
-                "original_affine": np.asarray(ct.original_affine).tolist(),
-                "lung_ml": round(float(vol.lung_mask_canonical.sum()) * ct.voxel_volume_ml, 3),
-                "mapping": vol.mapping.to_dict(),
+                **geometry,
             })
         for arr in arrays.values():
             if isinstance(arr, np.memmap):
@@ -568,7 +611,7 @@ def _cache_is_current(ds: PreprocessedDataset, data: Path, config: PreprocessCon
 
 
 def ensure_preprocessed(data: str | Path, cache: str | Path, config: PreprocessConfig = DEFAULT_PREPROCESS, *,
-                        mmap: bool = False) -> PreprocessedDataset:
+                        mmap: bool = False, precomputed: str | Path | None = None) -> PreprocessedDataset:
     """A preprocessed data set for ``data``.
 
     ``data`` may be a preprocessed folder (it has ``index.json``; its parameters must equal
@@ -599,5 +642,5 @@ def ensure_preprocessed(data: str | Path, cache: str | Path, config: PreprocessC
                 return ds
         except InputError as exc:
             log.warning("preprocessed cache %s unusable (%s); rebuilding it", cache, exc)
-    preprocess_dataset(data, cache, config, overwrite=True)
+    preprocess_dataset(data, cache, config, overwrite=True, precomputed=precomputed)
     return load_preprocessed(cache, mmap=mmap)

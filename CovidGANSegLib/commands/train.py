@@ -2,7 +2,8 @@
 
 Stages, each in its own folder of RUN with a ``manifest.json`` (:mod:`CovidGANSegLib.manifest`):
 
-1. ``RUN/preprocessed``: the data set on the GAN's grid (``preprocessing.ensure_preprocessed``);
+1. ``RUN/preprocessed``: the data set on the GAN's grid (``preprocessing.ensure_preprocessed``;
+   under torchrun each process preprocesses its share of the studies and rank 0 assembles them);
 2. ``RUN/gan``: the 3D GAN (``gan.training.train_gan``), ``RUN/gan/model.pt``;
 3. ``RUN/pseudo_masks``: difference maps, pseudo-masks, severity groups (``gan.pseudomasks``);
 4. ``RUN/seg_<model>``: each planned segmenter (``seg.training.train_segmenter``), ``model.pt``.
@@ -15,7 +16,8 @@ effective plan is written to ``RUN/plan.toml``.
 
 Under ``torchrun --nproc_per_node N -m CovidGANSegLib train ...`` (:mod:`CovidGANSegLib.distributed`)
 every process runs the read-only checks, then joins the process group; rank 0 alone takes the
-lock, decides which stages run, preprocesses, makes the pseudo-masks and writes every file, while
+lock and decides which stages run; every rank preprocesses its share of the studies, rank 0
+assembles them, makes the pseudo-masks and writes every file, while
 all ranks train the GAN and the segmenters with DistributedDataParallel on their shares of the
 planned (global) batch. The other ranks wait for rank 0's stage results before reading them.
 """
@@ -379,16 +381,31 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
         return resume
 
     # every rank calls run_on_main in the same order; rank 0 does the work, the others get its result
-    # 1. preprocessing
+    # 1. preprocessing; under torchrun every rank first preprocesses its share of the studies (every
+    # world-th) into RUN/.preprocess-shards.partial, and rank 0 assembles them
+    shards = args.out / ".preprocess-shards.partial"
+    world = distributed.world_size()
+    if world > 1 and distributed.run_on_main("checking the preprocessed data",
+                                             lambda: not is_complete(pre.folder, pre.hash, {"data": fingerprint})):
+        from CovidGANSegLib.preprocessing import preprocess_shard
+
+        progress.report(0.0, "preprocessing (shared by the processes)")
+        done = preprocess_shard(args.data, shards, plan.preprocess, distributed.rank(), world)
+        log.info("rank %d preprocessed %d studies", distributed.rank(), done)
+        distributed.barrier()
+
     def preprocess() -> str:
         inputs = {"data": fingerprint}
         if not skip(pre, inputs):
             from CovidGANSegLib.preprocessing import ensure_preprocessed
 
             progress.report(0.0, "preprocessing")
-            ensure_preprocessed(args.data, pre.folder, plan.preprocess)
+            if shards.is_dir():
+                log.info("assembling %d studies preprocessed by %d processes", len(list(shards.glob("*.npz"))), world)
+            ensure_preprocessed(args.data, pre.folder, plan.preprocess, precomputed=shards if shards.is_dir() else None)
             finish(pre, inputs, {"data": {"path": ".", "kind": "folder", **folder_digest(pre.folder)},
                                  "index": file_entry(pre.folder / "index.json", pre.folder)})
+        shutil.rmtree(shards, ignore_errors=True)
         return read_manifest(pre.folder)["outputs"]["data"]["sha256"]
 
     with progress.scope(*spans[0]):

@@ -4,7 +4,9 @@ stops the job, ``--resume`` continues from the last checkpoint; the helpers in a
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +140,11 @@ def test_two_processes_train_the_same_weights_as_one(one_process_run, cohort, tm
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == [str(run / "gan" / "model.pt"), str(run / "seg_transunet" / "model.pt"), str(run / "seg_unet" / "model.pt")]
     assert "distributed training: 2 processes, backend gloo" in proc.stderr
+    # preprocessing sharded: rank 0 did its share only, and assembled every study from the shards
+    own = int(re.search(r"rank 0 preprocessed (\d+) studies", proc.stderr).group(1))
+    assembled = int(re.search(r"assembling (\d+) studies preprocessed by 2 processes", proc.stderr).group(1))
+    index = json.loads((run / "preprocessed" / "index.json").read_text())
+    assert 1 <= own < assembled == len(index["records"])
     one = one_process_run
     _assert_close(_weights(run / "gan" / "model.pt", "generator"), _weights(one / "gan" / "model.pt", "generator"), "generator")
     _assert_close(_weights(run / "gan" / "checkpoints" / "last.pt", "discriminator"),

@@ -209,6 +209,29 @@ def test_preprocess_dataset(cohort, tmp_path):
         preprocess_dataset(data, out, TINY)
 
 
+def test_shards_of_several_processes_assemble_into_the_same_data_set(cohort, tmp_path, monkeypatch):
+    """Distributed preprocessing: two processes' shares (every 2nd study) assembled by rank 0 give
+    exactly what one process computes; a shard file of another study is not used."""
+    import CovidGANSegLib.preprocessing as pp
+
+    whole = load_preprocessed(preprocess_dataset(cohort, tmp_path / "one", TINY))
+    shards = tmp_path / "shards"
+    assert pp.preprocess_shard(cohort, shards, TINY, 0, 2) + pp.preprocess_shard(cohort, shards, TINY, 1, 2) == 4
+    assert sorted(p.name for p in shards.iterdir()) == ["000000.npz", "000001.npz", "000002.npz", "000003.npz"]
+    computed = []
+    original = pp.preprocess_study
+    monkeypatch.setattr(pp, "preprocess_study", lambda study, config: computed.append(study.id) or original(study, config))
+    assembled = load_preprocessed(preprocess_dataset(cohort, tmp_path / "two", TINY, precomputed=shards))
+    assert computed == []  # everything came from the shards
+    for name in ("healthy", "covid", "healthy_lungs", "covid_lungs"):
+        assert np.array_equal(getattr(assembled, name), getattr(whole, name)), name
+    assert assembled.records == whole.records
+    # a shard that holds another study (e.g. left from another data set) is recomputed, not used
+    (shards / "000001.npz").replace(shards / "000000.npz")
+    load_preprocessed(preprocess_dataset(cohort, tmp_path / "three", TINY, precomputed=shards))
+    assert len(computed) == 2  # position 0 (wrong study) and 1 (missing)
+
+
 def test_corrupt_study_leaves_nothing(cohort, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(cohort, data)
