@@ -80,7 +80,9 @@ def provenance(data: str | Path) -> dict[str, Any]:
             cohort = json.loads(cohort_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             cohort = None
-    if isinstance(cohort, dict):
+    from CovidGANSegLib.synth.phantoms import GENERATOR
+
+    if isinstance(cohort, dict) and cohort.get("generator") == GENERATOR:
         summary = {k: cohort[k] for k in ("generator", "generator_version", "seed", "size", "lesion_model", "healthy", "covid")
                    if k in cohort}
         return {"phantoms": True, "trained_on": f"synthetic phantoms ({cohort_path})", "cohort": summary, "data": str(data.resolve())}

@@ -360,12 +360,20 @@ def _find_cohort_json(data: Path) -> dict[str, Any] | None:
 
 
 def is_phantom_data(data: str | Path) -> bool:
-    """True when DATA is (or was preprocessed from) a synthetic phantom cohort (``phantoms.write_cohort``)."""
+    """True when DATA is (or was preprocessed from) a synthetic phantom cohort (``phantoms.write_cohort``).
+
+    Read, never guessed: the stage manifest's provenance when DATA is a stage folder of
+    ``covidganseg train``, else the ``generator`` of the ``cohort.json`` that ``write_cohort``
+    writes (beside the data, or beside the raw data a preprocessed folder was made from).
+    """
+    from CovidGANSegLib.manifest import read_manifest
+    from CovidGANSegLib.synth.phantoms import GENERATOR
+
+    manifest = read_manifest(data)
+    if manifest is not None and isinstance(manifest.get("provenance"), dict) and "phantoms" in manifest["provenance"]:
+        return bool(manifest["provenance"]["phantoms"])
     cohort = _find_cohort_json(Path(data))
-    if not cohort:
-        return False
-    text = json.dumps(cohort).lower()
-    return bool(cohort.get("phantom") or cohort.get("synthetic") or "phantom" in str(cohort.get("generator", "")).lower() or "phantom" in text)
+    return isinstance(cohort, dict) and cohort.get("generator") == GENERATOR
 
 
 def healthy_difference_stats(trainer: GANTrainer, healthy: np.ndarray, lungs: np.ndarray, *, max_values: int = 2_000_000) -> dict[str, float]:

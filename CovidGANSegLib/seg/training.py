@@ -126,23 +126,13 @@ def _read_json(path: Path) -> Any:
 
 
 def _find_preprocess(folder: Path, meta: dict[str, Any]) -> PreprocessConfig:
-    candidates: list[Any] = [meta.get("preprocess"), meta.get("preprocess_config")]
-    cfg = meta.get("config")
-    if isinstance(cfg, dict):
-        candidates += [cfg.get("preprocess"), cfg]
-    for name in ("preprocess.json", "config.json"):
-        p = folder / name
-        if p.is_file():
-            d = _read_json(p)
-            if isinstance(d, dict):
-                candidates += [d.get("preprocess"), d]
-    for c in candidates:
-        if isinstance(c, dict):
-            try:
-                return PreprocessConfig.from_dict(c)
-            except (TypeError, ValueError):
-                continue
-    raise InputError("no preprocessing configuration found (index.json 'preprocess' or config.json); "
+    """The pseudo-masks' preprocessing: ``index.json["preprocess"]``, where ``make_pseudo_masks`` writes it."""
+    if isinstance(meta.get("preprocess"), dict):
+        try:
+            return PreprocessConfig.from_dict(meta["preprocess"])
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"index.json 'preprocess' is not a valid preprocessing configuration ({exc})", folder) from exc
+    raise InputError("no preprocessing configuration found (index.json 'preprocess'); "
                      "was this folder made by 'covidganseg pseudo-masks'?", folder)
 
 

@@ -45,6 +45,8 @@ from CovidGANSegLib.synth.lesions import LesionConfig, synthesize_lesions
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "2.0"
+#: the ``generator`` of every ``cohort.json`` that :func:`write_cohort` writes (how readers recognise phantoms)
+GENERATOR = "CovidGANSegLib.synth.phantoms"
 #: lesion models: "perlin" (:mod:`lesions`, the training model) or "independent" (:mod:`eval_lesions`)
 LESION_MODELS = ("perlin", "independent")
 CATEGORIES = ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4")
@@ -257,7 +259,7 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
         for cat in CATEGORIES:
             (tmp / "studies" / cat).mkdir(parents=True, exist_ok=True)
         meta = {
-            "generator": "CovidGANSegLib.synth.phantoms",
+            "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,
             "seed": int(seed), "size": size, "first_id": int(first_id), "lesion_model": lesion_model,
             "healthy": int(healthy), "covid": int(covid),

@@ -226,3 +226,24 @@ def test_trained_generator_removes_lesions_more_than_healthy_lung(tmp_path):
     # seeds 0 and 2 gave ratios of about 4 (lesion ~0.035, lung ~0.009) on 2 CPU cores
     assert in_lesion > 2 * in_clean_lung, (in_lesion, in_clean_lung)
     assert in_lesion > 0.01, in_lesion  # > 14 HU removed on average inside lesions
+
+
+def test_phantom_provenance_is_read_not_guessed(tmp_path):
+    """Whether data are phantoms comes from the stage manifest, else from the generator recorded in
+    write_cohort's cohort.json; a word in a note decides nothing (the old text search did)."""
+    from CovidGANSegLib.manifest import provenance, write_manifest
+    from CovidGANSegLib.synth.phantoms import GENERATOR
+
+    other = tmp_path / "hospital"
+    other.mkdir()
+    (other / "cohort.json").write_text(json.dumps({"generator": "PACS export", "note": "checked against a phantom scan"}))
+    assert not is_phantom_data(other) and provenance(other)["phantoms"] is False
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "cohort.json").write_text(json.dumps({"generator": GENERATOR, "seed": 1}))
+    assert is_phantom_data(cohort) and provenance(cohort)["phantoms"] is True
+    common = dict(stage="preprocessed", status="complete", plan_hash="p", stage_hash="s", plan={}, inputs={})
+    write_manifest(cohort, **common, provenance={"phantoms": False, "trained_on": "a real data set"})
+    assert not is_phantom_data(cohort)  # the manifest is read first
+    write_manifest(other, **common, provenance=provenance(cohort.parent / "cohort"))
+    assert is_phantom_data(other)
