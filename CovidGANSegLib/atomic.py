@@ -33,8 +33,9 @@ from pathlib import Path
 
 from CovidGANSegLib.errors import OutputError
 
-#: signals held off around temporary-file bookkeeping and final renames
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: the signals that stop a command: held off around temporary-file bookkeeping and final renames;
+#: training finishes its current step on them (runlock.stop_after_step)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 #: temporary path -> the path its content is meant for (so that errors name the real output)
 _FINAL: dict[str, Path] = {}
@@ -50,7 +51,7 @@ def signals_deferred() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
@@ -70,7 +71,7 @@ def install_signal_handlers() -> None:
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    for sig in _SIGNALS:
+    for sig in STOP_SIGNALS:
         try:
             current = signal.getsignal(sig)
             if current is signal.SIG_IGN:
@@ -83,6 +84,11 @@ def install_signal_handlers() -> None:
             signal.signal(sig, _raise_keyboard_interrupt)
         except (OSError, ValueError):
             continue
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether a file or folder name is one of this module's temporary names (hidden, ``.partial``)."""
+    return name.startswith(".") and ".partial" in name
 
 
 def final_name(path: str | Path) -> Path:

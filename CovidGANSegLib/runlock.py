@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from CovidGANSegLib.atomic import STOP_SIGNALS, is_temporary_name
 from CovidGANSegLib.errors import InputError
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 T = TypeVar("T")
 
 
@@ -193,11 +193,6 @@ def run_lock(run_dir: str | Path, command: str = "train") -> RunLock:
 # stale temporary files
 
 
-def is_partial_name(name: str) -> bool:
-    """Whether a file name is one of :mod:`CovidGANSegLib.atomic`'s temporary names."""
-    return name.startswith(".") and ".partial" in name
-
-
 def clean_stale_partials(run_dir: str | Path, lock: RunLock | None = None) -> list[Path]:
     """Remove the temporary files and folders a killed run left in ``run_dir``; returns them.
 
@@ -211,7 +206,7 @@ def clean_stale_partials(run_dir: str | Path, lock: RunLock | None = None) -> li
     if not run_dir.is_dir():
         return removed
     for root, dirs, files in os.walk(run_dir, followlinks=False):
-        for name in [d for d in dirs if is_partial_name(d)]:
+        for name in [d for d in dirs if is_temporary_name(d)]:
             path = Path(root) / name
             dirs.remove(name)
             if path.is_symlink():
@@ -221,7 +216,7 @@ def clean_stale_partials(run_dir: str | Path, lock: RunLock | None = None) -> li
                 shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
         for name in files:
-            if is_partial_name(name):
+            if is_temporary_name(name):
                 path = Path(root) / name
                 with contextlib.suppress(OSError):
                     path.unlink()
@@ -265,7 +260,7 @@ def stop_after_step(steps: Iterable[T], on_stop: Callable[[], str], agree: Calla
         return
     request = _StopRequest()
     saved: dict[int, Any] = {}
-    for sig in _SIGNALS:
+    for sig in STOP_SIGNALS:
         try:
             current = signal.getsignal(sig)
             if current is signal.SIG_IGN:
