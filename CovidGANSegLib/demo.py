@@ -23,6 +23,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,20 +241,33 @@ def _load_gan(gan_model: Path | None, device: str) -> tuple[Any, dict[str, Any]]
     return load_generator(gan_model, device)
 
 
+def real_normal_volumes(real_dir: str | Path) -> Iterator[tuple[str, bool, Any]]:
+    """The real normal CTs of ``real_dir`` (NIfTI, HU), each as acquired and resampled to 8 mm thick
+    slices (MosMed's geometry, :func:`preprocessing.thick_slices`; skipped for CTs already that
+    thick): ``(name, at_8mm, CTVolume)``, files in name order."""
+    from CovidGANSegLib.nifti import load_ct
+    from CovidGANSegLib.preprocessing import thick_slices
+
+    for path in sorted(p for p in Path(real_dir).iterdir() if p.name.endswith((".nii", ".nii.gz"))):
+        ct = load_ct(path, min_slices=1)
+        name = path.name.split(".nii")[0]
+        yield name, False, ct
+        thick = thick_slices(ct, 8.0)
+        if thick is not None:
+            yield name, True, thick
+
+
 def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str, gan_model: Path | None = None) -> dict[str, Any]:
     """Percent of lung each method marks as lesion on every real normal CT of ``real_dir`` (should be ~0),
     as acquired and resampled to 8 mm thick slices (MosMed's geometry: vessels and the diaphragm in
     partial volume look denser, which is where thresholds and phantom-trained models fail)."""
     from CovidGANSegLib.lungmask import extract_lung_mask
-    from CovidGANSegLib.nifti import load_ct
-    from CovidGANSegLib.preprocessing import thick_slices
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
     from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
 
     t = time.perf_counter()
     models = {name: load_segmenter(path, device=device)[0] for name, path in seg_models.items()}
     generator, gan_payload = _load_gan(gan_model, device)
-    files = sorted(p for p in real_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
     result: dict[str, Any] = {"cases": [], "percent": {m: [] for m in METHODS}, "cases_8mm": [], "percent_8mm": {m: [] for m in METHODS},
                               "folder": str(real_dir)}
 
@@ -266,16 +280,11 @@ def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str,
         preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
         return {m: round(100.0 * float(preds[m].sum()) / n_lung, 3) for m in METHODS}
 
-    for path in progress.track(files, desc="real normal CTs"):
-        ct = load_ct(path, min_slices=1)
-        name = path.name.split(".nii")[0]
-        # as acquired (thin slices), and as an 8 mm thick-slice scan like MosMed's (partial volume)
-        for key, volume in (("", ct), ("_8mm", thick_slices(ct, 8.0))):
-            if volume is None:
-                continue
-            result["cases" + key].append(name)
-            for m, v in percent_marked(volume).items():
-                result["percent" + key][m].append(v)
+    for name, at_8mm, volume in progress.track(real_normal_volumes(real_dir), desc="real normal CTs"):
+        key = "_8mm" if at_8mm else ""
+        result["cases" + key].append(name)
+        for m, v in percent_marked(volume).items():
+            result["percent" + key][m].append(v)
     result["seconds"] = time.perf_counter() - t
     log.info("real normal CTs, percent of lung marked as lesion: %s; at 8 mm slices: %s", result["percent"], result["percent_8mm"])
     return result

@@ -291,24 +291,19 @@ def _summarise(per_case: list[dict[str, Any]], cases: list[dict[str, Any]]) -> d
     }
 
 
-def _real_normal(real_dir: Path | None, predict, thickness_mm: float | None = None) -> list[float] | None:
-    """Percent of lung marked on each real normal CT, as acquired or resampled to ``thickness_mm`` slices."""
+def _real_normal(real_dir: Path | None, predict) -> tuple[list[float] | None, list[float] | None]:
+    """Percent of lung marked on each real normal CT: as acquired, and resampled to 8 mm slices."""
     if real_dir is None:
-        return None
+        return None, None
+    from CovidGANSegLib.demo import real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
-    from CovidGANSegLib.nifti import load_ct
-    from CovidGANSegLib.preprocessing import thick_slices
 
-    out = []
-    for path in sorted(p for p in real_dir.iterdir() if p.name.endswith((".nii", ".nii.gz"))):
-        ct = load_ct(path, min_slices=1)
-        if thickness_mm is not None:
-            ct = thick_slices(ct, thickness_mm)
-            if ct is None:
-                continue
+    thin: list[float] = []
+    thick: list[float] = []
+    for _, at_8mm, ct in real_normal_volumes(real_dir):
         lung = extract_lung_mask(ct.array, ct.spacing)
-        out.append(round(100.0 * float(predict(ct, lung).sum()) / max(1, int(lung.sum())), 3))
-    return out
+        (thick if at_8mm else thin).append(round(100.0 * float(predict(ct, lung).sum()) / max(1, int(lung.sum())), 3))
+    return thin, thick
 
 
 def _score_hu_threshold(cases: list[dict[str, Any]], real_dir: Path | None) -> dict[str, Any]:
@@ -316,8 +311,7 @@ def _score_hu_threshold(cases: list[dict[str, Any]], real_dir: Path | None) -> d
 
     per_case = [_confusion(hu_threshold_segment(c["ct"].array, c["lung"]), c["truth"]) for c in cases]
     row = _summarise(per_case, cases)
-    row["real_normal_percent"] = _real_normal(real_dir, lambda ct, lung: hu_threshold_segment(ct.array, lung))
-    row["real_normal_8mm_percent"] = _real_normal(real_dir, lambda ct, lung: hu_threshold_segment(ct.array, lung), 8.0)
+    row["real_normal_percent"], row["real_normal_8mm_percent"] = _real_normal(real_dir, lambda ct, lung: hu_threshold_segment(ct.array, lung))
     return row
 
 
@@ -348,8 +342,7 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
     per_case = [_confusion(predict(c["ct"], c["lung"]), c["truth"]) for c in cases]
     row = _summarise(per_case, cases)
     row["segment_s_per_case"] = round((time.perf_counter() - t) / max(1, len(cases)), 2)
-    row["real_normal_percent"] = _real_normal(real_dir, predict)
-    row["real_normal_8mm_percent"] = _real_normal(real_dir, predict, 8.0)
+    row["real_normal_percent"], row["real_normal_8mm_percent"] = _real_normal(real_dir, predict)
     row["threshold"] = float(getattr(model, "threshold", 0.5))
     if levels:
         row["gate_hu"] = round(float(levels[0]), 1)

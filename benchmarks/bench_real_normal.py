@@ -54,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from CovidGANSegLib import progress
+    from CovidGANSegLib.demo import real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
-    from CovidGANSegLib.nifti import load_ct
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.preprocessing import thick_slices
     from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
 
     if args.threads:
@@ -67,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     if not models:
         print("no segmenter model.pt found", file=sys.stderr)
         return 2
-    files = sorted(p for p in args.real_ct.iterdir() if p.name.endswith((".nii", ".nii.gz")))
     loaded = {str(m): load_segmenter(m, "cpu")[0] for m in models}
     generator = payload = None
     if args.gan is not None:
@@ -78,28 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     gan_rows: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
     cases: list[str] = []
-    for path in files:
-        original = load_ct(path, min_slices=1)
-        name = path.name.split(".nii")[0]
-        for case, ct in ((name, original), (f"{name} (8 mm)", thick_slices(original, 8.0))):
-            if ct is None:
-                continue
-            cases.append(case)
-            lung = extract_lung_mask(ct.array, ct.spacing)
-            n_lung = max(1, int(lung.sum()))
-            diff = gate = None
-            if generator is not None:
-                ph, gate = gan_gate(ct, lung, generator, payload)
-                diff = ph.difference_hu
-                d = diff[lung]
-                gan_rows[case] = {"median_hu": float(np.median(d)), "p95_hu": float(np.percentile(d, 95)),
-                                  "p99_hu": float(np.percentile(d, 99)), "gate_hu": gate}
-            for mname, model in loaded.items():
-                t = time.perf_counter()
-                mask = segment_ct(ct, model, lung_mask=lung, difference_hu=diff, gate_hu=gate).lesion_mask
-                seconds[mname] = seconds.get(mname, 0.0) + time.perf_counter() - t
-                rows[mname][case] = round(100.0 * float(mask.sum()) / n_lung, 3)
-            rows["hu_threshold"][case] = round(100.0 * float(hu_threshold_segment(ct.array, lung).sum()) / n_lung, 3)
+    for name, at_8mm, ct in real_normal_volumes(args.real_ct):
+        case = f"{name} (8 mm)" if at_8mm else name
+        cases.append(case)
+        lung = extract_lung_mask(ct.array, ct.spacing)
+        n_lung = max(1, int(lung.sum()))
+        diff = gate = None
+        if generator is not None:
+            ph, gate = gan_gate(ct, lung, generator, payload)
+            diff = ph.difference_hu
+            d = diff[lung]
+            gan_rows[case] = {"median_hu": float(np.median(d)), "p95_hu": float(np.percentile(d, 95)),
+                              "p99_hu": float(np.percentile(d, 99)), "gate_hu": gate}
+        for mname, model in loaded.items():
+            t = time.perf_counter()
+            mask = segment_ct(ct, model, lung_mask=lung, difference_hu=diff, gate_hu=gate).lesion_mask
+            seconds[mname] = seconds.get(mname, 0.0) + time.perf_counter() - t
+            rows[mname][case] = round(100.0 * float(mask.sum()) / n_lung, 3)
+        rows["hu_threshold"][case] = round(100.0 * float(hu_threshold_segment(ct.array, lung).sum()) / n_lung, 3)
     print("percent of lung marked as lesion on real normal CTs (target < 2 %)")
     print("| model | " + " | ".join(cases) + " |")
     print("|---|" + "---|" * len(cases))
