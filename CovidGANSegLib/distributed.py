@@ -188,6 +188,7 @@ def session(device: str = "cpu") -> Iterator[str]:
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             raise DistributedError(f"rank {rank()}: another process of the job failed or was killed ({first}); the job stops. "
                                    "Run the same command again with --resume to continue from the last checkpoint") from exc
+        barrier()  # leave together: no rank tears the group down while another still runs a collective
     finally:
         _stop_heartbeat()
         _state["store"] = None

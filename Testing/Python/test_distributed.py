@@ -193,6 +193,7 @@ TRAINER_SCRIPT = textwrap.dedent('''
         rows += [trainer.step(x, y, labels, PHASE_END_TO_END, lung) for _ in range(2)]
         if distributed.is_main():
             torch.save({"model": trainer.model.state_dict(), "tau": trainer.contrastive.log_tau.detach(), "rows": rows}, sys.argv[1])
+        del trainer  # as in the library, whose trainers are locals: DDP (and its hold on gloo) ends in the session
 ''')
 
 
