@@ -27,6 +27,13 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
   make up for (the default pipeline);
 * ``bce-with-contrastive``: instead, plain BCE after the contrastive phase;
 * ``bce-coverage-30``: instead, synthetic involvement drawn from 0.1-30 % of the lung (more mild cases).
+* ``bce-no-growth``: the ``+bce`` model with its seeds only (no growth into connected lesion-range density);
+* ``bce-lr-1e-3``: instead, the ``+bce`` model trained with learning rate 1e-3 instead of 3e-4;
+* ``bce-2.5d``: instead, the ``+bce`` model with 2.5D input (``in_channels = 3``: each slice with its
+  two neighbours).
+
+Besides Dice, each segmenter row reports ``auc_dense``: how well its probability alone, before any
+post-processing, separates lesion voxels from normal lung of lesion-like density (-750..+100 HU).
 
 ``--iterations 1000`` gives the row "1,000 iterations" of the README.
 
@@ -61,7 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
-            "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30")
+            "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
+            "bce-no-growth", "bce-lr-1e-3", "bce-2.5d")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
@@ -90,6 +98,13 @@ SETTINGS = {
                              "seg": {**_PAPER_LOSS, "beta": 0.0, "weight_mse": 0.0}},
     "bce-coverage-30": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", "prior": False,
                         "coverage": (0.001, 0.3), "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    # the default model (+bce) with its seeds only: what the growth step adds and costs (mild cases: vessel trees)
+    "bce-no-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, "gate": "component", **_NEW,
+                      "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    "bce-lr-1e-3": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
+                    "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "learning_rate": 1e-3}},
+    "bce-2.5d": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
+                 "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "in_channels": 3}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
@@ -275,6 +290,24 @@ def _confusion(pred, truth) -> dict[str, float]:
     return {"dice": dice, "sensitivity": tp / (tp + fn) if tp + fn else float("nan"), "precision": tp / (tp + fp) if tp + fp else float("nan")}
 
 
+def _dense_auc(probability, case: dict[str, Any]) -> float:
+    """How well the segmenter's probability alone (before any post-processing) tells lesion voxels
+    from normal lung of lesion-like density: the ROC AUC (Mann-Whitney U) of lesion against
+    non-lesion voxels among the lung voxels of -750..+100 HU (vessels, partial volume, dependent
+    density: what thresholds and the growth step cannot tell apart). 0.5: no better than chance."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    hu = np.asarray(case["ct"].array)
+    dense = case["lung"] & (hu >= -750.0) & (hu <= 100.0)
+    positive = case["truth"][dense]
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(probability, dtype=np.float64)[dense])
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def _summarise(per_case: list[dict[str, Any]], cases: list[dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
@@ -287,6 +320,7 @@ def _summarise(per_case: list[dict[str, Any]], cases: list[dict[str, Any]]) -> d
     return {
         "dice": mean("dice", everyone), "sensitivity": mean("sensitivity", everyone), "precision": mean("precision", everyone),
         "dice_mild": mean("dice", mild), "sensitivity_mild": mean("sensitivity", mild), "precision_mild": mean("precision", mild),
+        **({"auc_dense": mean("auc_dense", everyone), "auc_dense_mild": mean("auc_dense", mild)} if "auc_dense" in per_case[0] else {}),
         "per_case": [{"id": c["id"], "percent": round(c["percent"], 3), **{k: round(v, 4) for k, v in pc.items()}} for c, pc in zip(cases, per_case)],
     }
 
@@ -328,18 +362,30 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
         generator, payload = load_generator(gan, "cpu")
     levels: list[float] = []
 
+    probabilities: list[Any] = []
+
     def predict(ct, lung):
         if generator is None:
-            return segment_ct(ct, model, lung_mask=lung, post=rule).lesion_mask
-        ph, level = gan_gate(ct, lung, generator, payload, rule)
-        if gate == "voxel":
-            return segment_ct(ct, model, lung_mask=lung, post=rule).lesion_mask & (ph.difference_hu > GATE_HU)
-        level = fixed_gate_hu if fixed_gate_hu is not None else level
-        levels.append(level)
-        return segment_ct(ct, model, lung_mask=lung, post=rule, difference_hu=ph.difference_hu, gate_hu=level).lesion_mask
+            result = segment_ct(ct, model, lung_mask=lung, post=rule)
+            mask = result.lesion_mask
+        else:
+            ph, level = gan_gate(ct, lung, generator, payload, rule)
+            if gate == "voxel":
+                result = segment_ct(ct, model, lung_mask=lung, post=rule)
+                mask = result.lesion_mask & (ph.difference_hu > GATE_HU)
+            else:
+                level = fixed_gate_hu if fixed_gate_hu is not None else level
+                levels.append(level)
+                result = segment_ct(ct, model, lung_mask=lung, post=rule, difference_hu=ph.difference_hu, gate_hu=level)
+                mask = result.lesion_mask
+        probabilities.append(result.probability)
+        return mask
 
     t = time.perf_counter()
-    per_case = [_confusion(predict(c["ct"], c["lung"]), c["truth"]) for c in cases]
+    per_case = []
+    for c in cases:
+        per_case.append(_confusion(predict(c["ct"], c["lung"]), c["truth"]))
+        per_case[-1]["auc_dense"] = _dense_auc(probabilities.pop(), c)
     row = _summarise(per_case, cases)
     row["segment_s_per_case"] = round((time.perf_counter() - t) / max(1, len(cases)), 2)
     row["real_normal_percent"], row["real_normal_8mm_percent"] = _real_normal(real_dir, predict)
@@ -351,10 +397,12 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
 
 def _table(result: dict[str, Any]) -> str:
     lines = [f"validation cohort: {result.get('cases')} cases ({result.get('mild_cases')} mild < {MILD_PERCENT:g} %)",
-             "| variant | Dice | Dice mild | sensitivity | precision | real-normal FP % | at 8 mm | train s |", "|---|---|---|---|---|---|---|---|"]
+             "| variant | Dice | Dice mild | sensitivity | precision | AUC dense (mild) | real-normal FP % | at 8 mm | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["variants"].items():
         rn, rn8 = r.get("real_normal_percent"), r.get("real_normal_8mm_percent")
-        lines.append(f"| {name} | {r['dice']:.3f} | {r['dice_mild']:.3f} | {r['sensitivity']:.3f} | {r['precision']:.3f} | "
+        auc = f"{r['auc_dense']:.2f} ({r['auc_dense_mild']:.2f})" if "auc_dense" in r else "-"
+        lines.append(f"| {name} | {r['dice']:.3f} | {r['dice_mild']:.3f} | {r['sensitivity']:.3f} | {r['precision']:.3f} | {auc} | "
                      f"{', '.join(f'{v:.1f}' for v in rn) if rn else '-'} | {', '.join(f'{v:.1f}' for v in rn8) if rn8 else '-'} | "
                      f"{r.get('train_s', '-')} |")
     return "\n".join(lines)

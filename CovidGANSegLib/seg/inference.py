@@ -56,7 +56,7 @@ from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.seg import ARCHS, resolve_device
-from CovidGANSegLib.seg.training import pad_to_multiple
+from CovidGANSegLib.seg.training import pad_to_multiple, slice_stacks
 from CovidGANSegLib.seg.transunet import SegConfig
 from CovidGANSegLib.seg.unet import build_segmenter
 
@@ -238,12 +238,14 @@ def predict_slices(model: torch.nn.Module, image: np.ndarray, *, batch_size: int
     model.eval()
     device = _device_of(model)
     d, h, w = image.shape
+    context = int(getattr(getattr(model, "config", None), "in_channels", 1)) // 2  # 2.5D: neighbouring slices as channels
     out = np.empty(image.shape, dtype=np.float32)
     starts = range(0, d, batch_size)
     if progress_range is not None:
         starts = progress.track(starts, desc="segmenting slices", start=progress_range[0], end=progress_range[1])
     for s in starts:
-        x = torch.from_numpy(image[s:s + batch_size])[:, None].to(device)  # (B, H, W) -> (B, 1, H, W)
+        rows = np.arange(s, min(d, s + batch_size))
+        x = torch.from_numpy(slice_stacks(image[None], np.zeros_like(rows), rows, context)).to(device)  # (B, 2 context + 1, H, W)
         logits = model(pad_to_multiple(x))[..., :h, :w]
         out[s:s + batch_size] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
     return out

@@ -206,9 +206,21 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = DOWNSAMPLE) -> torch.Tensor
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
+def slice_stacks(volumes: np.ndarray, v_idx: np.ndarray, s_idx: np.ndarray, context: int = 0) -> np.ndarray:
+    """Slices ``volumes[v, s]`` of ``(N, D, H, W)`` volumes with ``context`` neighbouring slices on each
+    side as channels, ``(S, 2 * context + 1, H, W)`` (beyond the first / last slice the edge slice
+    repeats): the 2.5D input of a segmenter with ``in_channels = 2 * context + 1``."""
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    offsets = np.arange(-context, context + 1)
+    s = np.clip(np.asarray(s_idx)[:, None] + offsets[None, :], 0, volumes.shape[1] - 1)  # (S, C)
+    return np.ascontiguousarray(volumes[np.asarray(v_idx)[:, None], s])  # (S, C, H, W)
+
+
 @dataclass
 class SliceSet:
-    """Lung slices of some volumes as tensors ``(S, 1, H', W')`` (padded to multiples of 16)."""
+    """Lung slices of some volumes as tensors (padded to multiples of 16): images ``(S, C, H', W')``
+    (C = the segmenter's ``in_channels``: the slice and its neighbours), masks and lungs ``(S, 1, H', W')``."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -217,22 +229,24 @@ class SliceSet:
     index: list[tuple[int, int]]  # (volume, slice) of each row
 
 
-def lung_slices(data: PseudoMaskData, volumes: list[int], device: str | torch.device = "cpu") -> SliceSet:
+def lung_slices(data: PseudoMaskData, volumes: list[int], device: str | torch.device = "cpu", context: int = 0) -> SliceSet:
+    """The slices with lung of ``volumes``; each image with ``context`` neighbouring slices per side."""
     h, w = data.images.shape[2:]
     min_px = max(1, int(MIN_LUNG_SHARE * h * w))
     index = [(v, s) for v in volumes for s in range(data.images.shape[1]) if int(data.lungs[v, s].sum()) >= min_px]
     if not index:
         empty = torch.zeros((0, 1, h + (-h) % DOWNSAMPLE, w + (-w) % DOWNSAMPLE))
-        return SliceSet(empty, empty.clone(), empty.bool(), torch.zeros(0, dtype=torch.long), [])
+        images = torch.zeros((0, 2 * context + 1, *empty.shape[2:]))
+        return SliceSet(images, empty.clone(), empty.bool(), torch.zeros(0, dtype=torch.long), [])
     v_idx = np.array([i[0] for i in index])
     s_idx = np.array([i[1] for i in index])
 
-    def take(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a[v_idx, s_idx]))[:, None]  # (S, H, W) -> (S, 1, H, W)
+    def take(a: np.ndarray, dtype: torch.dtype, c: int = 0) -> torch.Tensor:
+        t = torch.from_numpy(slice_stacks(a, v_idx, s_idx, c))  # (S, 2 c + 1, H, W)
         return pad_to_multiple(t.to(dtype)).to(device)
 
     labels = torch.from_numpy(data.severity[v_idx, s_idx].astype(np.int64)).to(device)
-    return SliceSet(take(data.images, torch.float32), take(data.masks, torch.float32), take(data.lungs, torch.bool), labels, index)
+    return SliceSet(take(data.images, torch.float32, context), take(data.masks, torch.float32), take(data.lungs, torch.bool), labels, index)
 
 
 def model_spacing_dhw(data: PseudoMaskData) -> tuple[float, float, float]:
@@ -251,7 +265,7 @@ def model_spacing_dhw(data: PseudoMaskData) -> tuple[float, float, float]:
 
 
 def synthetic_slices(data: PseudoMaskData, volumes: list[int], plan: SyntheticSupervision, seed: int,
-                     device: str | torch.device = "cpu") -> SliceSet | None:
+                     device: str | torch.device = "cpu", context: int = 0) -> SliceSet | None:
     """Lung slices of healthy volumes with synthetic lesions and their exact masks (None without volumes)."""
     if not volumes or data.healthy is None:
         return None
@@ -259,7 +273,7 @@ def synthetic_slices(data: PseudoMaskData, volumes: list[int], plan: SyntheticSu
                                               spacing_dhw=model_spacing_dhw(data), plan=plan, seed=seed)
     pairs = PseudoMaskData(images=images, masks=masks, lungs=lungs, severity=np.full(images.shape[:2], -1, dtype=np.int8),
                            preprocess=data.preprocess)
-    return lung_slices(pairs, list(range(len(images))), device)
+    return lung_slices(pairs, list(range(len(images))), device, context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,7 +555,7 @@ def _write_samples(trainer: SegTrainer, val: SliceSet, path: Path, iteration: in
     order = torch.argsort(area, descending=True, stable=True)[:n]
     x = val.images[order]
     prob = trainer.predict(x)
-    save_segmentation_samples(x[:, 0].cpu().numpy(), val.masks[order][:, 0].cpu().numpy(), prob[:, 0].cpu().numpy(), path,
+    save_segmentation_samples(x[:, x.shape[1] // 2].cpu().numpy(), val.masks[order][:, 0].cpu().numpy(), prob[:, 0].cpu().numpy(), path,
                               title=f"{trainer.arch}, iteration {iteration} (validation volumes)")
 
 
@@ -625,8 +639,9 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         train_vols, val_vols = list(payload["split"]["train"]), list(payload["split"]["val"])
     trainer = SegTrainer(model, cfg, device=device, seed=seed)
     dev = trainer.device
-    train = lung_slices(pm, train_vols, dev)
-    val = lung_slices(pm, val_vols, dev)
+    context = cfg.in_channels // 2  # 2.5D: neighbouring slices as channels
+    train = lung_slices(pm, train_vols, dev, context)
+    val = lung_slices(pm, val_vols, dev, context)
     if len(train.images) == 0:
         raise InputError("no slice with lung in the training volumes", pm_path)
     syn = synthetic if synthetic is not None else SyntheticSupervision()
@@ -639,8 +654,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         else:
             h_train, h_val = split_volumes(len(pm.healthy), cfg.val_fraction, seed + 1)
             progress.report(0.01, "synthesising lesions in healthy volumes")
-            syn_train = synthetic_slices(pm, h_train, syn, seed, dev)
-            syn_val = synthetic_slices(pm, h_val, syn, seed + 7919, dev)
+            syn_train = synthetic_slices(pm, h_train, syn, seed, dev, context)
+            syn_val = synthetic_slices(pm, h_val, syn, seed + 7919, dev, context)
     syn_positive = (torch.nonzero(syn_train.masks.flatten(1).amax(dim=1) > 0.5).flatten().cpu() if syn_train is not None
                     else torch.zeros(0, dtype=torch.long))
     n_syn = int(round(syn.fraction * cfg.batch_size)) if syn_train is not None else 0

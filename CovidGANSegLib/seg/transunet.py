@@ -50,6 +50,9 @@ class SegConfig:
     """Segmenter configuration: network sizes (both architectures) and training parameters.
 
     Network (TransUNet):
+        in_channels: slices fed to the network: 1 (2D, the paper), or 2 k + 1 for 2.5D, the slice
+            with its k neighbours on each side as channels (a vessel continues into the next
+            slice, a small lesion ends; predictions are for the centre slice). Both architectures.
         encoder_channels: widths of the stem and of the stages at 1/2, 1/4, 1/8, 1/16.
         encoder_blocks: residual blocks per stage (same length as ``encoder_channels``; the first
             must be 1 with ``stem_stride=2``, where the stem is a single convolution).
@@ -117,8 +120,8 @@ class SegConfig:
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % DOWNSAMPLE:
             raise ValueError(f"image_size must be a positive multiple of {DOWNSAMPLE}, got {self.image_size}")
-        if self.in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.in_channels < 1 or self.in_channels % 2 == 0:
+            raise ValueError(f"in_channels (the slice and its neighbours on both sides, 2.5D) must be odd and >= 1, got {self.in_channels}")
         if len(self.encoder_channels) != 5 or min(self.encoder_channels) < 1:
             raise ValueError(f"encoder_channels needs 5 positive widths (stem, 1/2 .. 1/16), got {self.encoder_channels}")
         if len(self.encoder_blocks) != 5 or min(self.encoder_blocks) < 1:

@@ -175,3 +175,34 @@ def test_no_severity_groups_skips_phase1(tmp_path, pm):
     (pm / "severity.json").write_text(json.dumps({"high": [], "low": []}))
     path = training.train_segmenter(pm, tmp_path / "run", config="tiny", iterations=3, device="cpu")
     assert load_checkpoint(path, kind="seg")["metadata"]["pretrain_iterations"] == 0
+
+
+def test_slice_stacks_give_each_slice_its_neighbours():
+    vol = np.arange(2 * 4 * 2 * 2, dtype=np.float32).reshape(2, 4, 2, 2)  # (N, D, H, W)
+    out = training.slice_stacks(vol, np.array([0, 1, 1]), np.array([0, 2, 3]), 1)
+    assert out.shape == (3, 3, 2, 2)
+    np.testing.assert_array_equal(out[0], vol[0, [0, 0, 1]])  # before the first slice, the first repeats
+    np.testing.assert_array_equal(out[1], vol[1, [1, 2, 3]])
+    np.testing.assert_array_equal(out[2], vol[1, [2, 3, 3]])
+    np.testing.assert_array_equal(training.slice_stacks(vol, np.array([1]), np.array([2]))[:, 0], vol[1, [2]])  # 2D: the slice alone
+    with pytest.raises(ValueError):
+        training.slice_stacks(vol, np.array([0]), np.array([0]), -1)
+
+
+@pytest.mark.parametrize("arch", ["transunet", "unet"])
+def test_2_5d_segmenter_trains_and_predicts_from_the_neighbouring_slices(pm, tmp_path, arch):
+    from CovidGANSegLib.seg.inference import load_segmenter, predict_slices
+
+    with pytest.raises(ValueError, match="odd"):
+        TINY.replace(in_channels=2)
+    model_path = training.train_segmenter(pm, tmp_path / "run", model=arch, config=TINY.replace(in_channels=3), iterations=4, device="cpu")
+    model, payload = load_segmenter(model_path)
+    assert payload["config"]["in_channels"] == 3
+    image = np.random.default_rng(0).random((4, 32, 32)).astype(np.float32)  # (D, H, W)
+    prob = predict_slices(model, image, batch_size=3)  # batches that split the volume
+    assert prob.shape == image.shape and np.isfinite(prob).all()
+    changed = image.copy()
+    changed[2] = 1.0 - changed[2]  # only slice 2 changes
+    after = predict_slices(model, changed)
+    assert not np.allclose(after[1], prob[1]) and not np.allclose(after[3], prob[3])  # its neighbours see it
+    np.testing.assert_allclose(after[0], prob[0], atol=1e-6)  # slice 0's neighbours are 0 and 1 only
