@@ -32,6 +32,9 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``bce-2.5d``: instead, the ``+bce`` model with 2.5D input (``in_channels = 3``: each slice with its
   two neighbours).
 
+``--mild-cohort N`` also scores every variant on a second validation cohort of N mild (CT-1)
+phantoms (independent lesion model, seed + 3, studies 7001..): the main validation cohort has three.
+
 Besides Dice, each segmenter row reports ``auc_dense``: how well its probability alone, before any
 post-processing, separates lesion voxels from normal lung of lesion-like density (-750..+100 HU).
 
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-normal", type=Path, default=None, help="folder of real normal CTs (default: shared/data/real_ct)")
     ap.add_argument("--iterations", type=int, default=None, help="segmenter iterations (default: the plan's)")
     ap.add_argument("--gate-sweep", action="store_true", help="also score component gates at fixed HU levels on the default model")
+    ap.add_argument("--mild-cohort", type=int, default=0, metavar="N",
+                    help="also score every variant on a second validation cohort of N mild (CT-1) phantoms (seed + 3, studies 7001..)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -150,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     result["cases"] = len(cases)
     result["mild_cases"] = sum(c["mild"] for c in cases)
     result["variants"]["hu_threshold"] = _score_hu_threshold(cases, real_dir)
+    mild_cases = _load_cases(_mild_cohort(work, plan, args.mild_cohort)) if args.mild_cohort else []
+    if mild_cases:
+        result["mild_cohort_cases"] = len(mild_cases)
+        _add_mild_cohort(result["variants"]["hu_threshold"], _score_hu_threshold(mild_cases, None))
     _save(result, result_path)
     for name in args.variants:
         st = SETTINGS[name]
@@ -158,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         model, trained = _train(work, plan, pm, st, args.arch, train_dir)
         train_s = time.perf_counter() - t
         row = _score(model, cases, real_dir, gan_model if st.get("gate") else None, st["post"], st.get("gate"))
+        if mild_cases:
+            _add_mild_cohort(row, _score(model, mild_cases, None, gan_model if st.get("gate") else None, st["post"], st.get("gate")))
         row["train_s"] = round(train_s if trained else _logged_seconds(model.parent), 1)
         row["model"] = str(model.parent.name)
         row["settings"] = {**st, "gan_gate_hu": GATE_HU if st.get("gate") else None}
@@ -199,6 +210,25 @@ def _cohorts(work: Path, plan, result: dict[str, Any]) -> tuple[Path, Path]:
                      lesion_model=plan.lesion_model)
     result["stages"]["phantoms_s"] = round(time.perf_counter() - t, 1)
     return train_dir, val_dir
+
+
+def _mild_cohort(work: Path, plan, n: int) -> Path:
+    """A second validation cohort of ``n`` mild (CT-1) phantoms: three mild cases cannot choose anything."""
+    from CovidGANSegLib.synth.phantoms import write_cohort
+
+    mild_dir = work / f"validation_mild_{n}"
+    if not mild_dir.is_dir():
+        write_cohort(mild_dir, healthy=0, covid=n, seed=plan.seed + 3, size=plan.phantom_size, first_id=7001,
+                     lesion_model=plan.lesion_model, categories=("CT-1",))
+    return mild_dir
+
+
+def _add_mild_cohort(row: dict[str, Any], mild: dict[str, Any]) -> None:
+    """The mild cohort's means into ``row`` (``*_mild_cohort``) and its cases under ``per_case_mild_cohort``."""
+    for key in ("dice", "sensitivity", "precision", "auc_dense"):
+        if key in mild:
+            row[f"{key}_mild_cohort"] = mild[key]
+    row["per_case_mild_cohort"] = mild["per_case"]
 
 
 def _gan(work: Path, plan, train_dir: Path, result: dict[str, Any]) -> Path:
@@ -396,15 +426,21 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
 
 
 def _table(result: dict[str, Any]) -> str:
-    lines = [f"validation cohort: {result.get('cases')} cases ({result.get('mild_cases')} mild < {MILD_PERCENT:g} %)",
-             "| variant | Dice | Dice mild | sensitivity | precision | AUC dense (mild) | real-normal FP % | at 8 mm | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    mild_n = result.get("mild_cohort_cases")
+    lines = [f"validation cohort: {result.get('cases')} cases ({result.get('mild_cases')} mild < {MILD_PERCENT:g} %)"
+             + (f"; mild cohort: {mild_n} CT-1 cases" if mild_n else ""),
+             "| variant | Dice | Dice mild | sensitivity | precision | AUC dense (mild) | real-normal FP % | at 8 mm | train s |"
+             + (" mild cohort: Dice / precision / AUC dense |" if mild_n else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if mild_n else "")]
     for name, r in result["variants"].items():
         rn, rn8 = r.get("real_normal_percent"), r.get("real_normal_8mm_percent")
         auc = f"{r['auc_dense']:.2f} ({r['auc_dense_mild']:.2f})" if "auc_dense" in r else "-"
         lines.append(f"| {name} | {r['dice']:.3f} | {r['dice_mild']:.3f} | {r['sensitivity']:.3f} | {r['precision']:.3f} | {auc} | "
                      f"{', '.join(f'{v:.1f}' for v in rn) if rn else '-'} | {', '.join(f'{v:.1f}' for v in rn8) if rn8 else '-'} | "
-                     f"{r.get('train_s', '-')} |")
+                     f"{r.get('train_s', '-')} |"
+                     + (f" {r['dice_mild_cohort']:.3f} / {r['precision_mild_cohort']:.3f} / "
+                        f"{format(r['auc_dense_mild_cohort'], '.2f') if 'auc_dense_mild_cohort' in r else '-'} |"
+                        if "dice_mild_cohort" in r else ("  |" if mild_n else "")))
     return "\n".join(lines)
 
 

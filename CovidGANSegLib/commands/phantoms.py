@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="lesions of COVID studies: perlin (the training lesion model, default) or independent "
                         "(the evaluation model, for held-out phantoms)")
     p.add_argument("--first-id", type=_count, default=1, metavar="K", help="number of the first study (default 1)")
+    p.add_argument("--categories", nargs="+", choices=("CT-1", "CT-2", "CT-3", "CT-4"), default=None, metavar="CT-k",
+                   help="categories the COVID studies cycle through (default: a MosMed-like mix; e.g. CT-1 for mild cases only)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(handler=run, parser=p)
 
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.first_id + args.healthy + args.covid - 1 > 9999:
         args.parser.error("study numbers must stay within 0..9999")
     out = write_cohort(args.out, healthy=args.healthy, covid=args.covid, seed=args.seed, size=args.size,
-                       first_id=args.first_id, overwrite=args.overwrite, lesion_model=args.lesion_model)
+                       first_id=args.first_id, overwrite=args.overwrite, lesion_model=args.lesion_model, categories=args.categories)
     meta = json.loads((out / "cohort.json").read_text())
     counts: dict[str, int] = {}
     for rec in meta["studies"]:

@@ -32,6 +32,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -205,13 +206,15 @@ def study_rng(seed: int, number: int) -> np.random.Generator:
 
 
 def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = "small",
-                 first_id: int = 1, overwrite: bool = False, lesion_model: str = "perlin") -> Path:
+                 first_id: int = 1, overwrite: bool = False, lesion_model: str = "perlin",
+                 categories: Sequence[str] | None = None) -> Path:
     """Write a phantom cohort in the MosMedData layout (atomically) and return ``out``.
 
     Layout: ``studies/CT-0..CT-4/study_NNNN.nii.gz`` (int16 HU), ``masks/study_NNNN_mask.nii.gz``
     (COVID studies, uint8), ``lungs/study_NNNN_lungs.nii.gz`` (every study, uint8) and
     ``cohort.json``. Study numbers start at ``first_id``: healthy studies first, then COVID ones,
-    whose categories cycle through :data:`COHORT_CATEGORY_CYCLE` so that a cohort spans them.
+    whose categories cycle through ``categories`` (default :data:`COHORT_CATEGORY_CYCLE`, so that a
+    cohort spans them; e.g. ``("CT-1",)`` for a cohort of mild cases only).
     Study ``n`` is generated from ``study_rng(seed, n)`` alone. ``lesion_model`` ("perlin" or
     "independent", see :func:`generate_phantom`) is recorded in ``cohort.json``.
     """
@@ -227,9 +230,12 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
         raise ValueError(f"need at least one study (healthy={healthy}, covid={covid})")
     if first_id < 0 or first_id + healthy + covid - 1 > 9999:
         raise ValueError(f"study numbers must fit in 0..9999 (first_id={first_id})")
+    cycle = tuple(COHORT_CATEGORY_CYCLE if categories is None else categories)
+    if not cycle or any(c not in INVOLVEMENT_RANGES for c in cycle):
+        raise ValueError(f"categories must be COVID categories among {sorted(INVOLVEMENT_RANGES)}, got {list(cycle)}")
     out = Path(out)
     plan = [(first_id + i, False, None) for i in range(healthy)]
-    plan += [(first_id + healthy + i, True, COHORT_CATEGORY_CYCLE[i % len(COHORT_CATEGORY_CYCLE)]) for i in range(covid)]
+    plan += [(first_id + healthy + i, True, cycle[i % len(cycle)]) for i in range(covid)]
     records = []
     with atomic_directory(out, overwrite=overwrite) as tmp:
         for number, is_covid, cat in progress.track(plan, desc="phantoms"):
@@ -262,7 +268,7 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
             "generator": GENERATOR,
             "generator_version": GENERATOR_VERSION,
             "seed": int(seed), "size": size, "first_id": int(first_id), "lesion_model": lesion_model,
-            "healthy": int(healthy), "covid": int(covid),
+            "healthy": int(healthy), "covid": int(covid), "categories": list(cycle),
             "orientation": "LAS", "hu_dtype": "int16",
             "note": "synthetic phantoms, not patient data; lesion masks are for evaluation only",
             "studies": records,

@@ -285,7 +285,7 @@ def test_cli_help(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for word in ("--healthy", "--covid", "--seed", "--size", "mosmed", "--overwrite", "CT-0", "cohort.json",
-                 "--lesion-model", "independent"):
+                 "--lesion-model", "independent", "--categories"):
         assert word in text
 
 
@@ -303,6 +303,9 @@ def test_cli_run(tmp_path, capsys):
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
         cli.main(["phantoms", str(tmp_path / "q"), "--healthy", "1", "--covid", "1", "--lesion-model", "other"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # CT-0 studies are --healthy's
+        cli.main(["phantoms", str(tmp_path / "q"), "--healthy", "1", "--covid", "1", "--categories", "CT-0"])
     assert exc.value.code == 2
 
 
@@ -376,3 +379,14 @@ def test_chest_package_has_no_import_cycles():
 
     for node in graph:
         visit(node)
+
+
+def test_cohort_of_chosen_categories(tmp_path):
+    out = write_cohort(tmp_path / "mild", healthy=0, covid=2, seed=7, size="small", categories=["CT-1"])
+    meta = json.loads((out / "cohort.json").read_text())
+    assert meta["categories"] == ["CT-1"]
+    assert [r["category"] for r in meta["studies"]] == ["CT-1", "CT-1"]
+    assert all(r["involvement_percent"] < 25 for r in meta["studies"])
+    with pytest.raises(ValueError, match="categories"):
+        write_cohort(tmp_path / "bad", healthy=0, covid=1, seed=7, categories=["CT-0"])  # healthy is --healthy's
+    assert not (tmp_path / "bad").exists()
