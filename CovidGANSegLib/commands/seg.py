@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, default=None, help="JSON report to write (volumes, percent involved, MosMed category)")
     p.add_argument("--input-lungs", type=Path, default=None, help="use this lung mask (NIfTI on the input grid) instead of computing one")
     p.add_argument("--threshold", type=float, default=None, metavar="P", help="probability threshold in (0, 1) (default: the checkpoint's, 0.5)")
+    p.add_argument("--no-growth", dest="grow", action="store_false",
+                   help="keep the segmenter's detections only, without growing them into connected lesion-range density "
+                        "(more precise on mild disease, CT-1; extensive disease needs the growth)")
     p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
     p.set_defaults(handler=run_segment)
 
@@ -183,7 +186,7 @@ def run_segment(args: argparse.Namespace) -> int:
     with atomic_files(outputs) as staged:
         rep = segment_file(args.input, seg=args.seg, gan=args.gan, output=staged["output"], lungs=staged.get("lungs"),
                            pseudo_healthy=staged.get("pseudo_healthy"), difference=staged.get("difference"), report=None,
-                           device=device, threshold=args.threshold, input_lungs=args.input_lungs)
+                           device=device, threshold=args.threshold, input_lungs=args.input_lungs, grow=args.grow)
         rep["outputs"] = {k: str(outputs[k]) if k in outputs else None for k in _SEGMENT_OUTPUTS}
         if "report" in staged:
             with atomic_path(staged["report"]) as tmp:

@@ -277,6 +277,13 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
         assert img.shape == src.shape and np.allclose(img.affine, src.affine, atol=1e-5)
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["mosmed_category"] in ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4") and rep["lung_ml"] > 500
+    assert rep["post_processing"]["grow"] is True
+    # --no-growth: the detections alone, a subset of the grown mask, said in the report
+    seeds = tmp_path / "seeds.nii.gz"
+    assert run("segment", "--input", study, "--gan", tmp_path / "gan" / "model.pt", "--seg", tmp_path / "transunet" / "model.pt",
+               "--output", seeds, "--report", tmp_path / "seeds.json", "--no-growth", "--device", "cpu") == 0
+    assert json.loads((tmp_path / "seeds.json").read_text())["post_processing"]["grow"] is False
+    assert not (nib.load(str(seeds)).get_fdata() > np.asarray(nib.load(str(pred)).get_fdata())).any()
     assert run("evaluate", "--pred", tmp_path / "pred", "--truth", cohort / "masks", "--lungs", tmp_path / "lungs",
                "--out", tmp_path / "ev", "--method", "transunet") == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
