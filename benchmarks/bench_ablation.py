@@ -392,33 +392,28 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
         generator, payload = load_generator(gan, "cpu")
     levels: list[float] = []
 
-    probabilities: list[Any] = []
-
-    def predict(ct, lung):
+    def segment(ct, lung):
+        """The lesion mask and the segmenter's probability map (before post-processing)."""
         if generator is None:
             result = segment_ct(ct, model, lung_mask=lung, post=rule)
-            mask = result.lesion_mask
-        else:
-            ph, level = gan_gate(ct, lung, generator, payload, rule)
-            if gate == "voxel":
-                result = segment_ct(ct, model, lung_mask=lung, post=rule)
-                mask = result.lesion_mask & (ph.difference_hu > GATE_HU)
-            else:
-                level = fixed_gate_hu if fixed_gate_hu is not None else level
-                levels.append(level)
-                result = segment_ct(ct, model, lung_mask=lung, post=rule, difference_hu=ph.difference_hu, gate_hu=level)
-                mask = result.lesion_mask
-        probabilities.append(result.probability)
-        return mask
+            return result.lesion_mask, result.probability
+        ph, level = gan_gate(ct, lung, generator, payload, rule)
+        if gate == "voxel":
+            result = segment_ct(ct, model, lung_mask=lung, post=rule)
+            return result.lesion_mask & (ph.difference_hu > GATE_HU), result.probability
+        level = fixed_gate_hu if fixed_gate_hu is not None else level
+        levels.append(level)
+        result = segment_ct(ct, model, lung_mask=lung, post=rule, difference_hu=ph.difference_hu, gate_hu=level)
+        return result.lesion_mask, result.probability
 
     t = time.perf_counter()
     per_case = []
     for c in cases:
-        per_case.append(_confusion(predict(c["ct"], c["lung"]), c["truth"]))
-        per_case[-1]["auc_dense"] = _dense_auc(probabilities.pop(), c)
+        mask, probability = segment(c["ct"], c["lung"])
+        per_case.append({**_confusion(mask, c["truth"]), "auc_dense": _dense_auc(probability, c)})
     row = _summarise(per_case, cases)
     row["segment_s_per_case"] = round((time.perf_counter() - t) / max(1, len(cases)), 2)
-    row["real_normal_percent"], row["real_normal_8mm_percent"] = _real_normal(real_dir, predict)
+    row["real_normal_percent"], row["real_normal_8mm_percent"] = _real_normal(real_dir, lambda ct, lung: segment(ct, lung)[0])
     row["threshold"] = float(getattr(model, "threshold", 0.5))
     if levels:
         row["gate_hu"] = round(float(levels[0]), 1)
