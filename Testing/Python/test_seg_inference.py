@@ -294,11 +294,13 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
     assert "'gan' checkpoint" in capsys.readouterr().err and not bad.exists()
 
 
-def test_gan_gate_uses_the_upper_quartile_of_extensive_components():
-    """Extensive disease that the GAN only partly restores (a third of a component of 40 % of the
-    lung changed by 100 HU: mean 33 HU, under a 40 HU gate) stays; an extensive component where the
-    GAN changed only a tenth of the voxels (vessel-like flicker) goes; a small component (under 5 %
-    of the lung) is judged by its mean, as before. The component mean alone dropped the first."""
+def test_gan_gate_spares_extensive_components_and_judges_small_ones_by_their_mean():
+    """By default the gate judges only components under 5 % of the lung (by their mean difference):
+    a small component the GAN left alone (mean 0 HU) goes, one it restored (mean 100 HU) stays, and
+    extensive ones stay whatever the GAN did (a third of a component of 40 % of the lung changed by
+    100 HU: mean 33 HU; one of 11 % where the GAN changed a tenth of the voxels). Without sparing,
+    the upper quartile judges the extensive ones (the first stays, the second goes); by the mean
+    alone both go."""
     hu = np.full((40, 40, 3), -850.0)
     lung = np.ones(hu.shape, bool)
     big = np.zeros(hu.shape, bool)
@@ -307,17 +309,21 @@ def test_gan_gate_uses_the_upper_quartile_of_extensive_components():
     flicker[25:37, 5:20, :] = True  # 11 % of the lung
     small = np.zeros(hu.shape, bool)
     small[30:32, 30:32, :] = True  # 0.25 % of the lung
-    hu[big | flicker | small] = -500.0
+    untouched = np.zeros(hu.shape, bool)
+    untouched[30:32, 35:37, :] = True  # 0.25 % of the lung, no GAN difference
+    hu[big | flicker | small | untouched] = -500.0
     difference = np.zeros(hu.shape, np.float32)
     difference[2:8, 2:38, :] = 100.0  # a third of the big component
     difference[25:37, 5:7, 0] = 300.0  # a few voxels of the flicker (mean 11 HU, upper quartile 0)
     difference[30, 30, 0:2] = 600.0  # 2 of 12 voxels of the small one: mean 100 HU, upper quartile 0
     rule = PostProcessing(open_mm=0.0, grow=False)
-    detections = big | flicker | small
-    kept = post_process(detections, hu, lung, (1.0, 1.0, 5.0), rule, difference_hu=difference, gate_hu=40.0)
-    assert np.array_equal(kept, big | small)
-    by_mean = post_process(detections, hu, lung, (1.0, 1.0, 5.0), dataclasses.replace(rule, gan_gate_quantile=None),
-                           difference_hu=difference, gate_hu=40.0)
-    assert np.array_equal(by_mean, small)
+    detections = big | flicker | small | untouched
+
+    def gated(r: PostProcessing) -> np.ndarray:
+        return post_process(detections, hu, lung, (1.0, 1.0, 5.0), r, difference_hu=difference, gate_hu=40.0)
+
+    assert np.array_equal(gated(rule), big | flicker | small)
+    assert np.array_equal(gated(dataclasses.replace(rule, gan_gate_spares_extensive=False)), big | small)
+    assert np.array_equal(gated(dataclasses.replace(rule, gan_gate_spares_extensive=False, gan_gate_quantile=None)), small)
     with pytest.raises(ValueError):
         PostProcessing(gan_gate_quantile=1.5)
