@@ -32,8 +32,10 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``bce-2.5d``: instead, the ``+bce`` model with 2.5D input (``in_channels = 3``: each slice with its
   two neighbours);
 * ``+spare-extensive``: the ``+bce`` model, and the gate spares extensive components (over 5 % of the
-  lung) instead of judging them by their upper quartile (the default pipeline). The rows from
-  ``+gate-quartile`` to ``bce-2.5d`` keep the quartile rule.
+  lung) instead of judging them by their upper quartile. The rows from ``+gate-quartile`` to
+  ``bce-2.5d`` keep the quartile rule;
+* ``+face-growth``: and the growth region is face-connected (6) instead of 26-connected (the default
+  pipeline; every earlier row grows 26-connected).
 
 ``--mild-cohort N`` also scores every variant on a second validation cohort of N mild (CT-1)
 phantoms (independent lesion model, seed + 3, studies 7001..): the main validation cohort has three.
@@ -75,13 +77,13 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
-            "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive")
+            "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
 _NEW = {"prior": False, "coverage": (0.002, 0.8)}
 #: the gate of the rows from +gate-quartile to bce-2.5d: extensive components judged by their upper quartile
-_QUARTILE = {"gan_gate_spares_extensive": False, "gan_gate_quantile": 0.75}
+_QUARTILE = {"gan_gate_spares_extensive": False, "gan_gate_quantile": 0.75, "grow_connectivity": 26}
 #: the segmenter's loss schedule before plain BCE became the default: contrastive phase 1 (20 %), eq. 5 with beta = 1 + MSE
 _PAPER_LOSS = {"pretrain_fraction": 0.2, "beta": 1.0, "weight_mse": 1.0}
 SETTINGS = {
@@ -94,10 +96,12 @@ SETTINGS = {
     "synthetic-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
     "+hu-range": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"open_mm": 0.0, "grow": False}, **_NEW, "seg": _PAPER_LOSS},
     "+opening": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, **_NEW, "seg": _PAPER_LOSS},
-    "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, **_NEW, "seg": _PAPER_LOSS},
-    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": False, "gan_gate_quantile": None},
+    "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26}, **_NEW, "seg": _PAPER_LOSS},
+    "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": False, "gan_gate_quantile": None,
+                                                                          "grow_connectivity": 26},
                   "gate": "component", **_NEW, "seg": _PAPER_LOSS},
-    "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "voxel", **_NEW, "seg": _PAPER_LOSS},
+    "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26}, "gate": "voxel", **_NEW,
+                       "seg": _PAPER_LOSS},
     "+gate-quartile": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW, "seg": _PAPER_LOSS},
     "+no-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
                         "seg": {**_PAPER_LOSS, "pretrain_fraction": 0.0}},
@@ -114,8 +118,10 @@ SETTINGS = {
                     "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "learning_rate": 1e-3}},
     "bce-2.5d": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
                  "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "in_channels": 3}},
-    "+spare-extensive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
+    "+spare-extensive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26}, "gate": "component", **_NEW,
                          "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    "+face-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
+                     "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0

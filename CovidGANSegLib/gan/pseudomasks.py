@@ -227,9 +227,13 @@ def refined_masks(images: np.ndarray, difference: np.ndarray, lungs: np.ndarray,
     return masks
 
 
-def components_touching(seeds: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Voxels of ``region`` whose 26-connected component contains a voxel of ``seeds`` (hysteresis)."""
-    lab, n = ndi.label(region, structure=np.ones((3, 3, 3), dtype=bool))
+def components_touching(seeds: np.ndarray, region: np.ndarray, connectivity: int = 26) -> np.ndarray:
+    """Voxels of ``region`` whose ``connectivity``-connected component (26: faces, edges and corners;
+    6: faces only) contains a voxel of ``seeds`` (hysteresis)."""
+    if connectivity not in (6, 26):
+        raise ValueError(f"connectivity must be 6 or 26, got {connectivity}")
+    structure = np.ones((3, 3, 3), dtype=bool) if connectivity == 26 else ndi.generate_binary_structure(3, 1)
+    lab, n = ndi.label(region, structure=structure)
     if n == 0:
         return region
     hit = np.zeros(n + 1, dtype=bool)

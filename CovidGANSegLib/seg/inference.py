@@ -30,7 +30,10 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    too; 2-10 % gave the same results there: see the README, which says so.)
 4. **Growth**: the model's detections are seeds; the connected regions of lesion-range density
    (``grow_hu_range``, opened the same way, so that vessels do not bridge) that touch a seed join
-   the mask. The segmenter finds *where* there is disease; the density tells how far it reaches
+   the mask. Regions are face-connected (``grow_connectivity`` 6): with 26-connectivity, vessels
+   that cross thick slices obliquely touch only by edges and corners and carried the growth along
+   the vessel trees (on the validation cohorts 6 was better than 26 for both segmenters, on all
+   cases and on the mild ones, by 0.003-0.008 Dice; real normal CTs unchanged). The segmenter finds *where* there is disease; the density tells how far it reaches
    (seen on phantoms: the models find the cores of large lesions and miss their faint extent).
 
 ``segment_file`` does the same file to file: the lesion mask (uint8 0/1) has the input file's
@@ -78,6 +81,7 @@ class PostProcessing:
         open_mm: radius of the in-plane opening disk in mm (0: no opening).
         grow: grow the detections into connected lesion-range density.
         grow_hu_range: HU range of the region the detections may grow into.
+        grow_connectivity: 6 (faces) or 26 (faces, edges, corners): connectivity of that region.
         gan_gate_sigmas: k of the GAN-agreement gate (None: no gate even with a difference map).
         gan_gate_spares_extensive: keep extensive components (more than ``gan_gate_extensive`` of
             the lung) whatever their GAN difference.
@@ -90,6 +94,7 @@ class PostProcessing:
     open_mm: float = 2.5
     grow: bool = True
     grow_hu_range: tuple[float, float] = (-750.0, 100.0)
+    grow_connectivity: int = 6
     gan_gate_sigmas: float | None = 4.0
     gan_gate_spares_extensive: bool = True
     gan_gate_quantile: float | None = 0.75
@@ -108,6 +113,8 @@ class PostProcessing:
             raise ValueError(f"open_mm must be >= 0, got {self.open_mm}")
         if not self.grow_hu_range[0] < self.grow_hu_range[1]:
             raise ValueError(f"grow_hu_range must be (low, high) with low < high, got {self.grow_hu_range}")
+        if self.grow_connectivity not in (6, 26):
+            raise ValueError(f"grow_connectivity must be 6 or 26, got {self.grow_connectivity}")
         if self.gan_gate_quantile is not None and not 0.0 <= self.gan_gate_quantile <= 1.0:
             raise ValueError(f"gan_gate_quantile must be in [0, 1] or None, got {self.gan_gate_quantile}")
         if not 0.0 <= self.gan_gate_extensive <= 1.0:
@@ -165,7 +172,7 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
     from CovidGANSegLib.gan.pseudomasks import components_touching
 
     region = _opening(lung & (hu >= rule.grow_hu_range[0]) & (hu <= rule.grow_hu_range[1]), spacing, rule.open_mm)
-    return seeds | components_touching(seeds, region)
+    return seeds | components_touching(seeds, region, rule.grow_connectivity)
 
 
 def gan_gate(ct, lung: np.ndarray, generator: Any, gan_payload: dict[str, Any], rule: PostProcessing | None = None) -> tuple[Any, float | None]:

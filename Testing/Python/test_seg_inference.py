@@ -159,6 +159,31 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
         PostProcessing(open_mm=-1.0)
 
 
+def test_growth_follows_faces_not_the_corners_of_an_oblique_vessel():
+    """A lesion-range structure that crosses the slices obliquely (an in-plane shift at every slice,
+    like a vessel through 8 mm slices) touches the lesion only by an edge: face-connected growth (the
+    default) stops at the lesion, 26-connected growth follows it to the top; both take the lesion's
+    own face-connected extent."""
+    hu = np.full((40, 40, 6), -850.0)
+    lung = np.ones(hu.shape, bool)
+    lesion = np.zeros(hu.shape, bool)
+    lesion[5:15, 5:15, 0:2] = True
+    vessel = np.zeros(hu.shape, bool)
+    for z in range(2, 6):  # 4 x 4 in-plane, one step diagonally per slice from the lesion's corner
+        x = 15 + 4 * (z - 2)
+        vessel[x:x + 4, x:x + 4, z] = True
+    hu[lesion | vessel] = -400.0
+    seeds = np.zeros(hu.shape, bool)
+    seeds[9:11, 9:11, 0] = True
+    spacing = (1.0, 1.0, 8.0)
+    faces = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0))
+    corners = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, grow_connectivity=26))
+    assert np.array_equal(faces, lesion)
+    assert np.array_equal(corners, lesion | vessel)
+    with pytest.raises(ValueError):
+        PostProcessing(grow_connectivity=8)
+
+
 def test_checkpoint_errors_write_nothing(phantom, tmp_path):
     ct_path = _write(phantom.hu, phantom.affine, tmp_path / "ct.nii.gz")
     out = tmp_path / "lesion.nii.gz"
