@@ -92,6 +92,7 @@ class CovidGANSegParameterNode:
     device - "auto" (GPU if available), "cpu" or "cuda".
     overlayOpacity - opacity of the difference-map overlay in the slice views.
     differenceThreshold - difference (HU) below which the overlay is transparent.
+    growLesions - grow the AI detections into connected lesion-range density (off: the detections alone).
     groundTruth - reference lesions for the comparison (segmentation or labelmap).
     pseudoHealthyVolume ... comparisonTable - the latest outputs.
     reviewTable - what the Segment Editor corrections changed against the AI result.
@@ -106,6 +107,7 @@ class CovidGANSegParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     differenceThreshold: Annotated[float, WithinRange(0.0, 1000.0)] = 100.0
+    growLesions: bool = True
     groundTruth: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]  # None must be declared: Slicer's union default
     pseudoHealthyVolume: vtkMRMLScalarVolumeNode
     differenceVolume: vtkMRMLScalarVolumeNode
@@ -361,12 +363,12 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         p = self._parameterNode
         self._startJob(self.ui.segmentButton, lambda: self.logic.startSegmentation(
             p.inputVolume, p.ganCheckpoint, p.segCheckpoint, p.device, differenceThreshold=p.differenceThreshold,
-            overlayOpacity=p.overlayOpacity))
+            overlayOpacity=p.overlayOpacity, grow=p.growLesions))
 
     def onBatchButton(self, checked=False) -> None:
         p = self._parameterNode
         self._startJob(self.ui.batchButton, lambda: self.logic.startBatch(
-            p.batchInputFolder, p.batchOutputFolder, p.ganCheckpoint, p.segCheckpoint, p.device))
+            p.batchInputFolder, p.batchOutputFolder, p.ganCheckpoint, p.segCheckpoint, p.device, grow=p.growLesions))
 
     def onTimer(self) -> None:
         job = self._job
@@ -549,10 +551,12 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
 
     # -- segmentation ------------------------------------------------------------------------
     def startSegmentation(self, inputVolume, ganCheckpoint, segCheckpoint, device: str = "auto", *, pseudoHealthy: bool = True,
-                          differenceThreshold: float = 100.0, overlayOpacity: float = 0.5, show: bool = True):
+                          differenceThreshold: float = 100.0, overlayOpacity: float = 0.5, show: bool = True, grow: bool = True):
         """Start segmenting lungs and lesions; on success a segmentation node "<input> segmentation"
         (segments "Lungs" and "Lesion" on the input geometry), a quantification table and, with
-        ``pseudoHealthy``, the pseudo-healthy and difference volumes are added to the scene."""
+        ``pseudoHealthy``, the pseudo-healthy and difference volumes are added to the scene.
+        ``grow=False``: the AI detections alone, not grown into connected lesion-range density
+        (``segment --no-growth``: more precise in mild disease, loses the extent of severe disease)."""
         volumeio.checkInputVolume(inputVolume)
         self._checkDevice(device)
         # the GAN is needed for the pseudo-healthy / difference volumes; otherwise optional (the CLI
@@ -567,7 +571,7 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
             input=inputPath, seg=seg["checkpoint_path"], gan=gan["checkpoint_path"] if gan is not None else None,
             output=paths["lesion"], lungs=paths["lungs"], report=reportPath,
             pseudo_healthy=paths["pseudo_healthy"] if pseudoHealthy else None,
-            difference=paths["difference"] if pseudoHealthy else None, device=device))
+            difference=paths["difference"] if pseudoHealthy else None, grow=grow, device=device))
 
         def onSuccess():
             import json
@@ -609,7 +613,7 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         return self.startSegmentation(inputVolume, ganCheckpoint, segCheckpoint, device, **kwargs).wait(progressCallback)
 
     # -- batch -------------------------------------------------------------------------------
-    def startBatch(self, inputFolder, outputFolder, ganCheckpoint, segCheckpoint, device: str = "auto"):
+    def startBatch(self, inputFolder, outputFolder, ganCheckpoint, segCheckpoint, device: str = "auto", *, grow: bool = True):
         """Segment every ``.nii`` / ``.nii.gz`` CT in ``inputFolder``; masks and ``covidganseg_results.csv``
         go to ``outputFolder`` (one child process per case; CPU fallback; cancellable)."""
         self._checkDevice(device)
@@ -642,14 +646,15 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         def argvForCase(case, dev):
             return protocol.command_line(self.commandPrefix(), protocol.SegmentParameters(
                 input=case.input, gan=gan["checkpoint_path"], seg=seg["checkpoint_path"], output=case.lesion, lungs=case.lungs,
-                report=case.report), dev)
+                report=case.report, grow=grow), dev)
 
         return jobs.BatchJob(_("Batch segmentation"), cases, argvForCase, device=device, runner=self.processRunner,
                              env=process.childEnvironment(self.extraEnvironment), csvPath=outputFolder / "covidganseg_results.csv")
 
-    def runBatch(self, inputFolder, outputFolder, ganCheckpoint, segCheckpoint, device: str = "auto", *, progressCallback=None) -> dict:
+    def runBatch(self, inputFolder, outputFolder, ganCheckpoint, segCheckpoint, device: str = "auto", *, progressCallback=None,
+                 grow: bool = True) -> dict:
         """Blocking :meth:`startBatch`: ``{"csv": path, "rows": [...], "failed": n}``."""
-        return self.startBatch(inputFolder, outputFolder, ganCheckpoint, segCheckpoint, device).wait(progressCallback)
+        return self.startBatch(inputFolder, outputFolder, ganCheckpoint, segCheckpoint, device, grow=grow).wait(progressCallback)
 
     # -- measurements ------------------------------------------------------------------------
     def quantify(self, segmentationNode, referenceVolume=None, *, tableNode=None):

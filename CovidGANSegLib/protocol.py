@@ -275,6 +275,7 @@ class SegmentParameters:
     report: Optional[PathLike] = None
     input_lungs: Optional[PathLike] = None
     threshold: Optional[float] = None
+    grow: bool = True
     device: str = "auto"
     progress: str = "lines"
 
@@ -301,6 +302,8 @@ class SegmentParameters:
         _option(args, "--report", self.report)
         _option(args, "--input-lungs", self.input_lungs)
         _option(args, "--threshold", None if self.threshold is None else repr(float(self.threshold)))
+        if not self.grow:
+            args.append("--no-growth")
         _option(args, "--device", self.device)
         return args
 

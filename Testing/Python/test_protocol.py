@@ -175,17 +175,17 @@ def test_pseudo_healthy_command_line_is_what_the_cli_parses(tmp_path):
 
 def test_segment_command_line_is_what_the_cli_parses(tmp_path):
     paths = {f.name: tmp_path / f"{f.name}.nii" for f in dataclasses.fields(protocol.SegmentParameters)
-             if f.name not in ("threshold", "device", "progress")}
-    full = protocol.SegmentParameters(**paths, threshold=0.35, device="cpu", progress="none")
+             if f.name not in ("threshold", "grow", "device", "progress")}
+    full = protocol.SegmentParameters(**paths, threshold=0.35, grow=False, device="cpu", progress="none")
     args = _parsed(full)
     assert args.command == "segment" and args.progress == "none" and args.device == "cpu"
     for field, value in paths.items():
         assert getattr(args, field) == Path(value), field
-    assert args.threshold == 0.35
+    assert args.threshold == 0.35 and args.grow is False
     minimal = _parsed(protocol.SegmentParameters(input="ct.nii", seg="s.pt", output="l.nii"))
     for field in ("gan", "lungs", "pseudo_healthy", "difference", "report", "input_lungs", "threshold"):
         assert getattr(minimal, field) is None, field
-    assert minimal.device == "auto"
+    assert minimal.device == "auto" and minimal.grow is True
 
 
 def test_command_line_prefix_and_device():

@@ -424,6 +424,17 @@ def _writeCts(folder: Path, names) -> None:
         nib.save(nib.Nifti1Image(hu, np.diag([0.7, 0.7, 2.5, 1.0])), str(folder / name))
 
 
+def test_batch_without_growth_runs_every_case_with_no_growth(harness, logic, fakeCli, fakeModels, tmp_path):
+    fakeCli.set(lesion_box=LESION_BOX, lungs_box=LUNGS_BOX)
+    _writeCts(tmp_path / "in", ["study_0001.nii.gz", "study_0002.nii"])
+    result = logic.runBatch(tmp_path / "in", tmp_path / "out", fakeModels["gan"], fakeModels["seg"], "cpu", grow=False)
+    assert result["failed"] == 0
+    calls = fakeCli.calls()
+    assert len(calls) == 2 and all("--no-growth" in c["argv"] for c in calls)
+    logic.runBatch(tmp_path / "in", tmp_path / "out2", fakeModels["gan"], fakeModels["seg"], "cpu")
+    assert all("--no-growth" not in c["argv"] for c in fakeCli.calls()[2:])
+
+
 def test_batch_writes_segmentations_and_one_csv(harness, logic, fakeCli, fakeModels, tmp_path):
     import csv
 

@@ -338,3 +338,23 @@ def test_dependencies_use_slicer_packaging_only_where_it_exists(monkeypatch):
     del sys.modules["fakeslicer.packaging"]
     assert dependencies.ensureDependencies(lambda q: True, slicerModule=fakeSlicer)
     assert calls == [("pip_install", ["einops>=0.7"])]
+
+
+def test_growth_checkbox_reaches_the_segment_command(harness, panel, fakeModels, tmp_path):
+    """The "Grow detections" checkbox is bound to ``growLesions`` (on by default) and unchecked it runs
+    ``segment --no-growth`` (the detections alone)."""
+    widget = panel()
+    fake = FakeCli(widget.logic, tmp_path)
+    fake.set(lesion_box=LESION_BOX, lungs_box=LUNGS_BOX)
+    p = widget._parameterNode
+    assert p.growLesions is True and widget.ui.growLesionsCheckBox.checked
+    p.inputVolume = addCtVolume(SHAPE_KJI)
+    p.modelsFolder = Path(fakeModels["folder"])
+    widget.ui.segmentButton.click()
+    runJob(harness, widget)
+    assert "--no-growth" not in fake.calls()[-1]["argv"]
+    widget.ui.growLesionsCheckBox.checked = False
+    assert p.growLesions is False
+    widget.ui.segmentButton.click()
+    runJob(harness, widget)
+    assert "--no-growth" in fake.calls()[-1]["argv"]
