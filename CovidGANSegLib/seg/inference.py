@@ -27,14 +27,16 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    still dropped components of 8-32 % of the lung that were 65-90 % lesion on the validation
    cohort, while on the real normal CTs no component is extensive, or one is and passes either
    rule. (k = 4 and the 5 % were set on the validation cohort after seeing the real-normal figures
-   too; 2-10 % gave the same results there: see the README, which says so.)
+   too; sparing components over 2 or 3 % instead marked more of the real normal lungs: see the
+   README, which says so.)
 4. **Growth**: the model's detections are seeds; the connected regions of lesion-range density
    (``grow_hu_range``, opened the same way, so that vessels do not bridge) that touch a seed join
    the mask. Regions are face-connected (``grow_connectivity`` 6): with 26-connectivity, vessels
    that cross thick slices obliquely touch only by edges and corners and carried the growth along
    the vessel trees (on the validation cohorts 6 was better than 26 for both segmenters, on all
-   cases and on the mild ones, by 0.003-0.008 Dice; real normal CTs unchanged). The segmenter finds *where* there is disease; the density tells how far it reaches
-   (seen on phantoms: the models find the cores of large lesions and miss their faint extent).
+   cases and on the mild ones, by 0.003-0.008 Dice; real normal CTs unchanged). The segmenter
+   finds *where* there is disease; the density tells how far it reaches (seen on phantoms: the
+   models find the cores of large lesions and miss their faint extent).
 
 ``segment_file`` does the same file to file: the lesion mask (uint8 0/1) has the input file's
 shape and affine, and optional outputs are the lung mask, the GAN's pseudo-healthy CT and
