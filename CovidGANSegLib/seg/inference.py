@@ -34,7 +34,7 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    the mask. Regions are face-connected (``grow_connectivity`` 6): with 26-connectivity, vessels
    that cross thick slices obliquely touch only by edges and corners and carried the growth along
    the vessel trees (on the validation cohorts 6 was better than 26 for both segmenters, on all
-   cases and on the mild ones, by 0.003-0.008 Dice; real normal CTs unchanged). The segmenter
+   cases and on 20 mild ones, by 0.001-0.006 Dice; real normal CTs unchanged). The segmenter
    finds *where* there is disease; the density tells how far it reaches (seen on phantoms: the
    models find the cores of large lesions and miss their faint extent).
 
