@@ -32,10 +32,11 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``bce-2.5d``: instead, the ``+bce`` model with 2.5D input (``in_channels = 3``: each slice with its
   two neighbours);
 * ``+spare-extensive``: the ``+bce`` model, and the gate spares extensive components (over 5 % of the
-  lung) instead of judging them by their upper quartile. The rows from ``+gate-quartile`` to
-  ``bce-2.5d`` keep the quartile rule;
-* ``+face-growth``: and the growth region is face-connected (6) instead of 26-connected (the default
-  pipeline; every earlier row grows 26-connected).
+  lung) instead of judging them by their upper quartile;
+* ``+face-growth``: and the growth region is face-connected (6) instead of 26-connected;
+* ``face-growth-only``: instead, the ``+bce`` model with face-connected growth and the quartile gate.
+  (Neither rule became the default: across four seeds of the ``+bce`` model they did not help
+  consistently; see ``--seg-seed``.)
 
 ``--mild-cohort N`` also scores every variant on a second validation cohort of N mild (CT-1)
 phantoms (independent lesion model, seed + 3, studies 7001..): the main validation cohort has three.
@@ -77,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
-            "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth")
+            "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth", "face-growth-only")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
@@ -118,10 +119,12 @@ SETTINGS = {
                     "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "learning_rate": 1e-3}},
     "bce-2.5d": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
                  "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "in_channels": 3}},
-    "+spare-extensive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26}, "gate": "component", **_NEW,
+    "+spare-extensive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True}, "gate": "component",
+                         **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    "+face-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True, "grow_connectivity": 6},
+                     "gate": "component", **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    "face-growth-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 6}, "gate": "component", **_NEW,
                          "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
-    "+face-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {}, "gate": "component", **_NEW,
-                     "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--real-normal", type=Path, default=None, help="folder of real normal CTs (default: shared/data/real_ct)")
     ap.add_argument("--iterations", type=int, default=None, help="segmenter iterations (default: the plan's)")
+    ap.add_argument("--seg-seed", type=int, default=None,
+                    help="seed of the segmenters' training (default: the plan's; the cohorts and the GAN keep the plan's seed)")
     ap.add_argument("--gate-sweep", action="store_true", help="also score component gates at fixed HU levels on the default model")
     ap.add_argument("--mild-cohort", type=int, default=0, metavar="N",
                     help="also score every variant on a second validation cohort of N mild (CT-1) phantoms (seed + 3, studies 7001..)")
@@ -156,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    result_path = ROOT / "benchmarks" / "results" / f"ablation_{args.plan}_{args.arch}_{stamp}.json"
+    seed_tag = "" if args.seg_seed is None else f"_seed{args.seg_seed}"
+    result_path = ROOT / "benchmarks" / "results" / f"ablation_{args.plan}_{args.arch}{seed_tag}_{stamp}.json"
     result: dict[str, Any] = {
-        "plan": dataclasses.asdict(plan), "arch": args.arch, "split": "validation", "machine": _machine(), "torch_threads": torch.get_num_threads(),
+        "plan": dataclasses.asdict(plan), "arch": args.arch, "seg_seed": args.seg_seed, "split": "validation", "machine": _machine(),
+        "torch_threads": torch.get_num_threads(),
         "note": "scored on the validation cohort (independent lesion model); the held-out test cohort is not used here",
         "stages": {}, "variants": {},
     }
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         st = SETTINGS[name]
         pm = _pseudo_masks(work, plan, train_dir, gan_model, st["rule"], st["fine"], result)
         t = time.perf_counter()
-        model, trained = _train(work, plan, pm, st, args.arch, train_dir)
+        model, trained = _train(work, plan, pm, st, args.arch, train_dir, args.seg_seed)
         train_s = time.perf_counter() - t
         row = _score(model, cases, real_dir, gan_model if st.get("gate") else None, st["post"], st.get("gate"))
         if mild_cases:
@@ -191,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(result), flush=True)
     if args.gate_sweep:
         st = SETTINGS["+gan-gate"]
-        model, _ = _train(work, plan, _pseudo_masks(work, plan, train_dir, gan_model, st["rule"], st["fine"], result), st, args.arch, train_dir)
+        pm = _pseudo_masks(work, plan, train_dir, gan_model, st["rule"], st["fine"], result)
+        model, _ = _train(work, plan, pm, st, args.arch, train_dir, args.seg_seed)
         for level in GATE_LEVELS_HU:
             row = _score(model, cases, real_dir, gan_model, st["post"], "component", fixed_gate_hu=level)
             row["settings"] = {**st, "gate_hu": level}
@@ -274,11 +282,11 @@ def _pseudo_masks(work: Path, plan, train_dir: Path, gan_model: Path, rule: str,
     return out
 
 
-def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir: Path) -> tuple[Path, bool]:
+def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir: Path, seed: int | None = None) -> tuple[Path, bool]:
     """The segmenter of one setting (trained once; variants that differ only at inference share it).
 
     ``st["seg"]``: overrides of the plan's segmenter configuration (e.g. ``pretrain_fraction``);
-    ``st["iterations"]``: another number of iterations.
+    ``st["iterations"]``: another number of iterations. ``seed``: another training seed than the plan's.
     """
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
@@ -289,7 +297,8 @@ def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir:
     config = dataclasses.replace(get_seg_config(plan.seg_config), **overrides) if overrides else plan.seg_config
     key = (f"{arch}_{st['rule']}_{'fine' if st['fine'] else 'gan'}_syn{st['fraction']:g}"
            f"_cov{st['coverage'][0]:g}-{st['coverage'][1]:g}{'_prior' if st['prior'] else ''}_it{iterations}"
-           + "".join(f"_{k}{v:g}" if isinstance(v, (int, float)) else f"_{k}{v}" for k, v in sorted(overrides.items())))
+           + "".join(f"_{k}{v:g}" if isinstance(v, (int, float)) else f"_{k}{v}" for k, v in sorted(overrides.items()))
+           + ("" if seed is None else f"_seed{seed}"))
     run = work / "runs" / key
     if (run / "model.pt").is_file():
         return run / "model.pt", False
@@ -299,7 +308,7 @@ def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir:
         shutil.rmtree(run)
     syn = SyntheticSupervision(fraction=st["fraction"], variants_per_volume=plan.synthetic_variants, coverage=st["coverage"],
                                location_prior=st["prior"])
-    return train_segmenter(pm, run, model=arch, config=config, iterations=iterations, device="cpu", seed=plan.seed,
+    return train_segmenter(pm, run, model=arch, config=config, iterations=iterations, device="cpu", seed=plan.seed if seed is None else seed,
                            data=train_dir, synthetic=syn), True
 
 

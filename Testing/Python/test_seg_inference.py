@@ -159,11 +159,11 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
         PostProcessing(open_mm=-1.0)
 
 
-def test_growth_follows_faces_not_the_corners_of_an_oblique_vessel():
+def test_growth_connectivity_decides_whether_an_oblique_vessel_is_followed():
     """A lesion-range structure that crosses the slices obliquely (an in-plane shift at every slice,
-    like a vessel through 8 mm slices) touches the lesion only by an edge: face-connected growth (the
-    default) stops at the lesion, 26-connected growth follows it to the top; both take the lesion's
-    own face-connected extent."""
+    like a vessel through 8 mm slices) touches the lesion only by a corner: 26-connected growth (the
+    default) follows it to the top, face-connected growth (``grow_connectivity=6``) stops at the
+    lesion; both take the lesion's own extent."""
     hu = np.full((40, 40, 6), -850.0)
     lung = np.ones(hu.shape, bool)
     lesion = np.zeros(hu.shape, bool)
@@ -176,8 +176,8 @@ def test_growth_follows_faces_not_the_corners_of_an_oblique_vessel():
     seeds = np.zeros(hu.shape, bool)
     seeds[9:11, 9:11, 0] = True
     spacing = (1.0, 1.0, 8.0)
-    faces = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0))
-    corners = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, grow_connectivity=26))
+    faces = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, grow_connectivity=6))
+    corners = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0))
     assert np.array_equal(faces, lesion)
     assert np.array_equal(corners, lesion | vessel)
     with pytest.raises(ValueError):
@@ -319,13 +319,13 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
     assert "'gan' checkpoint" in capsys.readouterr().err and not bad.exists()
 
 
-def test_gan_gate_spares_extensive_components_and_judges_small_ones_by_their_mean():
-    """By default the gate judges only components under 5 % of the lung (by their mean difference):
-    a small component the GAN left alone (mean 0 HU) goes, one it restored (mean 100 HU) stays, and
-    extensive ones stay whatever the GAN did (a third of a component of 40 % of the lung changed by
-    100 HU: mean 33 HU; one of 11 % where the GAN changed a tenth of the voxels). Without sparing,
-    the upper quartile judges the extensive ones (the first stays, the second goes); by the mean
-    alone both go."""
+def test_gan_gate_uses_the_upper_quartile_of_extensive_components_or_spares_them():
+    """Small components (under 5 % of the lung) are judged by their mean difference: one the GAN left
+    alone (0 HU) goes, one it restored (mean 100 HU) stays. By default extensive ones are judged by
+    their upper quartile: extensive disease the GAN only partly restores (a third of a component of
+    40 % of the lung changed by 100 HU: mean 33 HU, under a 40 HU gate) stays, an extensive component
+    where it changed only a tenth of the voxels (vessel-like flicker, 11 % of the lung) goes. By the
+    mean alone both go; with ``gan_gate_spares_extensive`` both stay."""
     hu = np.full((40, 40, 3), -850.0)
     lung = np.ones(hu.shape, bool)
     big = np.zeros(hu.shape, bool)
@@ -347,8 +347,8 @@ def test_gan_gate_spares_extensive_components_and_judges_small_ones_by_their_mea
     def gated(r: PostProcessing) -> np.ndarray:
         return post_process(detections, hu, lung, (1.0, 1.0, 5.0), r, difference_hu=difference, gate_hu=40.0)
 
-    assert np.array_equal(gated(rule), big | flicker | small)
-    assert np.array_equal(gated(dataclasses.replace(rule, gan_gate_spares_extensive=False)), big | small)
-    assert np.array_equal(gated(dataclasses.replace(rule, gan_gate_spares_extensive=False, gan_gate_quantile=None)), small)
+    assert np.array_equal(gated(rule), big | small)
+    assert np.array_equal(gated(dataclasses.replace(rule, gan_gate_quantile=None)), small)
+    assert np.array_equal(gated(dataclasses.replace(rule, gan_gate_spares_extensive=True)), big | flicker | small)
     with pytest.raises(ValueError):
         PostProcessing(gan_gate_quantile=1.5)
