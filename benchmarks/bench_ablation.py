@@ -34,7 +34,8 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``+spare-extensive``: the ``+bce`` model, and the gate spares extensive components (over 5 % of the
   lung) instead of judging them by their upper quartile;
 * ``+face-growth``: and the growth region is face-connected (6) instead of 26-connected;
-* ``face-growth-only``: instead, the ``+bce`` model with face-connected growth and the quartile gate.
+* ``face-growth-only``: instead, the ``+bce`` model with face-connected growth and the quartile gate;
+* ``bce-no-gate``: the ``+bce`` model without the GAN-agreement gate (what the GAN adds at inference).
   (Neither rule became the default: across four seeds of the ``+bce`` model they did not help
   consistently; see ``--seg-seed``.)
 
@@ -78,7 +79,8 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
-            "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth", "face-growth-only")
+            "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth", "face-growth-only",
+            "bce-no-gate")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
@@ -125,6 +127,8 @@ SETTINGS = {
                      "gate": "component", **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
     "face-growth-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 6}, "gate": "component", **_NEW,
                          "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    "bce-no-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, **_NEW,
+                    "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
