@@ -43,6 +43,8 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
+from CovidGANSegLib.components import components_touching
+
 log = logging.getLogger(__name__)
 
 #: in-plane 2D connectivity inside a 3D (x, y, z) array: no links between slices
@@ -197,7 +199,7 @@ def _finish_lungs(lungs: np.ndarray, s: np.ndarray, body: np.ndarray, airway: np
         grown = ndi.binary_dilation(seeds, structure=_S2D, iterations=dense_steps, mask=dense_ok | seeds) & ~lungs
         r = max(1, int(round(open_mm / min(wspacing[0], wspacing[1]))))
         grown = ndi.binary_opening(grown, structure=_disc(r))
-        lungs = lungs | _components_touching(grown | lungs, lungs) & grown
+        lungs = lungs | components_touching(lungs, grown | lungs, connectivity=6) & grown
     lab, n = ndi.label(lungs, _S6)
     closed = np.zeros_like(lungs)
     for label, obj in enumerate(ndi.find_objects(lab), start=1):
@@ -214,7 +216,7 @@ def _finish_lungs(lungs: np.ndarray, s: np.ndarray, body: np.ndarray, airway: np
     mask = _fill_holes_2d(lungs, midline)
     mask |= _fill_holes_2d(closed | lungs, midline) & ~airway
     mask &= body
-    return _components_touching(mask, lungs)
+    return components_touching(lungs, mask, connectivity=6)
 
 
 def _disc(r: int) -> np.ndarray:
@@ -368,15 +370,6 @@ def _airways(lungs: np.ndarray, air: np.ndarray, voxel_ml: float, *, min_ml: flo
     if len(big) == 0:
         return np.zeros_like(lungs)
     return ndi.binary_dilation(np.isin(lab, big), structure=_S2D, iterations=1)
-
-
-def _components_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-    """The 3D components of ``mask`` that contain a seed voxel."""
-    lab, n = ndi.label(mask, _S6)
-    hit = np.zeros(n + 1, dtype=bool)
-    hit[np.unique(lab[seeds & mask])] = True
-    hit[0] = False
-    return hit[lab]
 
 
 def _closing_in_box(comp: np.ndarray, box: tuple[slice, ...], spacing: tuple[float, float, float],

@@ -63,6 +63,7 @@ from scipy import ndimage as ndi
 from CovidGANSegLib import progress
 from CovidGANSegLib.atomic import atomic_directory
 from CovidGANSegLib.checkpoints import sha256_file
+from CovidGANSegLib.components import components_touching
 from CovidGANSegLib.errors import InputError
 from CovidGANSegLib.gan.inference import load_generator, preprocess_config_of, run_generator
 from CovidGANSegLib.gan.training import difference_stats
@@ -225,21 +226,6 @@ def refined_masks(images: np.ndarray, difference: np.ndarray, lungs: np.ndarray,
         weak_mask = candidate & (difference[i] > weak)
         masks[i] = remove_small_components(components_touching(weak_mask & (difference[i] > strong), weak_mask), rule.min_size)
     return masks
-
-
-def components_touching(seeds: np.ndarray, region: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """Voxels of ``region`` whose ``connectivity``-connected component (26: faces, edges and corners;
-    6: faces only) contains a voxel of ``seeds`` (hysteresis)."""
-    if connectivity not in (6, 26):
-        raise ValueError(f"connectivity must be 6 or 26, got {connectivity}")
-    structure = np.ones((3, 3, 3), dtype=bool) if connectivity == 26 else ndi.generate_binary_structure(3, 1)
-    lab, n = ndi.label(region, structure=structure)
-    if n == 0:
-        return region
-    hit = np.zeros(n + 1, dtype=bool)
-    hit[np.unique(lab[seeds & region])] = True
-    hit[0] = False
-    return hit[lab]
 
 
 def regrid(model: np.ndarray, source: Any, target: Any) -> np.ndarray:

@@ -170,7 +170,7 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
         seeds = keep[lab]
     if not rule.grow or not seeds.any():
         return seeds
-    from CovidGANSegLib.gan.pseudomasks import components_touching
+    from CovidGANSegLib.components import components_touching
 
     region = _opening(lung & (hu >= rule.grow_hu_range[0]) & (hu <= rule.grow_hu_range[1]), spacing, rule.open_mm)
     return seeds | components_touching(seeds, region, rule.grow_connectivity)
