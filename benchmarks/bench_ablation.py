@@ -36,6 +36,11 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``+face-growth``: and the growth region is face-connected (6) instead of 26-connected;
 * ``face-growth-only``: instead, the ``+bce`` model with face-connected growth and the quartile gate;
 * ``bce-no-gate``: the ``+bce`` model without the GAN-agreement gate (what the GAN adds at inference).
+* ``+growth-filter``: the ``+bce`` model, and the growth region is thresholded on the density after an
+  in-plane grey opening then closing with a 3 mm half-width square (``PostProcessing.density_filter_mm``;
+  every older row grows on the raw density);
+* ``+seed-filter``: and the seeds too are kept only where that density is lesion-range
+  (``density_filter_seeds``; the default pipeline).
   (Neither rule became the default: across four seeds of the ``+bce`` model they did not help
   consistently; see ``--seg-seed``.)
 
@@ -80,13 +85,15 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
             "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth", "face-growth-only",
-            "bce-no-gate")
+            "bce-no-gate", "+growth-filter", "+seed-filter")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
 _NEW = {"prior": False, "coverage": (0.002, 0.8)}
 #: the gate of the rows from +gate-quartile to bce-2.5d: extensive components judged by their upper quartile
-_QUARTILE = {"gan_gate_spares_extensive": False, "gan_gate_quantile": 0.75, "grow_connectivity": 26}
+_QUARTILE = {"gan_gate_spares_extensive": False, "gan_gate_quantile": 0.75, "grow_connectivity": 26, "density_filter_mm": 0.0}
+#: growth on the raw density (before the growth density filter became the default)
+_RAW = {"density_filter_mm": 0.0}
 #: the segmenter's loss schedule before plain BCE became the default: contrastive phase 1 (20 %), eq. 5 with beta = 1 + MSE
 _PAPER_LOSS = {"pretrain_fraction": 0.2, "beta": 1.0, "weight_mse": 1.0}
 SETTINGS = {
@@ -99,11 +106,11 @@ SETTINGS = {
     "synthetic-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
     "+hu-range": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"open_mm": 0.0, "grow": False}, **_NEW, "seg": _PAPER_LOSS},
     "+opening": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow": False}, **_NEW, "seg": _PAPER_LOSS},
-    "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26}, **_NEW, "seg": _PAPER_LOSS},
+    "+growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26, **_RAW}, **_NEW, "seg": _PAPER_LOSS},
     "+gan-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": False, "gan_gate_quantile": None,
-                                                                          "grow_connectivity": 26},
+                                                                          "grow_connectivity": 26, **_RAW},
                   "gate": "component", **_NEW, "seg": _PAPER_LOSS},
-    "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26}, "gate": "voxel", **_NEW,
+    "gan-gate-voxel": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 26, **_RAW}, "gate": "voxel", **_NEW,
                        "seg": _PAPER_LOSS},
     "+gate-quartile": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW, "seg": _PAPER_LOSS},
     "+no-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
@@ -121,14 +128,21 @@ SETTINGS = {
                     "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "learning_rate": 1e-3}},
     "bce-2.5d": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
                  "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "in_channels": 3}},
-    "+spare-extensive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True}, "gate": "component",
+    "+spare-extensive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True, **_RAW}, "gate": "component",
                          **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
-    "+face-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True, "grow_connectivity": 6},
+    "+face-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True, "grow_connectivity": 6, **_RAW},
                      "gate": "component", **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
-    "face-growth-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 6}, "gate": "component", **_NEW,
+    "face-growth-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 6, **_RAW}, "gate": "component", **_NEW,
                          "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
     "bce-no-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, **_NEW,
                     "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    # the +bce model, growth on the filtered density (grey opening then closing, 3 mm): the default pipeline
+    "+growth-filter": {"rule": "refined", "fine": True, "fraction": 1.0,
+                       "post": {**_QUARTILE, "density_filter_mm": 3.0, "density_filter_seeds": False}, "gate": "component",
+                       **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+    # and the seeds too are kept only where the filtered density is lesion-range: the default pipeline
+    "+seed-filter": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {**_QUARTILE, "density_filter_mm": 3.0}, "gate": "component",
+                     **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0

@@ -18,7 +18,8 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
-from CovidGANSegLib.seg.inference import PLAIN, PostProcessing, load_segmenter, post_process, segment_ct, segment_file
+from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, load_segmenter, post_process, segment_ct,
+                                          segment_file)
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
@@ -112,7 +113,7 @@ def test_plain_rule_is_probability_in_the_lung(phantom, tmp_path):
     ct = CTVolume.from_array(phantom.hu, phantom.affine)
     plain = segment_ct(ct, model, post=PLAIN)
     assert np.array_equal(plain.lesion_mask, plain.lung_mask)
-    ranged = segment_ct(ct, model, post=PostProcessing(open_mm=0.0, grow=False)).lesion_mask
+    ranged = segment_ct(ct, model, post=PostProcessing(open_mm=0.0, grow=False, density_filter_mm=0.0)).lesion_mask
     assert np.array_equal(ranged, plain.lung_mask & (ct.array >= -800) & (ct.array <= 100))
 
 
@@ -176,12 +177,62 @@ def test_growth_connectivity_decides_whether_an_oblique_vessel_is_followed():
     seeds = np.zeros(hu.shape, bool)
     seeds[9:11, 9:11, 0] = True
     spacing = (1.0, 1.0, 8.0)
-    faces = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, grow_connectivity=6))
-    corners = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0))
+    faces = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_mm=0.0, grow_connectivity=6))
+    corners = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_mm=0.0))
     assert np.array_equal(faces, lesion)
     assert np.array_equal(corners, lesion | vessel)
     with pytest.raises(ValueError):
         PostProcessing(grow_connectivity=8)
+
+
+def test_density_filter_drops_vessel_seeds_stops_growth_along_vessels_and_bridges_noise_dips():
+    """The growth region is thresholded on the density after an in-plane grey opening then closing
+    (``density_filter_mm``): a 2 mm vessel from the lesion to a distant dense patch carries raw growth
+    there and filtered growth not, and a seed on the vessel goes (``density_filter_seeds``); a thin
+    dark dip across faint ground glass cuts the raw region in two, and the seed reaches only its own
+    half, the filtered region not."""
+    spacing = (1.0, 1.0, 8.0)
+
+    def volume() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        hu = np.full((60, 40, 3), -880.0)
+        lesion = np.zeros(hu.shape, bool)
+        lesion[5:20, 10:30, :] = True
+        hu[lesion] = -650.0  # faint ground glass
+        seeds = np.zeros(hu.shape, bool)
+        seeds[6:10, 18:22, 1] = True
+        return hu, np.ones(hu.shape, bool), lesion, seeds
+
+    hu, lung, lesion, seeds = volume()
+    vessel = np.zeros(hu.shape, bool)
+    vessel[20:45, 19:21, :] = True  # 2 mm wide, from the lesion to a dense patch further on
+    patch = np.zeros(hu.shape, bool)
+    patch[45:57, 14:26, :] = True
+    hu[vessel] = -300.0
+    hu[patch] = -500.0
+    raw = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_mm=0.0))
+    filtered = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0))
+    assert raw[patch].all() and raw[vessel].all() and raw[lesion].all()  # raw growth follows the vessel
+    assert np.array_equal(filtered, lesion)
+    # the model also fires on the vessel (a 2 x 6 mm detection of lesion-range HU):
+    # the filtered density there is healthy lung, so the seed goes unless density_filter_seeds is off
+    on_vessel = seeds.copy()
+    on_vessel[30:36, 19:21, 1] = True
+    assert np.array_equal(post_process(on_vessel, hu, lung, spacing, PostProcessing(open_mm=0.0)), lesion)
+    unfiltered_seeds = post_process(on_vessel, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_seeds=False))
+    assert np.array_equal(unfiltered_seeds, lesion | (on_vessel & vessel))
+    assert not post_process(on_vessel & vessel, hu, lung, spacing, PostProcessing(open_mm=0.0, grow=False)).any()
+
+    hu, lung, lesion, seeds = volume()
+    hu[12, 10:30, :] = -790.0  # a 1 mm noise dip across the lesion, below the -750 HU floor of the region
+    raw = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_mm=0.0))
+    filtered = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0))
+    assert raw[5:12, 10:30].all() and not raw[13:].any() and not (raw & ~lesion).any()
+    assert np.array_equal(filtered, lesion)  # the dip itself too (it is above the HU prior's -800 HU)
+    density = filtered_density(hu, lung, spacing, 3.0)
+    assert density.shape == hu.shape and density.dtype == np.float32
+    assert filtered_density(hu, lung, spacing, 0.0) is hu
+    with pytest.raises(ValueError):
+        PostProcessing(density_filter_mm=-1.0)
 
 
 def test_checkpoint_errors_write_nothing(phantom, tmp_path):
@@ -341,7 +392,7 @@ def test_gan_gate_uses_the_upper_quartile_of_extensive_components_or_spares_them
     difference[2:8, 2:38, :] = 100.0  # a third of the big component
     difference[25:37, 5:7, 0] = 300.0  # a few voxels of the flicker (mean 11 HU, upper quartile 0)
     difference[30, 30, 0:2] = 600.0  # 2 of 12 voxels of the small one: mean 100 HU, upper quartile 0
-    rule = PostProcessing(open_mm=0.0, grow=False)
+    rule = PostProcessing(open_mm=0.0, grow=False, density_filter_mm=0.0)
     detections = big | flicker | small | untouched
 
     def gated(r: PostProcessing) -> np.ndarray:
