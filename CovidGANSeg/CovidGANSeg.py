@@ -556,7 +556,7 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         (segments "Lungs" and "Lesion" on the input geometry), a quantification table and, with
         ``pseudoHealthy``, the pseudo-healthy and difference volumes are added to the scene.
         ``grow=False``: the AI detections alone, not grown into connected lesion-range density
-        (``segment --no-growth``: more precise in mild disease, loses the extent of severe disease)."""
+        (``segment --no-growth``: more precise, loses most of the lesions' extent)."""
         volumeio.checkInputVolume(inputVolume)
         self._checkDevice(device)
         # the GAN is needed for the pseudo-healthy / difference volumes; otherwise optional (the CLI

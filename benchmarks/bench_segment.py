@@ -102,7 +102,7 @@ def breakdown(args: argparse.Namespace) -> None:
     from CovidGANSegLib.nifti import load_ct, save_like
     from CovidGANSegLib.preprocessing import preprocess_ct
     from CovidGANSegLib.quantify import quantify
-    from CovidGANSegLib.seg.inference import load_segmenter, predict_slices
+    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, post_process, predict_slices
 
     progress.set_mode("none")
     times = {}
@@ -127,8 +127,10 @@ def breakdown(args: argparse.Namespace) -> None:
     times["network_all_slices"] = time.perf_counter() - t
     t = time.perf_counter()
     canon = pv.mapping.to_canonical(prob, order=1)
-    mask = (canon > 0.5) & lung
     times["map_back"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mask = post_process(canon > model.threshold, np.asarray(ct.array), lung, tuple(ct.spacing), PostProcessing())
+    times["post_process"] = time.perf_counter() - t  # HU prior, opening, density filter, growth (no GAN)
     t = time.perf_counter()
     quantify(mask, lung, ct.spacing)
     out = Path(args.workdir)

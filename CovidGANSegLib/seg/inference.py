@@ -419,8 +419,9 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         threshold: probability threshold (default: the checkpoint's, 0.5).
         input_lungs: a lung mask NIfTI on the input grid to use instead of computing one.
         grow: grow the detections into connected lesion-range density (:class:`PostProcessing`,
-            step 4). Off, the mask is the detections alone: on mild phantom cases (CT-1) that was
-            more precise (Dice 0.22 against 0.19), while extensive disease needs the growth (README).
+            step 5). Off, the mask is the detections alone: on the mild validation phantoms (CT-1)
+            about twice as precise (0.33 against 0.18) but with lower Dice (0.19 against 0.21,
+            five models), and extensive disease needs the growth (README).
 
     Raises:
         InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
