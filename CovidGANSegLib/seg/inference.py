@@ -191,14 +191,14 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
         seeds = keep[lab]
     if not seeds.any() or not (rule.grow or rule.density_filter_seeds):
         return seeds
-    density = filtered_density(hu, lung, spacing, rule.density_filter_mm)
+    dense = _lesion_range_after_filter(hu, lung, spacing, rule.density_filter_mm, rule.grow_hu_range[0])
     if rule.density_filter_seeds and rule.density_filter_mm > 0:
-        seeds &= density >= rule.grow_hu_range[0]
+        seeds &= dense
     if not rule.grow or not seeds.any():
         return seeds
     from CovidGANSegLib.components import components_touching
 
-    region = lung & (density >= rule.grow_hu_range[0]) & (hu <= rule.grow_hu_range[1])
+    region = dense & (hu <= rule.grow_hu_range[1])
     if rule.hu_range is not None:  # the filter's closing may bridge a dip; the voxels themselves keep the HU prior
         region &= hu >= rule.hu_range[0]
     region = _opening(region, spacing, rule.open_mm)
@@ -215,17 +215,38 @@ def filtered_density(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, flo
     partial-volume halos, septal lines: the bridges along which growth from one seed flooded the
     vessel tree), the closing then fills dark noise dips inside broad faint ground glass.
     """
-    from scipy import ndimage as ndi
-
     if half_width_mm <= 0 or not lung.any():
         return hu
-    size = tuple(2 * max(1, int(round(half_width_mm / s))) + 1 for s in spacing[:2]) + (1,)
-    box = ndi.find_objects(lung.astype(np.uint8))[0]
-    box = tuple(slice(max(0, b.start - k), min(n, b.stop + k)) for b, k, n in zip(box, size, lung.shape))
-    inside = np.where(lung[box], hu[box], -1024.0).astype(np.float32)  # (x, y, z) crop of the lung
     out = np.full(hu.shape, -1024.0, dtype=np.float32)
-    out[box] = ndi.grey_closing(ndi.grey_opening(inside, size=size), size=size)
+    for box, density in _filtered_blocks(hu, lung, spacing, half_width_mm):
+        out[box] = density
     return out
+
+
+def _lesion_range_after_filter(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float,
+                               floor_hu: float) -> np.ndarray:
+    """``lung & (filtered_density(...) >= floor_hu)`` without a full-size float copy of the CT."""
+    if half_width_mm <= 0 or not lung.any():
+        return lung & (hu >= floor_hu)
+    out = np.zeros(hu.shape, dtype=bool)
+    for box, density in _filtered_blocks(hu, lung, spacing, half_width_mm):
+        out[box] = density >= floor_hu
+    return out & lung
+
+
+def _filtered_blocks(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float,
+                     slices_per_block: int = 16):
+    """Yield ``(box, filtered density)`` over the lung's bounding box, a few slices at a time (the
+    filter is in-plane, so blocks along z are independent; this bounds the float32 temporaries)."""
+    from scipy import ndimage as ndi
+
+    size = tuple(2 * max(1, int(round(half_width_mm / s))) + 1 for s in spacing[:2]) + (1,)
+    (bx, by, bz), = ndi.find_objects(lung.astype(np.uint8))
+    bx, by = (slice(max(0, b.start - k), min(n, b.stop + k)) for b, k, n in zip((bx, by), size, lung.shape))
+    for z0 in range(bz.start, bz.stop, slices_per_block):
+        box = (bx, by, slice(z0, min(bz.stop, z0 + slices_per_block)))
+        inside = np.where(lung[box], hu[box], -1024.0).astype(np.float32)  # (x, y, z) block of the lung's box
+        yield box, ndi.grey_closing(ndi.grey_opening(inside, size=size), size=size)
 
 
 def gan_gate(ct, lung: np.ndarray, generator: Any, gan_payload: dict[str, Any], rule: PostProcessing | None = None) -> tuple[Any, float | None]:
