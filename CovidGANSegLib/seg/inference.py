@@ -208,8 +208,8 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
 def filtered_density(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float) -> np.ndarray:
     """The density seeds and growth are judged on: ``hu`` inside the lung (-1024 HU outside) after
     an in-plane grey opening then closing with a square of half-width ``half_width_mm`` (an
-    alternating sequential filter), computed in the lung's bounding box; ``hu`` itself when
-    ``half_width_mm`` is 0.
+    alternating sequential filter), computed in the lung's bounding box; -1024 HU outside the lung;
+    ``hu`` itself when ``half_width_mm`` is 0.
 
     The opening removes bright structures narrower than the square (vessels and their
     partial-volume halos, septal lines: the bridges along which growth from one seed flooded the
@@ -219,7 +219,7 @@ def filtered_density(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, flo
         return hu
     out = np.full(hu.shape, -1024.0, dtype=np.float32)
     for box, density in _filtered_blocks(hu, lung, spacing, half_width_mm):
-        out[box] = density
+        out[box] = np.where(lung[box], density, np.float32(-1024.0))
     return out
 
 

@@ -235,6 +235,28 @@ def test_density_filter_drops_vessel_seeds_stops_growth_along_vessels_and_bridge
         PostProcessing(density_filter_mm=-1.0)
 
 
+def test_filtered_density_in_blocks_equals_the_filter_of_the_whole_lung():
+    """The density filter runs over the lung's bounding box a few slices at a time (it is in-plane):
+    the result equals the grey opening then closing of the whole volume, and outside the lung it is
+    -1024 HU."""
+    from scipy import ndimage as ndi
+
+    from CovidGANSegLib.seg.inference import _lesion_range_after_filter
+
+    rng = np.random.default_rng(3)
+    hu = rng.normal(-780.0, 120.0, (30, 26, 40))
+    lung = np.zeros(hu.shape, bool)
+    lung[3:27, 4:22, 2:37] = True
+    spacing = (1.5, 1.0, 5.0)
+    size = (2 * 2 + 1, 2 * 3 + 1, 1)  # 3 mm: 2 voxels of 1.5 mm, 3 of 1 mm
+    inside = np.where(lung, hu, -1024.0).astype(np.float32)
+    whole = np.where(lung, ndi.grey_closing(ndi.grey_opening(inside, size=size), size=size), -1024.0)
+    density = filtered_density(hu, lung, spacing, 3.0)
+    assert np.allclose(np.where(lung, density, -1024.0), whole) and (density[~lung] == -1024.0).all()
+    assert np.array_equal(_lesion_range_after_filter(hu, lung, spacing, 3.0, -750.0), lung & (whole >= -750.0))
+    assert np.array_equal(_lesion_range_after_filter(hu, lung, spacing, 0.0, -750.0), lung & (hu >= -750.0))
+
+
 def test_checkpoint_errors_write_nothing(phantom, tmp_path):
     ct_path = _write(phantom.hu, phantom.affine, tmp_path / "ct.nii.gz")
     out = tmp_path / "lesion.nii.gz"
