@@ -63,6 +63,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,10 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
                  rule: PostProcessing, *, difference_hu: np.ndarray | None = None, gate_hu: float | None = None) -> np.ndarray:
     """Apply :class:`PostProcessing` to a canonical bool mask of above-threshold voxels.
 
-    ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu`` switch on the
-    GAN-agreement gate: components whose mean difference is at most ``gate_hu`` are dropped;
-    extensive ones are kept (``rule.gan_gate_spares_extensive``) or judged by the
+    Order: lung and HU prior, opening, GAN gate, density filter of the seeds, growth (module
+    docstring). ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu``
+    switch on the GAN-agreement gate: components whose mean difference is at most ``gate_hu`` are
+    dropped; extensive ones are kept (``rule.gan_gate_spares_extensive``) or judged by the
     ``rule.gan_gate_quantile`` of their difference.
     """
     from scipy import ndimage as ndi
@@ -235,7 +237,7 @@ def _lesion_range_after_filter(hu: np.ndarray, lung: np.ndarray, spacing: tuple[
 
 
 def _filtered_blocks(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float,
-                     slices_per_block: int = 16):
+                     slices_per_block: int = 16) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """Yield ``(box, filtered density)`` over the lung's bounding box, a few slices at a time (the
     filter is in-plane, so blocks along z are independent; this bounds the float32 temporaries)."""
     from scipy import ndimage as ndi
