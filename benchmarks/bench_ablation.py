@@ -34,15 +34,15 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
 * ``+spare-extensive``: the ``+bce`` model, and the gate spares extensive components (over 5 % of the
   lung) instead of judging them by their upper quartile;
 * ``+face-growth``: and the growth region is face-connected (6) instead of 26-connected;
-* ``face-growth-only``: instead, the ``+bce`` model with face-connected growth and the quartile gate;
-* ``bce-no-gate``: the ``+bce`` model without the GAN-agreement gate (what the GAN adds at inference).
+* ``face-growth-only``: instead, the ``+bce`` model with face-connected growth and the quartile gate
+  (neither of these three rules became the default: across four seeds of the ``+bce`` model they did
+  not help consistently; see ``--seg-seed``);
+* ``bce-no-gate``: the ``+bce`` model without the GAN-agreement gate (what the GAN adds at inference);
 * ``+growth-filter``: the ``+bce`` model, and the growth region is thresholded on the density after an
   in-plane grey opening then closing with a 3 mm half-width square (``PostProcessing.density_filter_mm``;
   every older row grows on the raw density);
 * ``+seed-filter``: and the seeds too are kept only where that density is lesion-range
   (``density_filter_seeds``; the default pipeline).
-  (Neither rule became the default: across four seeds of the ``+bce`` model they did not help
-  consistently; see ``--seg-seed``.)
 
 ``--mild-cohort N`` also scores every variant on a second validation cohort of N mild (CT-1)
 phantoms (independent lesion model, seed + 3, studies 7001..): the main validation cohort has three.
@@ -90,12 +90,15 @@ VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "sy
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
 _NEW = {"prior": False, "coverage": (0.002, 0.8)}
-#: the gate of the rows from +gate-quartile to bce-2.5d: extensive components judged by their upper quartile
+#: the post-processing of the rows from +gate-quartile on: extensive components judged by their upper quartile,
+#: 26-connected growth on the raw density (the density-filter rows switch the filter on over it)
 _QUARTILE = {"gan_gate_spares_extensive": False, "gan_gate_quantile": 0.75, "grow_connectivity": 26, "density_filter_mm": 0.0}
 #: growth on the raw density (before the growth density filter became the default)
 _RAW = {"density_filter_mm": 0.0}
 #: the segmenter's loss schedule before plain BCE became the default: contrastive phase 1 (20 %), eq. 5 with beta = 1 + MSE
 _PAPER_LOSS = {"pretrain_fraction": 0.2, "beta": 1.0, "weight_mse": 1.0}
+#: plain BCE, no contrastive phase (the +bce model and every row after it)
+_BCE = {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}
 SETTINGS = {
     "paper": {"rule": "paper", "fine": False, "fraction": 0.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
     "+grid": {"rule": "paper", "fine": True, "fraction": 0.0, "post": _PLAIN, **_NEW, "seg": _PAPER_LOSS},
@@ -116,33 +119,33 @@ SETTINGS = {
     "+no-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
                         "seg": {**_PAPER_LOSS, "pretrain_fraction": 0.0}},
     "+bce": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
-             "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+             "seg": _BCE},
     "bce-with-contrastive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
                              "seg": {**_PAPER_LOSS, "beta": 0.0, "weight_mse": 0.0}},
     "bce-coverage-30": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", "prior": False,
-                        "coverage": (0.001, 0.3), "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+                        "coverage": (0.001, 0.3), "seg": _BCE},
     # the default model (+bce) with its seeds only: what the growth step adds and costs (mild cases: vessel trees)
     "bce-no-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {**_QUARTILE, "grow": False}, "gate": "component", **_NEW,
-                      "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+                      "seg": _BCE},
     "bce-lr-1e-3": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
-                    "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "learning_rate": 1e-3}},
+                    "seg": {**_BCE, "learning_rate": 1e-3}},
     "bce-2.5d": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, "gate": "component", **_NEW,
-                 "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0, "in_channels": 3}},
+                 "seg": {**_BCE, "in_channels": 3}},
     "+spare-extensive": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True, **_RAW}, "gate": "component",
-                         **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+                         **_NEW, "seg": _BCE},
     "+face-growth": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"gan_gate_spares_extensive": True, "grow_connectivity": 6, **_RAW},
-                     "gate": "component", **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+                     "gate": "component", **_NEW, "seg": _BCE},
     "face-growth-only": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {"grow_connectivity": 6, **_RAW}, "gate": "component", **_NEW,
-                         "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+                         "seg": _BCE},
     "bce-no-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": _QUARTILE, **_NEW,
-                    "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
-    # the +bce model, growth on the filtered density (grey opening then closing, 3 mm): the default pipeline
+                    "seg": _BCE},
+    # the +bce model, growth on the filtered density (grey opening then closing, 3 mm), seeds unfiltered
     "+growth-filter": {"rule": "refined", "fine": True, "fraction": 1.0,
                        "post": {**_QUARTILE, "density_filter_mm": 3.0, "density_filter_seeds": False}, "gate": "component",
-                       **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+                       **_NEW, "seg": _BCE},
     # and the seeds too are kept only where the filtered density is lesion-range: the default pipeline
     "+seed-filter": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {**_QUARTILE, "density_filter_mm": 3.0}, "gate": "component",
-                     **_NEW, "seg": {"pretrain_fraction": 0.0, "beta": 0.0, "weight_mse": 0.0}},
+                     **_NEW, "seg": _BCE},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
