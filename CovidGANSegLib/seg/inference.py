@@ -192,10 +192,11 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
                 stats[i] = np.quantile(difference[box][lab[box] == i + 1], rule.gan_gate_quantile)
         keep = np.concatenate([[False], stats > gate_hu])
         seeds = keep[lab]
-    if not seeds.any() or not (rule.grow or rule.density_filter_seeds):
+    filter_seeds = rule.density_filter_seeds and rule.density_filter_mm > 0
+    if not seeds.any() or not (rule.grow or filter_seeds):
         return seeds
     dense = _lesion_range_after_filter(hu, lung, spacing, rule.density_filter_mm, rule.grow_hu_range[0])
-    if rule.density_filter_seeds and rule.density_filter_mm > 0:
+    if filter_seeds:
         seeds &= dense
     if not rule.grow or not seeds.any():
         return seeds
