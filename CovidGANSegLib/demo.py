@@ -159,8 +159,12 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
 
     t = time.perf_counter()
     progress.report(0.85, "segmenting the held-out studies")
+    from CovidGANSegLib.seg.inference import PostProcessing
+
+    # the segmenters run as `segment` does; the GAN takes part only if the default post-processing gates with it
+    gate_model = gan_model if PostProcessing().gan_gate_sigmas is not None else None
     with progress.scope(0.85, 0.95):
-        cases = _segment_held_out(test_dir, seg_models, work / "predictions", device, gan_model)
+        cases = _segment_held_out(test_dir, seg_models, work / "predictions", device, gate_model)
     timings["segmentation_s"] = time.perf_counter() - t
 
     progress.report(0.95, "evaluating")
@@ -172,7 +176,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     summary["lung_ml_by_case"] = {i: float(lung.sum()) * float(sp[0] * sp[1] * sp[2]) / 1000.0
                                   for i, lung, sp in zip(cases["ids"], cases["lungs"], cases["spacings"])}
     _save_examples(cases, work / "figures" / "held_out_examples.png")
-    real = _real_normal_check(real_dir, seg_models, device, gan_model) if real_dir is not None else None
+    real = _real_normal_check(real_dir, seg_models, device, gate_model) if real_dir is not None else None
     runtime = time.perf_counter() - start
     metrics = {
         "cases": summary["cases"],
@@ -194,7 +198,8 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
 
 
 def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Path, device: str, gan_model: Path | None = None) -> dict[str, Any]:
-    """Segment every held-out study with each method on its own grid (as ``segment --gan`` does); load the reference masks."""
+    """Segment every held-out study with each method on its own grid (as ``segment`` does, gated by ``gan_model``
+    when one is given); load the reference masks."""
     from CovidGANSegLib.datasets import discover_studies, lesion_mask_path
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.nifti import load_ct, load_mask, save_like

@@ -17,6 +17,9 @@ crops hold the medial lungs around the hila, where vessels are thickest, so thes
 
     python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt
     python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --coverage 0.01 --draws 4
+    python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --gan-gate 4   # the previous default
+
+Without ``--gan`` the segmenters run as plain ``segment`` (the GAN only gates, and the gate is off by default).
 
 Prints a table (mean over cases, and per involvement) and saves
 ``benchmarks/results/real_lesions_<date>.json`` with every case's figures.
@@ -25,6 +28,7 @@ Prints a table (mean over cases, and per involvement) and saves
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -85,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-ml", type=float, default=0.5,
                     help="skip draws whose inserted lesions are smaller than this (a lung crop too small for the coverage)")
     ap.add_argument("--no-growth", action="store_true", help="segmenters without the growth step (`segment --no-growth`)")
+    ap.add_argument("--gan-gate", type=float, default=None, metavar="K",
+                    help="with --gan: the GAN-agreement gate with this k (`segment --gan-gate K`; off by default)")
+    ap.add_argument("--keep-slab-partial-volume", action="store_true",
+                    help="do not leave out the lung voxels above or below non-lung tissue (PostProcessing.slab_tissue_hu=None)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.draws < 1 or not all(0.0 < c < 1.0 for c in args.coverage):
@@ -108,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no segmenter model.pt found", file=sys.stderr)
         return 2
     loaded = {str(m): load_segmenter(m, "cpu")[0] for m in models}
-    post = PostProcessing(grow=not args.no_growth)
+    if args.gan_gate is not None and args.gan is None:
+        ap.error("--gan-gate needs --gan")
+    post = PostProcessing(grow=not args.no_growth, gan_gate_sigmas=args.gan_gate,
+                          slab_tissue_hu=None if args.keep_slab_partial_volume else PostProcessing.slab_tissue_hu)
     generator = payload = None
     if args.gan is not None:
         from CovidGANSegLib.gan.inference import load_generator
@@ -126,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         lung = extract_lung_mask(ct.array, ct.spacing)  # the pipeline's own mask, on the lesioned CT
         diff = gate = None
         if generator is not None:
-            ph, gate = gan_gate(ct, lung, generator, payload)
+            ph, gate = gan_gate(ct, lung, generator, payload, post)
             diff = ph.difference_hu
         preds = {name: segment_ct(ct, model, lung_mask=lung, post=post, difference_hu=diff, gate_hu=gate).lesion_mask
                  for name, model in loaded.items()}
@@ -161,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}", "args": {
         "models": [str(m) for m in models], "gan": str(args.gan), "coverage": args.coverage, "draws": args.draws,
-        "thickness_mm": args.thickness, "seed": args.seed, "min_ml": args.min_ml, "growth": not args.no_growth},
+        "thickness_mm": args.thickness, "seed": args.seed, "min_ml": args.min_ml, "post_processing": dataclasses.asdict(post)},
         "seconds": time.perf_counter() - t0, "skipped": skipped, "summary": summary, "cases": cases}, indent=1) + "\n")
     print(f"saved {out}")
     return 0

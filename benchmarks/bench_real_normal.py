@@ -5,9 +5,9 @@ so every voxel a model marks is a false positive; the target is under 2 % of lun
 every ``model.pt`` of ``train-seg`` found under the given folders (a demo output folder holds
 ``runs/transunet`` and ``runs/unet``), plus the HU-threshold baseline. Each segmenter runs as
 ``segment`` does (its own threshold, the HU floor, the lung mask computed on the input grid); with
-``--gan`` the segmenters are gated by the GAN as ``segment --gan`` does and the GAN's difference
-map is summarised (95th / 99th percentile in the lungs, HU). Each CT is also scored resampled to
-8 mm thick slices (``preprocessing.thick_slices``: MosMed's geometry, where the partial volume of
+``--gan`` the GAN's difference map is summarised (95th / 99th percentile in the lungs, HU), and
+with ``--gan-gate K`` too the segmenters are gated by it as ``segment --gan-gate K`` does. Each CT
+is also scored resampled to 8 mm thick slices (``preprocessing.thick_slices``: MosMed's geometry, where the partial volume of
 vessels and of the diaphragm is what a threshold or a phantom-trained model mistakes for lesion).
 
     python benchmarks/bench_real_normal.py demo-out
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="+", type=Path, help="segmenter model.pt files or folders to search")
     ap.add_argument("--real-ct", type=Path, default=ROOT.parent / "shared" / "data" / "real_ct", help="folder of real normal CTs")
     ap.add_argument("--gan", type=Path, default=None, help="GAN model.pt: also report its difference map in the lungs")
+    ap.add_argument("--gan-gate", type=float, default=None, metavar="K", help="with --gan: gate the segmenters (`segment --gan-gate K`)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
@@ -57,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     from CovidGANSegLib.demo import real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
+    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, load_segmenter, segment_ct
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gan_gate is not None and args.gan is None:
+        ap.error("--gan-gate needs --gan")
+    post = PostProcessing(gan_gate_sigmas=args.gan_gate)
     progress.set_mode("none")
     models = find_models(args.models)
     if not models:
@@ -83,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         n_lung = max(1, int(lung.sum()))
         diff = gate = None
         if generator is not None:
-            ph, gate = gan_gate(ct, lung, generator, payload)
+            ph, gate = gan_gate(ct, lung, generator, payload, post)
             diff = ph.difference_hu
             d = diff[lung]
             gan_rows[case] = {"median_hu": float(np.median(d)), "p95_hu": float(np.percentile(d, 95)),
                               "p99_hu": float(np.percentile(d, 99)), "gate_hu": gate}
         for mname, model in loaded.items():
             t = time.perf_counter()
-            mask = segment_ct(ct, model, lung_mask=lung, difference_hu=diff, gate_hu=gate).lesion_mask
+            mask = segment_ct(ct, model, lung_mask=lung, post=post, difference_hu=diff, gate_hu=gate).lesion_mask
             seconds[mname] = seconds.get(mname, 0.0) + time.perf_counter() - t
             rows[mname][case] = round(100.0 * float(mask.sum()) / n_lung, 3)
         rows["hu_threshold"][case] = round(100.0 * float(hu_threshold_segment(ct.array, lung).sum()) / n_lung, 3)

@@ -18,7 +18,7 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
-from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, load_segmenter, post_process, segment_ct,
+from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, load_segmenter, post_process, segment_ct, slab_partial_volume,
                                           segment_file)
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
@@ -113,8 +113,30 @@ def test_plain_rule_is_probability_in_the_lung(phantom, tmp_path):
     ct = CTVolume.from_array(phantom.hu, phantom.affine)
     plain = segment_ct(ct, model, post=PLAIN)
     assert np.array_equal(plain.lesion_mask, plain.lung_mask)
-    ranged = segment_ct(ct, model, post=PostProcessing(open_mm=0.0, grow=False, density_filter_mm=0.0)).lesion_mask
+    ranged = segment_ct(ct, model, post=PostProcessing(open_mm=0.0, grow=False, density_filter_mm=0.0, slab_tissue_hu=None)).lesion_mask
     assert np.array_equal(ranged, plain.lung_mask & (ct.array >= -800) & (ct.array <= 100))
+
+
+def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
+    """An 8 mm slice cut by the diaphragm's dome: lung voxels right above the liver read as ground glass
+    (-450 HU) and the model marks them; they are left out, a lesion two slices higher is kept."""
+    shape = (40, 40, 6)
+    hu = np.full(shape, -850.0)
+    lung = np.zeros(shape, bool)
+    lung[5:35, 5:35, 1:] = True
+    hu[~lung] = 50.0  # liver below (slice 0) and chest wall around
+    hu[10:30, 10:30, 1] = -450.0  # dome partial volume, the slab just above the liver
+    hu[15:25, 15:25, 3] = -450.0  # a lesion within aerated lung
+    detections = hu == -450.0
+    spacing = (1.5, 1.5, 8.0)
+    dome = np.zeros(shape, bool)
+    dome[10:30, 10:30, 1] = True
+    assert np.array_equal(slab_partial_volume(hu, lung) & dome, dome)
+    kept = post_process(detections, hu, lung, spacing, PostProcessing())
+    assert not (kept & dome).any()
+    assert kept[17:23, 17:23, 3].all()  # the opening rounds the square's corners
+    assert (post_process(detections, hu, lung, spacing, PostProcessing(slab_tissue_hu=None)) & dome).sum() > 0.9 * dome.sum()
+    assert not slab_partial_volume(hu, lung, tissue_hu=100.0).any()  # the liver (50 HU) is not denser than 100 HU
 
 
 def _slab(shape=(60, 60, 4)):
@@ -154,7 +176,8 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
     assert not post_process(detections, hu, lung, spacing, PostProcessing(), difference_hu=difference * 0.1, gate_hu=40.0).any()
     assert np.array_equal(post_process(detections, hu, lung, spacing, PostProcessing(), difference_hu=None, gate_hu=40.0), grown)
     stats = {"count": 100, "median": 0.01, "sigma": 0.005}
-    assert PostProcessing().gate_hu(stats, 1400.0) == pytest.approx((0.01 + 4 * 0.005) * 1400.0)
+    assert PostProcessing(gan_gate_sigmas=4.0).gate_hu(stats, 1400.0) == pytest.approx((0.01 + 4 * 0.005) * 1400.0)
+    assert PostProcessing().gate_hu(stats, 1400.0) is None  # off by default (README, "Mild lesions in real anatomy")
     assert PostProcessing(gan_gate_sigmas=None).gate_hu(stats, 1400.0) is None and PostProcessing().gate_hu(None, 1400.0) is None
     with pytest.raises(ValueError):
         PostProcessing(open_mm=-1.0)
@@ -382,6 +405,17 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
                "--output", seeds, "--report", tmp_path / "seeds.json", "--no-growth", "--device", "cpu") == 0
     assert json.loads((tmp_path / "seeds.json").read_text())["post_processing"]["grow"] is False
     assert not (nib.load(str(seeds)).get_fdata() > np.asarray(nib.load(str(pred)).get_fdata())).any()
+    # the GAN-agreement gate is off unless asked for (--gan-gate K); gated, the mask can only shrink
+    assert rep["post_processing"]["gan_gate_sigmas"] is None and rep["post_processing"]["gan_gate_hu"] is None
+    gated = tmp_path / "gated.nii.gz"
+    assert run("segment", "--input", study, "--gan", tmp_path / "gan" / "model.pt", "--seg", tmp_path / "transunet" / "model.pt",
+               "--output", gated, "--report", tmp_path / "gated.json", "--gan-gate", "4", "--device", "cpu") == 0
+    gated_rep = json.loads((tmp_path / "gated.json").read_text())["post_processing"]
+    assert gated_rep["gan_gate_sigmas"] == 4.0 and gated_rep["gan_gate_hu"] is not None
+    assert not (nib.load(str(gated)).get_fdata() > np.asarray(nib.load(str(pred)).get_fdata())).any()
+    assert run("segment", "--input", study, "--seg", tmp_path / "transunet" / "model.pt", "--output", tmp_path / "x.nii.gz",
+               "--gan-gate", "4") == 2
+    assert "--gan-gate needs the GAN checkpoint" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
     assert run("evaluate", "--pred", tmp_path / "pred", "--truth", cohort / "masks", "--lungs", tmp_path / "lungs",
                "--out", tmp_path / "ev", "--method", "transunet") == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
