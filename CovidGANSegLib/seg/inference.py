@@ -7,6 +7,11 @@ probabilities back onto the canonical CT grid with ``GridMapping.to_canonical`` 
 the model's crop box), thresholds them (``p > threshold``, default the checkpoint's, chosen on
 synthetic validation lesions) and applies :class:`PostProcessing` on the input grid:
 
+0. **Slab partial volume** (``slab_tissue_hu``, -300 HU): a lung voxel whose neighbour in the
+   previous or next slice is non-lung tissue denser than that shares its (thick) slab with the
+   diaphragm's dome, the apex or the heart and reads as ground glass; it is left out of the lung
+   for everything below (:func:`slab_partial_volume`). On the real normal CTs at 8 mm these were
+   single-slice sheets of 4-19 mL at the lung's ends.
 1. **HU prior**: lesion voxels lie in ``hu_range`` (-800 .. +100 HU) on the input and inside the
    lung mask computed (or given) there. The faintest ground glass is about -750 HU and
    consolidation at most about +50 HU; aerated lung at the pleura (partial volume) and
@@ -14,7 +19,7 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
 2. **Opening**: an in-plane binary opening with a disk of ``open_mm`` removes detections thinner
    than the disk: the rims along the pleura and the vessel walls that were most of the false
    positives of phantom-trained models on real normal CTs; lesions of a few mL are wider.
-3. **GAN agreement** (when the GAN's difference map is given, ``segment --gan``): a detected
+3. **GAN agreement** (off by default: ``gan_gate_sigmas`` None; ``segment --gan-gate K``): a detected
    component is kept only when the GAN removed density there, i.e. when its mean difference
    (input minus pseudo-healthy, eq. 3) exceeds ``median + gan_gate_sigmas * sigma`` of G's own
    difference in healthy lung (robust statistics stored in the GAN checkpoint at the end of its
@@ -27,7 +32,11 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    case of one model but changed nothing for three other seeds, and for two of five models it kept
    false detections on 13-16 % of a real normal lung at 8 mm slices: not the default. (k = 4, the quartile
    and the 5 % were set on the validation cohort after seeing the real-normal figures too; 2-10 %
-   gave the same results there: see the README, which says so.)
+   gave the same results there: see the README, which says so.) It was the default until real CTs
+   with inserted lesions of the independent model (``benchmarks/bench_real_lesions.py``) showed
+   that on real anatomy the phantom-trained GAN barely changes mild lesions (mean difference
+   10-20 HU against a 40 HU gate) while it changes vessels by 50-300 HU: the gate kept vessels and
+   dropped lesions, and Dice there fell to the HU threshold's (README, "Mild lesions in real anatomy").
 4. **Density filter** (``density_filter_mm``, 3 mm): the CT's density inside the lung passes an
    in-plane grey opening, then a closing, with a 7 x 7 mm square (:func:`filtered_density`): bright
    structures narrower than that (vessels and their partial-volume halos, septal lines) fall to
