@@ -35,7 +35,7 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    gave the same results there: see the README, which says so.) It was the default until real CTs
    with inserted lesions of the independent model (``benchmarks/bench_real_lesions.py``) showed
    that on real anatomy the phantom-trained GAN barely changes mild lesions (mean difference
-   10-20 HU against a 40 HU gate) while it changes vessels by 50-300 HU: the gate kept vessels and
+   mostly 5-25 HU against a 40 HU gate) while it changes vessels by 50-300 HU: the gate kept vessels and
    dropped lesions, and Dice there fell to the HU threshold's (README, "Mild lesions in real anatomy").
 4. **Density filter** (``density_filter_mm``, 3 mm): the CT's density inside the lung passes an
    in-plane grey opening, then a closing, with a 7 x 7 mm square (:func:`filtered_density`): bright
@@ -181,8 +181,8 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
                  rule: PostProcessing, *, difference_hu: np.ndarray | None = None, gate_hu: float | None = None) -> np.ndarray:
     """Apply :class:`PostProcessing` to a canonical bool mask of above-threshold voxels.
 
-    Order: lung and HU prior, opening, GAN gate, density filter of the seeds, growth (module
-    docstring). ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu``
+    Order: slab rule, lung and HU prior, opening, GAN gate, density filter of the seeds, growth
+    (module docstring). ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu``
     switch on the GAN-agreement gate: components whose mean difference is at most ``gate_hu`` are
     dropped; extensive ones are kept (``rule.gan_gate_spares_extensive``) or judged by the
     ``rule.gan_gate_quantile`` of their difference.
