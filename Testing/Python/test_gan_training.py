@@ -101,9 +101,11 @@ def test_training_iterations_change_weights_and_reduce_reconstruction_loss(tiny_
     assert set(losses) >= {"d_loss", "g_adv", "g_rec", "lr_g", "lr_d"} and all(np.isfinite(v) for v in losses.values())
     assert any(not torch.equal(before_w[k], v) for k, v in trainer.generator.state_dict().items())
     assert any(not torch.equal(before_d[k], v) for k, v in trainer.discriminator.state_dict().items())
-    for _ in range(15):  # several steps on the same batch
+    # several steps on the same batch: 32, because the adversarial game makes the loss spike now and then
+    # (with one torch build, back to 0.97 of the start at step 16; from step 20 on under 0.6 of it)
+    for _ in range(31):
         trainer.step(h, hl, c, cl, noisy_healthy=noisy)
-    assert trainer.iteration == 16
+    assert trainer.iteration == 32
     assert rec_loss() < 0.9 * loss0
 
 
