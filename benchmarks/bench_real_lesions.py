@@ -101,30 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from bench_real_normal import find_models
+    from bench_real_normal import load_models
     from CovidGANSegLib import progress
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.metrics import confusion, from_confusion
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, load_segmenter, segment_ct
+    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, segment_ct
 
     if args.threads:
         torch.set_num_threads(args.threads)
     progress.set_mode("none")
-    models = find_models(args.models)
-    if not models:
-        print("no segmenter model.pt found", file=sys.stderr)
-        return 2
-    loaded = {str(m): load_segmenter(m, "cpu")[0] for m in models}
     if args.gan_gate is not None and args.gan is None:
         ap.error("--gan-gate needs --gan")
     post = PostProcessing(grow=not args.no_growth, gan_gate_sigmas=args.gan_gate,
                           slab_tissue_hu=None if args.keep_slab_partial_volume else PostProcessing.slab_tissue_hu)
-    generator = payload = None
-    if args.gan is not None:
-        from CovidGANSegLib.gan.inference import load_generator
-
-        generator, payload = load_generator(args.gan, "cpu")
+    found = load_models(args.models, args.gan)
+    if found is None:
+        return 2
+    loaded, generator, payload = found
     methods = [*loaded, "hu_threshold"]
     cases: list[dict] = []
     t0 = time.perf_counter()
@@ -171,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / "benchmarks" / "results" / f"real_lesions_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}", "args": {
-        "models": [str(m) for m in models], "gan": str(args.gan), "coverage": args.coverage, "draws": args.draws,
+        "models": list(loaded), "gan": str(args.gan), "coverage": args.coverage, "draws": args.draws,
         "thickness_mm": args.thickness, "seed": args.seed, "min_ml": args.min_ml, "post_processing": dataclasses.asdict(post)},
         "seconds": time.perf_counter() - t0, "skipped": skipped, "summary": summary, "cases": cases}, indent=1) + "\n")
     print(f"saved {out}")

@@ -42,6 +42,23 @@ def find_models(paths: list[Path]) -> list[Path]:
     return found
 
 
+def load_models(paths: list[Path], gan: Path | None) -> tuple[dict, object, dict] | None:
+    """``({path: segmenter}, generator or None, GAN payload)`` on the CPU; None when no segmenter is found."""
+    from CovidGANSegLib.seg.inference import load_segmenter
+
+    models = find_models(paths)
+    if not models:
+        print("no segmenter model.pt found", file=sys.stderr)
+        return None
+    loaded = {str(m): load_segmenter(m, "cpu")[0] for m in models}
+    generator = payload = None
+    if gan is not None:
+        from CovidGANSegLib.gan.inference import load_generator
+
+        generator, payload = load_generator(gan, "cpu")
+    return loaded, generator, payload
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path, help="segmenter model.pt files or folders to search")
@@ -58,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from CovidGANSegLib.demo import real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, load_segmenter, segment_ct
+    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, segment_ct
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,16 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--gan-gate needs --gan")
     post = PostProcessing(gan_gate_sigmas=args.gan_gate)
     progress.set_mode("none")
-    models = find_models(args.models)
-    if not models:
-        print("no segmenter model.pt found", file=sys.stderr)
+    found = load_models(args.models, args.gan)
+    if found is None:
         return 2
-    loaded = {str(m): load_segmenter(m, "cpu")[0] for m in models}
-    generator = payload = None
-    if args.gan is not None:
-        from CovidGANSegLib.gan.inference import load_generator
-
-        generator, payload = load_generator(args.gan, "cpu")
+    loaded, generator, payload = found
     rows: dict[str, dict[str, float]] = {name: {} for name in [*loaded, "hu_threshold"]}
     gan_rows: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}
