@@ -9,17 +9,17 @@ This benchmark puts the two together: each real CT is resampled to 8 mm thick sl
 partial volume averaged over the 8 mm slab; none of the training lesion model's code) are drawn
 inside it at mild involvement (MosMed CT-1: a few tenths of a percent to a few percent of the
 lung). The pipeline then sees only the lesioned CT, as ``segment`` does: it computes its own lung
-mask, the GAN gate (with ``--gan``), the segmenter and the post-processing, and is scored on the
+mask, the GAN gate (with ``--gan-gate``), the segmenter and the post-processing, and is scored on the
 CT's own grid against the inserted mask. The truth comes from a lesion generator the models never
 trained on, and the anatomy around it (perihilar vessels, the heart's and diaphragm's partial
 volume) is real: the closest this repository gets to the held-out real cohort of issue 8. The
 crops hold the medial lungs around the hila, where vessels are thickest, so these are hard cases.
 
-    python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt
-    python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --coverage 0.01 --draws 4
+    python benchmarks/bench_real_lesions.py demo-out
+    python benchmarks/bench_real_lesions.py demo-out --coverage 0.01 --draws 4
     python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --gan-gate 4   # the previous default
 
-Without ``--gan`` the segmenters run as plain ``segment`` (the GAN only gates, and the gate is off by default).
+The segmenters run as plain ``segment``; the GAN (``--gan``) is loaded and run only for ``--gan-gate``.
 
 Prints a table (mean over cases, and per involvement) and saves
 ``benchmarks/results/real_lesions_<date>.json`` with every case's figures.
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path, help="segmenter model.pt files or folders to search")
     ap.add_argument("--real-ct", type=Path, default=ROOT.parent / "shared" / "data" / "real_ct", help="folder of real normal CTs")
-    ap.add_argument("--gan", type=Path, default=None, help="GAN model.pt: gate the segmenters as `segment --gan` does")
+    ap.add_argument("--gan", type=Path, default=None, help="GAN model.pt, for --gan-gate")
     ap.add_argument("--coverage", type=float, nargs="+", default=list(DEFAULT_COVERAGE),
                     help="lesion share(s) of the lung (default: %(default)s)")
     ap.add_argument("--draws", type=int, default=2, help="lesion draws per CT and coverage")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--gan-gate needs --gan")
     post = PostProcessing(grow=not args.no_growth, gan_gate_sigmas=args.gan_gate,
                           slab_tissue_hu=None if args.keep_slab_partial_volume else PostProcessing.slab_tissue_hu)
-    found = load_models(args.models, args.gan)
+    found = load_models(args.models, args.gan if args.gan_gate is not None else None)  # the GAN is used only to gate
     if found is None:
         return 2
     loaded, generator, payload = found

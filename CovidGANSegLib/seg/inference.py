@@ -525,7 +525,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
     pv = preprocess_ct(ct, preprocess, lung_mask=lung_in)
     lung = pv.lung_mask_canonical if lung_in is None else lung_in
     ph = gate = None
-    if generator is not None:
+    # the GAN runs only where its result is used: the gate, or the pseudo-healthy / difference outputs
+    if generator is not None and (rule.gan_gate_sigmas is not None or pseudo_healthy is not None or difference is not None):
         progress.report(0.3, "pseudo-healthy CT")
         ph, gate = gan_gate(ct, lung, generator, gan_payload, rule)
     result = segment_ct(ct, model, preprocess, lung_mask=lung, threshold=thr, batch_size=batch_size, preprocessed=pv, post=rule,
