@@ -54,6 +54,15 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    cohort): not the default. The segmenter finds *where* there is disease; the density tells how
    far it reaches (seen on phantoms: the models find the cores of large lesions and miss their
    faint extent).
+6. **Local contrast** (``min_contrast_hu``, 100 HU, over a ring of ``contrast_ring_mm``, 6 mm): a
+   final component is kept only when its median HU exceeds the median HU of the lung around it (an
+   in-plane ring out to 6 mm, lung voxels outside the mask, the adjacent voxel left out as partial
+   volume) by at least that much (:func:`local_contrast`). A lesion is denser than the lung around
+   it; gravity-dependent density in the posterior lung and partial volume along the pleura and the
+   diaphragm rise gradually and match the lung next to them. On real normal CTs at 8 mm those were
+   the largest remaining false detections (up to 17 mL, median -620 HU, about 30-90 HU above their
+   surroundings); on real CTs with inserted mild lesions and on the three phantom validation
+   cohorts, five models gained on average (README, "Local contrast").
 
 The density filter helped each of five retrained models on the validation cohorts (all cases and
 mild cases) and on the real normal CTs; on a fresh cohort checked afterwards the mild cases gained
@@ -119,6 +128,9 @@ class PostProcessing:
         gan_gate_extensive: the share of the lung above which a component is extensive.
         slab_tissue_hu: lung voxels whose neighbour in the previous or next slice is outside the
             lung and denser than this are left out (:func:`slab_partial_volume`; None: kept).
+        min_contrast_hu: a final component is kept only when its median HU exceeds the median
+            HU of the lung around it by this much (:func:`local_contrast`; None: no such check).
+        contrast_ring_mm: in-plane reach of the ring of lung that ``min_contrast_hu`` compares with.
     """
 
     hu_range: tuple[float, float] | None = (LESION_HU_FLOOR, 100.0)
@@ -133,6 +145,8 @@ class PostProcessing:
     gan_gate_quantile: float | None = 0.75
     gan_gate_extensive: float = 0.05
     slab_tissue_hu: float | None = -300.0
+    min_contrast_hu: float | None = 100.0
+    contrast_ring_mm: float = 6.0
 
     def gate_hu(self, healthy_difference: dict[str, float] | None, window_width: float) -> float | None:
         """The gate in HU from G's healthy-lung difference statistics (window units), or None."""
@@ -157,12 +171,24 @@ class PostProcessing:
             raise ValueError(f"gan_gate_sigmas must be a finite value >= 0 or None, got {self.gan_gate_sigmas}")
         if self.slab_tissue_hu is not None and not np.isfinite(self.slab_tissue_hu):
             raise ValueError(f"slab_tissue_hu must be finite or None, got {self.slab_tissue_hu}")
+        if self.min_contrast_hu is not None and not np.isfinite(self.min_contrast_hu):
+            raise ValueError(f"min_contrast_hu must be finite or None, got {self.min_contrast_hu}")
+        if not (self.contrast_ring_mm > 0 and np.isfinite(self.contrast_ring_mm)):
+            raise ValueError(f"contrast_ring_mm must be a finite value > 0, got {self.contrast_ring_mm}")
         if not 0.0 <= self.gan_gate_extensive <= 1.0:
             raise ValueError(f"gan_gate_extensive must be in [0, 1], got {self.gan_gate_extensive}")
 
 
 #: the paper's plain rule: probability above the threshold inside the lung, nothing else
-PLAIN = PostProcessing(hu_range=None, open_mm=0.0, grow=False, density_filter_mm=0.0, slab_tissue_hu=None)
+PLAIN = PostProcessing(hu_range=None, open_mm=0.0, grow=False, density_filter_mm=0.0, slab_tissue_hu=None,
+                       min_contrast_hu=None)
+
+
+def _disk(spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
+    """In-plane elliptic disk of ``radius_mm`` (at least one voxel) as a 3D ``(x, y, 1)`` structure."""
+    rx, ry = (max(1, int(round(radius_mm / s))) for s in spacing[:2])
+    u, v = np.mgrid[-rx:rx + 1, -ry:ry + 1]
+    return ((u / rx) ** 2 + (v / ry) ** 2 <= 1.0)[:, :, None]  # (2 rx + 1, 2 ry + 1, 1)
 
 
 def _opening(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
@@ -171,18 +197,51 @@ def _opening(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: f
 
     if radius_mm <= 0 or not mask.any():
         return mask
-    rx, ry = (max(1, int(round(radius_mm / s))) for s in spacing[:2])
-    u, v = np.mgrid[-rx:rx + 1, -ry:ry + 1]
-    disk = ((u / rx) ** 2 + (v / ry) ** 2 <= 1.0)[:, :, None]  # (2 rx + 1, 2 ry + 1, 1)
-    return ndi.binary_opening(mask, structure=disk)
+    return ndi.binary_opening(mask, structure=_disk(spacing, radius_mm))
+
+
+def local_contrast(mask: np.ndarray, hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
+                   min_contrast_hu: float, ring_mm: float, *, min_ring_voxels: int = 5) -> np.ndarray:
+    """Keep the 26-connected components of ``mask`` whose median HU exceeds the median HU of the
+    lung around them by at least ``min_contrast_hu``.
+
+    The lung around a component is an in-plane ring: lung voxels outside ``mask`` within
+    ``ring_mm`` of the component, without the directly adjacent voxels (the lesion's own partial
+    volume). A component with fewer than ``min_ring_voxels`` such voxels (the whole lung diseased
+    around it) is kept: there is nothing to compare with.
+    """
+    from scipy import ndimage as ndi
+
+    if not mask.any():
+        return mask
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    disk = _disk(spacing, ring_mm)
+    rx, ry = disk.shape[0] // 2 + 1, disk.shape[1] // 2 + 1
+    near = np.zeros((3, 3, 3), dtype=bool)
+    near[:, :, 1] = ndi.generate_binary_structure(2, 1)
+    keep = np.ones(n + 1, dtype=bool)
+    keep[0] = False
+    for i, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None:
+            continue
+        bx, by, bz = box
+        sl = (slice(max(0, bx.start - rx), bx.stop + rx), slice(max(0, by.start - ry), by.stop + ry), bz)
+        comp = lab[sl] == i
+        ring = ndi.binary_dilation(comp, structure=disk) & ~ndi.binary_dilation(comp, structure=near)
+        ring &= lung[sl] & ~mask[sl]
+        if int(ring.sum()) < min_ring_voxels:
+            continue
+        h = hu[sl]
+        keep[i] = float(np.median(h[comp])) - float(np.median(h[ring])) >= min_contrast_hu
+    return keep[lab]
 
 
 def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
                  rule: PostProcessing, *, difference_hu: np.ndarray | None = None, gate_hu: float | None = None) -> np.ndarray:
     """Apply :class:`PostProcessing` to a canonical bool mask of above-threshold voxels.
 
-    Order: slab rule, lung and HU prior, opening, GAN gate, density filter of the seeds, growth
-    (module docstring). ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu``
+    Order: slab rule, lung and HU prior, opening, GAN gate, density filter of the seeds, growth,
+    local contrast (module docstring). ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu``
     switch on the GAN-agreement gate: components whose mean difference is at most ``gate_hu`` are
     dropped; extensive ones are kept (``rule.gan_gate_spares_extensive``) or judged by the
     ``rule.gan_gate_quantile`` of their difference.
@@ -211,20 +270,21 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
         keep = np.concatenate([[False], stats > gate_hu])
         seeds = keep[lab]
     filter_seeds = rule.density_filter_seeds and rule.density_filter_mm > 0
-    if not seeds.any() or not (rule.grow or filter_seeds):
-        return seeds
-    dense = _lesion_range_after_filter(hu, lung, spacing, rule.density_filter_mm, rule.grow_hu_range[0])
-    if filter_seeds:
-        seeds &= dense
-    if not rule.grow or not seeds.any():
-        return seeds
-    from CovidGANSegLib.components import components_touching
+    if seeds.any() and (rule.grow or filter_seeds):
+        dense = _lesion_range_after_filter(hu, lung, spacing, rule.density_filter_mm, rule.grow_hu_range[0])
+        if filter_seeds:
+            seeds &= dense
+        if rule.grow and seeds.any():
+            from CovidGANSegLib.components import components_touching
 
-    region = dense & (hu <= rule.grow_hu_range[1])
-    if rule.hu_range is not None:  # the filter's closing may bridge a dip; the voxels themselves keep the HU prior
-        region &= hu >= rule.hu_range[0]
-    region = _opening(region, spacing, rule.open_mm)
-    return seeds | components_touching(seeds, region, rule.grow_connectivity)
+            region = dense & (hu <= rule.grow_hu_range[1])
+            if rule.hu_range is not None:  # the filter's closing may bridge a dip; the voxels themselves keep the HU prior
+                region &= hu >= rule.hu_range[0]
+            region = _opening(region, spacing, rule.open_mm)
+            seeds = seeds | components_touching(seeds, region, rule.grow_connectivity)
+    if rule.min_contrast_hu is not None:
+        seeds = local_contrast(seeds, hu, lung, spacing, rule.min_contrast_hu, rule.contrast_ring_mm)
+    return seeds
 
 
 def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = -300.0) -> np.ndarray:
