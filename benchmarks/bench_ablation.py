@@ -45,8 +45,11 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
   (``density_filter_seeds``; the previous default pipeline);
 * ``seed-filter-no-gate``: the same without the GAN-agreement gate;
 * ``+slab-rule``: and lung voxels that share their slice's slab with non-lung tissue are left out
-  (``PostProcessing.slab_tissue_hu``): the default pipeline. Every row before it runs with
-  ``slab_tissue_hu=None`` and, where it gates, with the gate at k = 4 (the default until then).
+  (``PostProcessing.slab_tissue_hu``). Every row before it runs with ``slab_tissue_hu=None`` and,
+  where it gates, with the gate at k = 4 (the default until then);
+* ``+local-contrast``: and a final component is kept only when its median HU is at least 100 HU above
+  that of the lung within 6 mm around it (``PostProcessing.min_contrast_hu``): the default pipeline.
+  Every row before it runs with ``min_contrast_hu=None``.
 
 ``--mild-cohort N`` also scores every variant on a second validation cohort of N mild (CT-1)
 phantoms (independent lesion model, seed + 3, studies 7001..): the main validation cohort has three.
@@ -89,7 +92,7 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
             "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth", "face-growth-only",
-            "bce-no-gate", "+growth-filter", "+seed-filter", "seed-filter-no-gate", "+slab-rule")
+            "bce-no-gate", "+growth-filter", "+seed-filter", "seed-filter-no-gate", "+slab-rule", "+local-contrast")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}
@@ -152,9 +155,13 @@ SETTINGS = {
                      **_NEW, "seg": _BCE},
     "seed-filter-no-gate": {"rule": "refined", "fine": True, "fraction": 1.0, "post": {**_QUARTILE, "density_filter_mm": 3.0}, **_NEW,
                             "seg": _BCE},
-    # the default pipeline: no gate, slab partial volume left out
+    # no gate, slab partial volume left out
     "+slab-rule": {"rule": "refined", "fine": True, "fraction": 1.0,
                    "post": {**_QUARTILE, "density_filter_mm": 3.0, "slab_tissue_hu": -300.0}, **_NEW, "seg": _BCE},
+    # the default pipeline: and components no denser than the lung around them are dropped
+    "+local-contrast": {"rule": "refined", "fine": True, "fraction": 1.0,
+                        "post": {**_QUARTILE, "density_filter_mm": 3.0, "slab_tissue_hu": -300.0, "min_contrast_hu": 100.0},
+                        **_NEW, "seg": _BCE},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
@@ -436,8 +443,9 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
            gate: str | None = None, fixed_gate_hu: float | None = None) -> dict[str, Any]:
     from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, load_segmenter, segment_ct
 
-    # rows before +slab-rule predate the slab rule, and their gate ran at k = 4 (the default until then)
-    rule = PostProcessing(**{"slab_tissue_hu": None, "gan_gate_sigmas": 4.0 if gate else None, **post})
+    # rows before +slab-rule predate the slab rule, and their gate ran at k = 4 (the default until then);
+    # rows before +local-contrast predate the local contrast rule
+    rule = PostProcessing(**{"slab_tissue_hu": None, "min_contrast_hu": None, "gan_gate_sigmas": 4.0 if gate else None, **post})
     model, _ = load_segmenter(model_path, "cpu")
     generator = payload = None
     if gan is not None:

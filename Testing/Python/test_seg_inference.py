@@ -18,7 +18,7 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
-from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, load_segmenter, post_process, segment_ct, slab_partial_volume,
+from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, load_segmenter, local_contrast, post_process, segment_ct, slab_partial_volume,
                                           segment_file)
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
@@ -137,6 +137,35 @@ def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
     assert kept[17:23, 17:23, 3].all()  # the opening rounds the square's corners
     assert (post_process(detections, hu, lung, spacing, PostProcessing(slab_tissue_hu=None)) & dome).sum() > 0.9 * dome.sum()
     assert not slab_partial_volume(hu, lung, tissue_hu=100.0).any()  # the liver (50 HU) is not denser than 100 HU
+
+
+def test_local_contrast_drops_gradual_dependent_density_and_keeps_a_focal_lesion():
+    """Posterior (dependent) density rising gradually to -600 HU at the pleura: the model fires on its
+    densest part and growth takes it down to -750 HU, but it is barely denser than the lung next to
+    it (about 90 HU) and is dropped; a focal -500 HU lesion in aerated lung (about 300 HU above its
+    surroundings) is kept. Without the rule (``min_contrast_hu=None``) the band stays."""
+    shape = (60, 80, 3)
+    y = np.arange(shape[1], dtype=float)[None, :, None]
+    hu = np.broadcast_to(np.maximum(-600.0 - 5.0 * y, -850.0), shape).copy()  # -600 HU at y = 0, -850 from y = 50
+    lung = np.ones(shape, bool)
+    u, v = np.mgrid[: shape[0], : shape[1]]
+    lesion = ((u - 30) ** 2 + (v - 65) ** 2 <= 6 ** 2)[:, :, None] & lung
+    hu[lesion] = -500.0
+    detections = lesion | (hu >= -650.0)  # the lesion and the band's densest 10 voxels
+    spacing = (1.5, 1.5, 8.0)
+    kept = post_process(detections, hu, lung, spacing, PostProcessing())
+    without = post_process(detections, hu, lung, spacing, PostProcessing(min_contrast_hu=None))
+    band = (hu >= -750.0) & ~lesion
+    assert without[band].mean() > 0.9 and without[lesion].mean() > 0.95  # the opening rounds the disc's rim
+    assert np.array_equal(kept, without & lesion)
+    # the rule alone: the band's median is about -675 HU against -765 HU in the 6 mm ring beyond it
+    assert np.array_equal(local_contrast(without, hu, lung, spacing, 100.0, 6.0), kept)
+    assert np.array_equal(local_contrast(without, hu, lung, spacing, 50.0, 6.0), without)
+    # nothing to compare with (no lung outside the mask around it): kept
+    assert np.array_equal(local_contrast(lung, hu, lung, spacing, 100.0, 6.0), lung)
+    assert PLAIN.min_contrast_hu is None
+    with pytest.raises(ValueError):
+        PostProcessing(contrast_ring_mm=0.0)
 
 
 def _slab(shape=(60, 60, 4)):
