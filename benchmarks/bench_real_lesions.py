@@ -17,7 +17,7 @@ crops hold the medial lungs around the hila, where vessels are thickest, so thes
 
     python benchmarks/bench_real_lesions.py demo-out
     python benchmarks/bench_real_lesions.py demo-out --coverage 0.01 --draws 4
-    python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --gan-gate 4   # the previous default
+    python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --gan-gate 4 --keep-slab-partial-volume --no-local-contrast   # the default two rounds ago
 
 The segmenters run as plain ``segment``; the GAN (``--gan``) is loaded and run only for ``--gan-gate``.
 
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --gan: the GAN-agreement gate with this k (`segment --gan-gate K`; off by default)")
     ap.add_argument("--keep-slab-partial-volume", action="store_true",
                     help="do not leave out the lung voxels above or below non-lung tissue (PostProcessing.slab_tissue_hu=None)")
+    ap.add_argument("--no-local-contrast", action="store_true",
+                    help="keep components no denser than the lung around them (PostProcessing.min_contrast_hu=None)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.draws < 1 or not all(0.0 < c < 1.0 for c in args.coverage):
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.gan_gate is not None and args.gan is None:
         ap.error("--gan-gate needs --gan")
     post = PostProcessing(grow=not args.no_growth, gan_gate_sigmas=args.gan_gate,
-                          slab_tissue_hu=None if args.keep_slab_partial_volume else PostProcessing.slab_tissue_hu)
+                          slab_tissue_hu=None if args.keep_slab_partial_volume else PostProcessing.slab_tissue_hu,
+                          min_contrast_hu=None if args.no_local_contrast else PostProcessing.min_contrast_hu)
     found = load_models(args.models, args.gan if args.gan_gate is not None else None)  # the GAN is used only to gate
     if found is None:
         return 2
