@@ -81,6 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-growth", dest="grow", action="store_false",
                    help="keep the segmenter's detections only, without growing them into connected lesion-range density "
                         "(about twice as precise, but it misses most of the extent of lesions: lower Dice, on mild disease too)")
+    p.add_argument("--no-local-contrast", dest="local_contrast", action="store_false",
+                   help="keep components that are less than 100 HU denser than the lung within 6 mm around them "
+                        "(by default dropped: gravity-dependent density and partial volume along the pleura; faint "
+                        "ground glass in dense lung goes with them)")
     p.add_argument("--gan-gate", type=float, default=None, metavar="K",
                    help="keep only detections where the GAN removed density (mean difference above median + K sigma of its "
                         "healthy-lung difference; needs --gan). Off by default: on real anatomy it dropped most true mild lesions")
@@ -195,7 +199,7 @@ def run_segment(args: argparse.Namespace) -> int:
         rep = segment_file(args.input, seg=args.seg, gan=args.gan, output=staged["output"], lungs=staged.get("lungs"),
                            pseudo_healthy=staged.get("pseudo_healthy"), difference=staged.get("difference"), report=None,
                            device=device, threshold=args.threshold, input_lungs=args.input_lungs, grow=args.grow,
-                           gan_gate_sigmas=args.gan_gate)
+                           gan_gate_sigmas=args.gan_gate, local_contrast=args.local_contrast)
         rep["outputs"] = {k: str(outputs[k]) if k in outputs else None for k in _SEGMENT_OUTPUTS}
         if "report" in staged:
             with atomic_path(staged["report"]) as tmp:

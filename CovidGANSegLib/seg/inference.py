@@ -518,7 +518,8 @@ def _integral_dtype(*arrays: np.ndarray) -> type:
 def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan: str | Path | None = None, lungs: str | Path | None = None,
                  pseudo_healthy: str | Path | None = None, difference: str | Path | None = None, report: str | Path | None = None,
                  device: str = "auto", threshold: float | None = None, input_lungs: str | Path | None = None,
-                 batch_size: int = 16, grow: bool = True, gan_gate_sigmas: float | None = None) -> dict[str, Any]:
+                 batch_size: int = 16, grow: bool = True, gan_gate_sigmas: float | None = None,
+                 local_contrast: bool = True) -> dict[str, Any]:
     """File to file: lesion mask (and optional outputs) on the input CT's own grid; returns the report.
 
     Args:
@@ -540,6 +541,10 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         gan_gate_sigmas: switch the GAN-agreement gate on with this k (needs ``gan``; off by
             default: on real anatomy it dropped most true mild lesions, README "Mild lesions in
             real anatomy").
+        local_contrast: drop components that are not at least ``PostProcessing.min_contrast_hu``
+            denser than the lung around them (:class:`PostProcessing`, step 6; README "Local
+            contrast"). Off, faint ground glass in dense (dependent) lung is kept, and so are
+            dependent density and partial volume along the pleura.
 
     Raises:
         InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
@@ -558,7 +563,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         raise InputError("--pseudo-healthy and --difference need the GAN checkpoint (--gan)", Path(pseudo_healthy or difference))
     if gan_gate_sigmas is not None and gan is None:
         raise InputError("the GAN-agreement gate (--gan-gate) needs the GAN checkpoint (--gan)", input)
-    rule = PostProcessing(grow=grow, gan_gate_sigmas=gan_gate_sigmas)  # validates the settings before any work
+    rule = PostProcessing(grow=grow, gan_gate_sigmas=gan_gate_sigmas,  # validates the settings before any work
+                          min_contrast_hu=PostProcessing.min_contrast_hu if local_contrast else None)
     dev = resolve_device(device)
 
     progress.report(0.0, "loading models")
