@@ -48,8 +48,12 @@ marked as lesion). Variants, each adding one lever to the previous one unless sa
   (``PostProcessing.slab_tissue_hu``). Every row before it runs with ``slab_tissue_hu=None`` and,
   where it gates, with the gate at k = 4 (the default until then);
 * ``+local-contrast``: and a final component is kept only when its median HU is at least 100 HU above
-  that of the lung within 6 mm around it (``PostProcessing.min_contrast_hu``): the default pipeline.
-  Every row before it runs with ``min_contrast_hu=None``.
+  that of the lung within 6 mm around it (``PostProcessing.min_contrast_hu``). Every row before it
+  runs with ``min_contrast_hu=None``.
+* ``+thin-growth``: and a grown component of at least 5 mL of which less than 75 % survives an
+  in-plane opening with a 5 mm disk (a vessel tree) keeps only its seeds and 3 mm around them
+  (``PostProcessing.min_thick_fraction``): the default pipeline. Every row before it runs with
+  ``min_thick_fraction=None``.
 
 ``--mild-cohort N`` also scores every variant on a second validation cohort of N mild (CT-1)
 phantoms (independent lesion model, seed + 3, studies 7001..): the main validation cohort has three.
@@ -158,10 +162,15 @@ SETTINGS = {
     # no gate, slab partial volume left out
     "+slab-rule": {"rule": "refined", "fine": True, "fraction": 1.0,
                    "post": {**_QUARTILE, "density_filter_mm": 3.0, "slab_tissue_hu": -300.0}, **_NEW, "seg": _BCE},
-    # the default pipeline: and components no denser than the lung around them are dropped
+    # and components no denser than the lung around them are dropped
     "+local-contrast": {"rule": "refined", "fine": True, "fraction": 1.0,
                         "post": {**_QUARTILE, "density_filter_mm": 3.0, "slab_tissue_hu": -300.0, "min_contrast_hu": 100.0},
                         **_NEW, "seg": _BCE},
+    # the default pipeline: and thin grown components (vessel trees) keep only their seeds' surroundings
+    "+thin-growth": {"rule": "refined", "fine": True, "fraction": 1.0,
+                     "post": {**_QUARTILE, "density_filter_mm": 3.0, "slab_tissue_hu": -300.0, "min_contrast_hu": 100.0,
+                              "min_thick_fraction": 0.75},
+                     **_NEW, "seg": _BCE},
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
@@ -444,8 +453,9 @@ def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None,
     from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, load_segmenter, segment_ct
 
     # rows before +slab-rule predate the slab rule, and their gate ran at k = 4 (the default until then);
-    # rows before +local-contrast predate the local contrast rule
-    rule = PostProcessing(**{"slab_tissue_hu": None, "min_contrast_hu": None, "gan_gate_sigmas": 4.0 if gate else None, **post})
+    # rows before +local-contrast predate the local contrast rule, rows before +thin-growth the thin-growth limit
+    rule = PostProcessing(**{"slab_tissue_hu": None, "min_contrast_hu": None, "min_thick_fraction": None,
+                             "gan_gate_sigmas": 4.0 if gate else None, **post})
     model, _ = load_segmenter(model_path, "cpu")
     generator = payload = None
     if gan is not None:

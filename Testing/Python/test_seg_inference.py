@@ -18,8 +18,8 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
-from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, load_segmenter, local_contrast, post_process, segment_ct, slab_partial_volume,
-                                          segment_file)
+from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, limit_thin_growth, load_segmenter, local_contrast, post_process,
+                                          segment_ct, segment_file, slab_partial_volume)
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
@@ -137,6 +137,45 @@ def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
     assert kept[17:23, 17:23, 3].all()  # the opening rounds the square's corners
     assert (post_process(detections, hu, lung, spacing, PostProcessing(slab_tissue_hu=None)) & dome).sum() > 0.9 * dome.sum()
     assert not slab_partial_volume(hu, lung, tissue_hu=100.0).any()  # the liver (50 HU) is not denser than 100 HU
+
+
+def test_thin_growth_stops_along_a_vessel_but_not_inside_a_lesion():
+    """A seed on a 9 mm wide vessel (-300 HU, wide enough to pass the density filter) would grow along
+    all of it; the grown component is thin (nothing survives a 5 mm disk opening), so it keeps only
+    the seed and 3 mm around it. A seed inside a round 12 mm lesion grows over the whole lesion
+    (thick: kept). Without the rule (``min_thick_fraction=None``) the whole vessel is kept."""
+    shape = (80, 80, 4)
+    spacing = (1.5, 1.5, 8.0)
+    hu = np.full(shape, -850.0)
+    lung = np.ones(shape, bool)
+    u, v = np.mgrid[: shape[0], : shape[1]]
+    lesion = np.broadcast_to(((u - 20) ** 2 + (v - 20) ** 2 <= 8 ** 2)[:, :, None], shape)
+    vessel = np.zeros(shape, bool)
+    vessel[8:76, 55:61] = True  # 68 x 6 voxels (102 x 9 mm) on every slice: about 29 mL
+    vessel[40:46, 35:61] = True  # a branch
+    hu[lesion] = -500.0
+    hu[vessel] = -300.0
+    seed_lesion = np.broadcast_to(((u - 20) ** 2 + (v - 20) ** 2 <= 4 ** 2)[:, :, None], shape)
+    seed_vessel = vessel & (np.arange(shape[0]) < 20)[:, None, None]
+    detections = seed_lesion | seed_vessel
+    kept = post_process(detections, hu, lung, spacing, PostProcessing())
+    without = post_process(detections, hu, lung, spacing, PostProcessing(min_thick_fraction=None))
+    assert without[vessel].mean() > 0.95 and without[lesion].mean() > 0.9  # the opening rounds the rims
+    assert np.array_equal(kept & lesion, without & lesion)  # the lesion keeps its growth
+    assert kept[seed_vessel].mean() > 0.9  # the vessel keeps its seed ...
+    assert not kept[vessel & (np.arange(shape[0]) >= 20 + 3)[:, None, None]].any()  # ... and 3 mm (2 voxels) of growth
+    assert not kept[vessel & (np.arange(shape[0]) >= 40)[:, None, None]].any()  # not the branch
+    # the function alone: a thick component is returned as it is; a fraction of 0 changes nothing
+    grown = without
+    assert np.array_equal(limit_thin_growth(seed_lesion, lesion.copy(), lesion, spacing, 0.75, 5.0, 5.0, 3.0), lesion)
+    assert np.array_equal(limit_thin_growth(detections, grown, grown, spacing, 0.0, 5.0, 5.0, 3.0), grown)
+    # components smaller than the minimum volume are left as they are
+    assert np.array_equal(limit_thin_growth(seed_vessel, vessel.copy(), vessel, spacing, 0.75, 5.0, 100.0, 3.0), vessel)
+    assert PLAIN.min_thick_fraction is None
+    with pytest.raises(ValueError):
+        PostProcessing(min_thick_fraction=1.5)
+    with pytest.raises(ValueError):
+        PostProcessing(thick_mm=-1.0)
 
 
 def test_local_contrast_drops_gradual_dependent_density_and_keeps_a_focal_lesion():
