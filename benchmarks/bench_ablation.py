@@ -96,7 +96,8 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
             "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth", "face-growth-only",
-            "bce-no-gate", "+growth-filter", "+seed-filter", "seed-filter-no-gate", "+slab-rule", "+local-contrast")
+            "bce-no-gate", "+growth-filter", "+seed-filter", "seed-filter-no-gate", "+slab-rule", "+local-contrast",
+            "+thin-growth")
 #: rule: pseudo-mask rule; fine: segmenter on the fine grid; fraction: synthetic share of phase 2; prior / coverage:
 #: synthetic lesion placement and involvement range; post: inference post-processing; gate: GAN gate
 _PLAIN = {"hu_range": None, "open_mm": 0.0, "grow": False}

@@ -348,6 +348,11 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
             region = _opening(region, spacing, rule.open_mm)
             grown = seeds | components_touching(seeds, region, rule.grow_connectivity)
             if rule.min_thick_fraction is not None:
+                if rule.min_contrast_hu is not None:
+                    # judge the grown components whole first: limiting one that fails the local contrast
+                    # rule to its (denser) seeds must not bring it back
+                    grown = local_contrast(grown, hu, lung, spacing, rule.min_contrast_hu, rule.contrast_ring_mm)
+                    seeds = seeds & grown
                 grown = limit_thin_growth(seeds, grown, region, spacing, rule.min_thick_fraction, rule.thick_mm,
                                           rule.thin_growth_min_ml, rule.thin_growth_reach_mm)
             seeds = grown
