@@ -59,9 +59,11 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    opening with a disk of 5 mm is mostly thin: the growth followed vessels (and their partial
    volume at thick slices) out of the seeds through a whole vessel tree. Such a component keeps only
    its seeds and the lesion-range density within ``thin_growth_reach_mm`` (3 mm, in-plane) of them
-   (:func:`limit_thin_growth`). Lesions are thick and keep their growth. On the phantom validation
-   cohorts the vessel trees grown out of one seed near a hilum were 100-500 mL (the largest false
-   detections of mild cases); on five models the rule raised Dice on all three phantom validation
+   (:func:`limit_thin_growth`). Lesions are thick and keep their growth. The local contrast rule
+   (7.) judges each grown component whole before this limit (a component it drops must not come
+   back as its denser seeds) and what is left after it. On the phantom validation cohorts the
+   vessel trees grown out of one seed near a hilum were 100-500 mL (the largest false detections
+   of mild cases); the limit raised the mean Dice of five models on all three phantom validation
    cohorts (mild cases most) and left real anatomy level (README, "Thin growth").
 7. **Local contrast** (``min_contrast_hu``, 100 HU, over a ring of ``contrast_ring_mm``, 6 mm): a
    final component is kept only when its median HU exceeds the median HU of the lung around it (an
@@ -306,10 +308,12 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
     """Apply :class:`PostProcessing` to a canonical bool mask of above-threshold voxels.
 
     Order: slab rule, lung and HU prior, opening, GAN gate, density filter of the seeds, growth
-    (thin grown components limited to their seeds' surroundings), local contrast (module
-    docstring). ``difference_hu`` (the GAN's difference map on the same grid) and ``gate_hu`` switch on the GAN-agreement gate: components whose mean difference is at most ``gate_hu`` are
-    dropped; extensive ones are kept (``rule.gan_gate_spares_extensive``) or judged by the
-    ``rule.gan_gate_quantile`` of their difference.
+    (the local contrast rule on the grown components, then thin ones limited to their seeds'
+    surroundings), local contrast (module docstring). ``difference_hu`` (the GAN's difference map on
+    the same grid) and ``gate_hu`` switch on the GAN-agreement gate: components whose mean
+    difference is at most ``gate_hu`` are dropped; extensive ones are kept
+    (``rule.gan_gate_spares_extensive``) or judged by the ``rule.gan_gate_quantile`` of their
+    difference.
     """
     from scipy import ndimage as ndi
 
