@@ -85,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="keep components that are less than 100 HU denser than the lung within 6 mm around them "
                         "(by default dropped: gravity-dependent density and partial volume along the pleura; faint "
                         "ground glass in dense lung goes with them)")
+    p.add_argument("--no-thin-growth", dest="thin_growth", action="store_false",
+                   help="let grown components that are mostly thin (vessel trees) keep all their growth (by default they "
+                        "keep only their detections and 3 mm around them; a lesion reached through a vessel goes with it)")
     p.add_argument("--gan-gate", type=float, default=None, metavar="K",
                    help="keep only detections where the GAN removed density (mean difference above median + K sigma of its "
                         "healthy-lung difference; needs --gan). Off by default: on real anatomy it dropped most true mild lesions")
@@ -199,7 +202,8 @@ def run_segment(args: argparse.Namespace) -> int:
         rep = segment_file(args.input, seg=args.seg, gan=args.gan, output=staged["output"], lungs=staged.get("lungs"),
                            pseudo_healthy=staged.get("pseudo_healthy"), difference=staged.get("difference"), report=None,
                            device=device, threshold=args.threshold, input_lungs=args.input_lungs, grow=args.grow,
-                           gan_gate_sigmas=args.gan_gate, local_contrast=args.local_contrast)
+                           gan_gate_sigmas=args.gan_gate, local_contrast=args.local_contrast,
+                           thin_growth=args.thin_growth)
         rep["outputs"] = {k: str(outputs[k]) if k in outputs else None for k in _SEGMENT_OUTPUTS}
         if "report" in staged:
             with atomic_path(staged["report"]) as tmp:

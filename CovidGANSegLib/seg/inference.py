@@ -597,7 +597,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                  pseudo_healthy: str | Path | None = None, difference: str | Path | None = None, report: str | Path | None = None,
                  device: str = "auto", threshold: float | None = None, input_lungs: str | Path | None = None,
                  batch_size: int = 16, grow: bool = True, gan_gate_sigmas: float | None = None,
-                 local_contrast: bool = True) -> dict[str, Any]:
+                 local_contrast: bool = True, thin_growth: bool = True) -> dict[str, Any]:
     """File to file: lesion mask (and optional outputs) on the input CT's own grid; returns the report.
 
     Args:
@@ -620,9 +620,12 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
             default: on real anatomy it dropped most true mild lesions, README "Mild lesions in
             real anatomy").
         local_contrast: drop components that are not at least ``PostProcessing.min_contrast_hu``
-            denser than the lung around them (:class:`PostProcessing`, step 6; README "Local
+            denser than the lung around them (:class:`PostProcessing`, step 7; README "Local
             contrast"). Off, faint ground glass in dense (dependent) lung is kept, and so are
             dependent density and partial volume along the pleura.
+        thin_growth: limit mostly thin grown components (vessel trees) to their seeds and 3 mm
+            around them (:class:`PostProcessing`, step 6; README "Thin growth"). Off, a lesion that
+            growth reached through a vessel is kept whole, and so are the vessel trees.
 
     Raises:
         InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
@@ -642,7 +645,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
     if gan_gate_sigmas is not None and gan is None:
         raise InputError("the GAN-agreement gate (--gan-gate) needs the GAN checkpoint (--gan)", input)
     rule = PostProcessing(grow=grow, gan_gate_sigmas=gan_gate_sigmas,  # validates the settings before any work
-                          min_contrast_hu=PostProcessing.min_contrast_hu if local_contrast else None)
+                          min_contrast_hu=PostProcessing.min_contrast_hu if local_contrast else None,
+                          min_thick_fraction=PostProcessing.min_thick_fraction if thin_growth else None)
     dev = resolve_device(device)
 
     progress.report(0.0, "loading models")
