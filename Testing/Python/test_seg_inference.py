@@ -473,20 +473,14 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
                "--output", seeds, "--report", tmp_path / "seeds.json", "--no-growth", "--device", "cpu") == 0
     assert json.loads((tmp_path / "seeds.json").read_text())["post_processing"]["grow"] is False
     assert not (nib.load(str(seeds)).get_fdata() > np.asarray(nib.load(str(pred)).get_fdata())).any()
-    # the local contrast rule is on unless switched off; off, the mask can only grow
-    assert rep["post_processing"]["min_contrast_hu"] == 100.0
-    kept_all = tmp_path / "kept_all.nii.gz"
-    assert run("segment", "--input", study, "--seg", tmp_path / "transunet" / "model.pt", "--output", kept_all,
-               "--report", tmp_path / "kept_all.json", "--no-local-contrast", "--device", "cpu") == 0
-    assert json.loads((tmp_path / "kept_all.json").read_text())["post_processing"]["min_contrast_hu"] is None
-    assert not (nib.load(str(pred)).get_fdata() > np.asarray(nib.load(str(kept_all)).get_fdata())).any()
-    # so is the thin-growth limit; off, the mask can only grow too
-    assert rep["post_processing"]["min_thick_fraction"] == 0.75
-    thin_kept = tmp_path / "thin_kept.nii.gz"
-    assert run("segment", "--input", study, "--seg", tmp_path / "transunet" / "model.pt", "--output", thin_kept,
-               "--report", tmp_path / "thin_kept.json", "--no-thin-growth", "--device", "cpu") == 0
-    assert json.loads((tmp_path / "thin_kept.json").read_text())["post_processing"]["min_thick_fraction"] is None
-    assert not (nib.load(str(pred)).get_fdata() > np.asarray(nib.load(str(thin_kept)).get_fdata())).any()
+    # the local contrast rule and the thin-growth limit are on unless switched off; off, the mask can only grow
+    for flag, field, default in (("--no-local-contrast", "min_contrast_hu", 100.0), ("--no-thin-growth", "min_thick_fraction", 0.75)):
+        assert rep["post_processing"][field] == default
+        kept_more = tmp_path / f"{field}_off.nii.gz"
+        assert run("segment", "--input", study, "--seg", tmp_path / "transunet" / "model.pt", "--output", kept_more,
+                   "--report", tmp_path / f"{field}_off.json", flag, "--device", "cpu") == 0
+        assert json.loads((tmp_path / f"{field}_off.json").read_text())["post_processing"][field] is None
+        assert not (nib.load(str(pred)).get_fdata() > np.asarray(nib.load(str(kept_more)).get_fdata())).any()
     # the GAN-agreement gate is off unless asked for (--gan-gate K); gated, the mask can only shrink
     assert rep["post_processing"]["gan_gate_sigmas"] is None and rep["post_processing"]["gan_gate_hu"] is None
     gated = tmp_path / "gated.nii.gz"
