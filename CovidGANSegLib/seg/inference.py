@@ -219,6 +219,14 @@ def _disk(spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
     return ((u / rx) ** 2 + (v / ry) ** 2 <= 1.0)[:, :, None]  # (2 rx + 1, 2 ry + 1, 1)
 
 
+def _padded_in_plane(box: tuple[slice, slice, slice], disk: np.ndarray) -> tuple[slice, slice, slice]:
+    """``box`` (from ``ndi.find_objects``) grown in-plane by the half-width of ``disk`` plus one voxel,
+    so that a dilation or opening with ``disk`` inside it does not meet the box border."""
+    bx, by, bz = box
+    rx, ry = disk.shape[0] // 2 + 1, disk.shape[1] // 2 + 1
+    return slice(max(0, bx.start - rx), bx.stop + rx), slice(max(0, by.start - ry), by.stop + ry), bz
+
+
 def _opening(mask: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
     """In-plane binary opening of a canonical ``(x, y, z)`` mask with an elliptic disk of ``radius_mm``."""
     from scipy import ndimage as ndi
@@ -244,7 +252,6 @@ def local_contrast(mask: np.ndarray, hu: np.ndarray, lung: np.ndarray, spacing: 
         return mask
     lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     disk = _disk(spacing, ring_mm)
-    rx, ry = disk.shape[0] // 2 + 1, disk.shape[1] // 2 + 1
     near = np.zeros((3, 3, 3), dtype=bool)
     near[:, :, 1] = ndi.generate_binary_structure(2, 1)
     keep = np.ones(n + 1, dtype=bool)
@@ -252,8 +259,7 @@ def local_contrast(mask: np.ndarray, hu: np.ndarray, lung: np.ndarray, spacing: 
     for i, box in enumerate(ndi.find_objects(lab), start=1):
         if box is None:
             continue
-        bx, by, bz = box
-        sl = (slice(max(0, bx.start - rx), bx.stop + rx), slice(max(0, by.start - ry), by.stop + ry), bz)
+        sl = _padded_in_plane(box, disk)
         comp = lab[sl] == i
         ring = ndi.binary_dilation(comp, structure=disk) & ~ndi.binary_dilation(comp, structure=near)
         ring &= lung[sl] & ~mask[sl]
@@ -281,13 +287,11 @@ def limit_thin_growth(seeds: np.ndarray, grown: np.ndarray, region: np.ndarray, 
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     disk = _disk(spacing, thick_mm)
-    rx, ry = disk.shape[0] // 2 + 1, disk.shape[1] // 2 + 1
     thin = np.zeros(n + 1, dtype=bool)
     for i, box in enumerate(ndi.find_objects(lab), start=1):
         if box is None or sizes[i] * voxel_ml < min_ml:
             continue
-        bx, by, bz = box
-        sl = (slice(max(0, bx.start - rx), bx.stop + rx), slice(max(0, by.start - ry), by.stop + ry), bz)
+        sl = _padded_in_plane(box, disk)
         comp = lab[sl] == i
         thick = ndi.binary_opening(comp, structure=disk)  # in-plane; the padding keeps the box border out of it
         thin[i] = int(thick.sum()) < min_thick_fraction * sizes[i]
