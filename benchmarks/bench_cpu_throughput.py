@@ -1,16 +1,21 @@
 """CPU training throughput of the segmenter under the usual speed levers (issue 8, "training throughput").
 
 One training step of the ``small`` TransUNet (and the U-Net) on a batch of 8 x 1 x 128 x 128 slices
-(the quick demo's segmenter grid): forward, the demo's losses (eq. 5 + MSE over the lung), backward,
-Adam. Variants, interleaved round-robin in one process so that a busy machine slows them alike:
+(the quick demo's segmenter grid): forward, the demo's loss (plain BCE over the lung, eq. 5 with
+beta = 0), backward, Adam, through ``SegTrainer.step`` as training runs it. Variants:
 
-* ``fp32``: the default;
-* ``channels_last``: the model and inputs in ``torch.channels_last`` memory format;
-* ``bf16``: ``torch.autocast("cpu", dtype=torch.bfloat16)`` around forward and loss;
-* ``compile``: ``torch.compile(model)`` (inductor; compile time reported apart, skipped with
-  ``--no-compile``).
+* ``fp32``: float32 throughout (``SegConfig.cpu_bf16 = False``);
+* ``bf16``: bfloat16 autocast of the forward pass (``cpu_bf16 = True``, the default where the CPU
+  has native bfloat16; forced on here so that the figure exists on any CPU);
+* ``channels_last``: float32 with the model and inputs in ``torch.channels_last`` memory format;
+* ``compile``: float32 with the training forward pass ``torch.compile``-d (inductor; compile time reported apart,
+  skipped with ``--no-compile``).
 
-Prints the median seconds per step and saves ``benchmarks/results/cpu_throughput_<date>.json``.
+Each variant runs in its own Python process, one after the other, so that a variant that crashes
+the interpreter (with torch 2.13 CPU, ``channels_last`` crashed the TransUNet's backward with a
+glibc heap assertion on the 2-core AMD EPYC) is reported as such and the others still run. Time it
+on an otherwise idle machine. Prints the median seconds per step and saves
+``benchmarks/results/cpu_throughput_<date>.json``.
 
     python benchmarks/bench_cpu_throughput.py --threads 2 --steps 12
 """
@@ -23,12 +28,56 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("fp32", "bf16", "channels_last", "compile")
+
+
+def _one(arch: str, variant: str, threads: int, steps: int) -> dict:
+    """Time ``steps`` training steps of one variant in this process (after 2 warm-up steps)."""
+    import torch
+
+    from CovidGANSegLib.seg import training
+    from CovidGANSegLib.seg.transunet import get_seg_config
+
+    torch.set_num_threads(threads)
+    cfg = get_seg_config("small").replace(image_size=128, batch_size=8, cpu_bf16=variant == "bf16")
+    if variant == "bf16":
+        training.cpu_has_native_bf16 = lambda: True  # measure it even where it is off by default
+    trainer = training.SegTrainer(arch, cfg, device="cpu", seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 128, 128, generator=g)  # (B, C, H, W)
+    y = (torch.rand(8, 1, 128, 128, generator=g) > 0.9).float()
+    lung = torch.ones(8, 1, 128, 128, dtype=torch.bool)
+    labels = torch.full((8,), -1, dtype=torch.long)
+    if variant == "channels_last":
+        trainer.model = trainer.model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    compile_s = None
+    if variant == "compile":  # the training step calls forward_with_projection: compile that method
+        trainer.model.forward_with_projection = torch.compile(trainer.model.forward_with_projection)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        trainer.step(x, y, labels, training.PHASE_END_TO_END, lung)
+        seconds = time.perf_counter() - t0
+        if i == 0 and variant == "compile":
+            compile_s = seconds
+        if i >= 2:
+            times.append(seconds)
+    return {"median_s_per_step": statistics.median(times), "compile_s": compile_s}
+
+
+def _native() -> bool:
+    from CovidGANSegLib.seg import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,66 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
     ap.add_argument("--arch", nargs="+", default=["transunet", "unet"])
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("ARCH", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(_one(args.child[0], args.child[1], args.threads, args.steps)))
+        return 0
 
     import torch
 
-    from CovidGANSegLib.seg.losses import SensitivityEnhancedLoss, mse_to_pseudo_mask
-    from CovidGANSegLib.seg.transunet import get_seg_config
-    from CovidGANSegLib.seg.unet import build_segmenter
-
-    torch.set_num_threads(args.threads)
-    cfg = get_seg_config("small").replace(image_size=128, batch_size=8)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(8, 1, 128, 128, generator=g)
-    y = (torch.rand(8, 1, 128, 128, generator=g) > 0.9).float()
-    lung = torch.ones(8, 1, 128, 128, dtype=torch.bool)
-    sens = SensitivityEnhancedLoss(cfg.beta, fn_mode=cfg.fn_mode)
-    results: dict[str, dict[str, float]] = {}
+    variants = [v for v in VARIANTS if not (args.no_compile and v == "compile")]
+    results: dict[str, dict[str, dict]] = {}
     for arch in args.arch:
-        variants = {}
-        for name in ("fp32", "channels_last", "bf16", *(() if args.no_compile else ("compile",))):
-            torch.manual_seed(0)
-            model = build_segmenter(arch, cfg)
-            xin = x
-            if name == "channels_last":
-                model = model.to(memory_format=torch.channels_last)
-                xin = x.contiguous(memory_format=torch.channels_last)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            fwd = model
-            compile_s = None
-            if name == "compile":
-                fwd = torch.compile(model)
-            variants[name] = {"model": model, "fwd": fwd, "opt": opt, "x": xin, "bf16": name == "bf16", "times": [], "compile_s": compile_s}
-
-        def step(v: dict) -> float:
-            t0 = time.perf_counter()
-            v["opt"].zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=v["bf16"]):
-                logits = v["fwd"](v["x"])
-                loss = sens(logits.float(), y, lung) + mse_to_pseudo_mask(logits.float(), y, lung)
-            loss.backward()
-            v["opt"].step()
-            return time.perf_counter() - t0
-
-        for name, v in variants.items():  # warm-up (the compile happens here)
-            t = time.perf_counter()
-            step(v)
-            if name == "compile":
-                v["compile_s"] = time.perf_counter() - t
-            step(v)
-        for _ in range(args.steps):
-            for v in variants.values():
-                v["times"].append(step(v))
-        results[arch] = {name: {"median_s_per_step": statistics.median(v["times"]), "compile_s": v["compile_s"]}
-                         for name, v in variants.items()}
-        base = results[arch]["fp32"]["median_s_per_step"]
-        for name, r in results[arch].items():
-            extra = f" (compile {r['compile_s']:.0f} s)" if r["compile_s"] else ""
-            print(f"{arch:10s} {name:14s} {r['median_s_per_step']:.3f} s/step  x{base / r['median_s_per_step']:.2f}{extra}")
+        results[arch] = {}
+        for variant in variants:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", arch, variant,
+                   "--threads", str(args.threads), "--steps", str(args.steps)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+                results[arch][variant] = {"crashed": f"exit code {done.returncode}: {last}"}
+                print(f"{arch:10s} {variant:14s} crashed ({results[arch][variant]['crashed']})")
+                continue
+            results[arch][variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        base = results[arch].get("fp32", {}).get("median_s_per_step")
+        for variant, r in results[arch].items():
+            if "crashed" in r:
+                continue
+            extra = f" (compile {r['compile_s']:.0f} s)" if r.get("compile_s") else ""
+            speed = f"  x{base / r['median_s_per_step']:.2f}" if base else ""
+            print(f"{arch:10s} {variant:14s} {r['median_s_per_step']:.3f} s/step{speed}{extra}")
     out = ROOT / "benchmarks" / "results" / f"cpu_throughput_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                               "threads": args.threads, "batch": "8 x 1 x 128 x 128", "results": results}, indent=1) + "\n")
+                               "native_bf16": _native(), "threads": args.threads, "batch": "8 x 1 x 128 x 128",
+                               "results": results}, indent=1) + "\n")
     print(f"saved {out}")
     return 0
 

@@ -42,3 +42,15 @@ def resolve_device(device: str = "auto") -> str:
     from CovidGANSegLib import protocol
 
     return protocol.resolve_device(device, torch.cuda.is_available)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU compute bfloat16 natively (AVX512-BF16 or AMX tiles)? Where it does not,
+    bfloat16 autocast is emulated and slower than float32."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(check()) for check in checks if check is not None)
+    except RuntimeError:  # pragma: no cover - a torch build without the CPU capability queries
+        return False

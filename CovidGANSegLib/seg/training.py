@@ -82,7 +82,7 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.losslog import append_losses, read_losses, truncate_losses
 from CovidGANSegLib.runlock import stop_after_step
-from CovidGANSegLib.seg import ARCHS, resolve_device
+from CovidGANSegLib.seg import ARCHS, cpu_has_native_bf16, resolve_device
 from CovidGANSegLib.seg.losses import EnhancedContrastiveLoss, SensitivityEnhancedLoss, mse_to_pseudo_mask
 from CovidGANSegLib.seg.synthetic import SyntheticSupervision, synthetic_pairs
 from CovidGANSegLib.seg.transunet import DOWNSAMPLE, SegConfig, count_parameters, get_seg_config
@@ -303,6 +303,8 @@ class SegTrainer:
         torch.manual_seed(seed)
         self._seed = int(seed)
         self.model = build_segmenter(arch, config).to(self.device)
+        #: bfloat16 autocast of the training forward passes (``SegConfig.cpu_bf16`` on a CPU that has it natively)
+        self.bf16 = bool(config.cpu_bf16) and self.device.type == "cpu" and cpu_has_native_bf16()
         self.contrastive = EnhancedContrastiveLoss(config.tau_init).to(self.device)
         self.sensitivity = SensitivityEnhancedLoss(config.beta, fn_mode=config.fn_mode)
         params = list(self.model.parameters()) + list(self.contrastive.parameters())
@@ -323,10 +325,11 @@ class SegTrainer:
             self._ddp = distributed.wrap_ddp(_Dispatch(self.model), find_unused_parameters=True)
 
     def _run(self, method: str, x: torch.Tensor) -> Any:
-        """``self.model.<method>(x)`` (through DDP when distributed, so that its gradients are averaged)."""
-        if self._ddp is None:
-            return getattr(self.model, method)(x)
-        return self._ddp(x, method=method)
+        """``self.model.<method>(x)`` (through DDP when distributed, so that its gradients are averaged),
+        under bfloat16 autocast when :attr:`bf16`; the outputs are float32 (the losses are computed in float32)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = getattr(self.model, method)(x) if self._ddp is None else self._ddp(x, method=method)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     # -- batches ---------------------------------------------------------------------------------
 
@@ -664,6 +667,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     high = torch.nonzero(train.labels == 1).flatten().cpu()
     low = torch.nonzero(train.labels == 0).flatten().cpu()
     positive = torch.nonzero(train.masks.flatten(1).amax(dim=1) > 0.5).flatten().cpu()
+    if trainer.bf16:
+        log.info("bfloat16 autocast of the training forward passes (CPU with native bfloat16; SegConfig.cpu_bf16)")
     log.info("%s training on %d lung slices of %d volumes (%d with pseudo-lesion, %d high / %d low severity); validation: %d slices of %d volumes",
              model, len(train.images), len(train_vols), len(positive), len(high), len(low), len(val.images), len(val_vols))
 
@@ -688,7 +693,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     metadata = {"config_name": cfg.name, "seed": int(seed), "pseudo_masks": str(pm_path), "data": None if data_path is None else str(data_path),
                 "n_train_volumes": len(train_vols), "n_val_volumes": len(val_vols), "device": str(dev), "demo": demo,
                 "synthetic": dataclasses.asdict(syn) if syn_train is not None else None,
-                "n_train_healthy_volumes": len(h_train), "n_val_healthy_volumes": len(h_val), **(run_info or {})}
+                "n_train_healthy_volumes": len(h_train), "n_val_healthy_volumes": len(h_val),
+                "autocast": "bfloat16" if trainer.bf16 else None, **(run_info or {})}
     if trainer.world > 1:
         import torch.distributed as dist
 

@@ -94,6 +94,37 @@ def test_one_step_reduces_loss_on_fixed_batch(arch):
         assert all(torch.equal(a, b) for a, b in zip(dec_before, trainer.model.head.parameters()))
 
 
+@pytest.mark.parametrize("arch", ["transunet", "unet"])
+def test_bf16_autocast_only_where_the_cpu_has_it(arch, monkeypatch):
+    x, y, labels = _batch()
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert not training.SegTrainer(arch, TINY, device="cpu").bf16  # emulated bfloat16 is slower than float32
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert not training.SegTrainer(arch, TINY.replace(cpu_bf16=False), device="cpu").bf16
+    trainer = training.SegTrainer(arch, TINY, device="cpu", seed=0)
+    assert trainer.bf16
+    trainer.model.eval()
+    with torch.no_grad():
+        full = trainer.model(x)
+        half = trainer._run("forward", x)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    gap = float((half - full).abs().max())
+    assert 0.0 < gap < 0.1 * float(full.abs().max()) + 0.05  # computed in bfloat16 (not bit-equal), close to float32
+
+    def phase2_loss():
+        with torch.no_grad():
+            trainer.model.eval()
+            logits = trainer.model(x)
+            return float(trainer.sensitivity(logits, y) + training.mse_to_pseudo_mask(logits, y))
+
+    before = phase2_loss()
+    for phase in (training.PHASE_CONTRASTIVE, training.PHASE_END_TO_END, training.PHASE_END_TO_END):
+        row = trainer.step(x, y, labels, phase)
+        assert np.isfinite(row["loss"])
+    assert phase2_loss() < before
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # float32 weights, as checkpoints hold
+
+
 def test_split_is_by_volume():
     train, val = training.split_volumes(10, 0.2, seed=3)
     assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == list(range(10))
@@ -109,6 +140,7 @@ def test_train_outputs_and_model(pm, tmp_path):
     payload = load_checkpoint(model_path, kind="seg", arch="transunet")
     assert PreprocessConfig.from_dict(payload["preprocess"]).grid == (32, 32, 4)
     assert payload["metadata"]["n_val_volumes"] == 1 and payload["metadata"]["pretrain_iterations"] == 2
+    assert payload["metadata"]["autocast"] == ("bfloat16" if training.cpu_has_native_bf16() else None)
     card = read_model_card(model_path, verify=True)
     assert card["kind"] == "seg" and card["arch"] == "transunet" and card["demo"] is False
     rows = list(csv.DictReader(open(run / "losses.csv")))
