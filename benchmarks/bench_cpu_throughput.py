@@ -5,8 +5,8 @@ One training step of the ``small`` TransUNet (and the U-Net) on a batch of 8 x 1
 beta = 0), backward, Adam, through ``SegTrainer.step`` as training runs it. Variants:
 
 * ``fp32``: float32 throughout (``SegConfig.cpu_bf16 = False``);
-* ``bf16``: bfloat16 autocast of the forward pass (``cpu_bf16 = True``, the default where the CPU
-  has native bfloat16; forced on here so that the figure exists on any CPU);
+* ``bf16``: bfloat16 autocast of the forward pass (``cpu_bf16 = True``; in training it takes effect
+  only where the CPU has native bfloat16, forced on here so that the figure exists on any CPU);
 * ``channels_last``: float32 with the model and inputs in ``torch.channels_last`` memory format;
 * ``compile``: float32 with the training forward pass ``torch.compile``-d (inductor; compile time reported apart,
   skipped with ``--no-compile``).

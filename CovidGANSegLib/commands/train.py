@@ -92,7 +92,8 @@ def stages_of(plan: Any, run_dir: Path) -> list[Stage]:
     data = plan.to_dict()
     run = {k: data["run"][k] for k in _RUN_KEYS}
     gan = {k: v for k, v in data["gan"].items() if k != "iterations"}
-    seg = {k: v for k, v in data["segmenter"].items() if k not in ("iterations", "models")}
+    # cpu_bf16 (added later) enters the hash only when on, so that float32 stages made before it still match
+    seg = {k: v for k, v in data["segmenter"].items() if k not in ("iterations", "models") and not (k == "cpu_bf16" and not v)}
     parts = [
         ("preprocessed", {"preprocess": data["preprocess"]}, None),
         ("gan", {"preprocess": data["preprocess"], "gan": gan, "run": run}, plan.gan.iterations),

@@ -82,8 +82,10 @@ class SegConfig:
         cpu_bf16: bfloat16 autocast of the training forward passes when training on a CPU with
             native bfloat16 instructions (AVX512-BF16 or AMX, :func:`~CovidGANSegLib.seg.cpu_has_native_bf16`);
             the weights, the losses, validation and inference stay float32. Ignored on CUDA and on
-            other CPUs (emulated bfloat16 is slower than float32). ``small``: 1.4x faster training
-            steps on the 2-core AMD EPYC here, the same validation Dice (README, "Training throughput").
+            other CPUs (emulated bfloat16 is slower than float32). Off by default: 1.4x faster
+            training steps for ``small`` on the 2-core AMD EPYC here and the same validation Dice at
+            500 iterations, but not yet validated at the default demo's 1,500 (README, "Training
+            throughput").
     """
 
     name: str = "small"
@@ -121,7 +123,7 @@ class SegConfig:
     val_every: int = 100
     checkpoint_every: int = 200
     log_every: int = 10
-    cpu_bf16: bool = True
+    cpu_bf16: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % DOWNSAMPLE:

@@ -53,6 +53,7 @@ def test_set_values_are_toml_and_change_the_hash():
     assert plan.hash() != base.hash()
     assert plan.hash("segmenter") != base.hash("segmenter") and load_plan("tiny", ["gan.iterations=9"]).hash("segmenter") == base.hash("segmenter")
     assert parse_override("gan.lr_g=1e-4") == (["gan", "lr_g"], 1e-4)
+    assert base.segmenter.config.cpu_bf16 is False and load_plan("tiny", ["segmenter.cpu_bf16=true"]).segmenter.config.cpu_bf16 is True
     assert plan_hash({"a": 1}) == plan_hash({"a": 1}) != plan_hash({"a": 2})
 
 

@@ -98,10 +98,10 @@ def test_one_step_reduces_loss_on_fixed_batch(arch):
 def test_bf16_autocast_only_where_the_cpu_has_it(arch, monkeypatch):
     x, y, labels = _batch()
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
-    assert not training.SegTrainer(arch, TINY, device="cpu").bf16  # emulated bfloat16 is slower than float32
+    assert not training.SegTrainer(arch, TINY.replace(cpu_bf16=True), device="cpu").bf16  # emulated bfloat16 is slower than float32
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
-    assert not training.SegTrainer(arch, TINY.replace(cpu_bf16=False), device="cpu").bf16
-    trainer = training.SegTrainer(arch, TINY, device="cpu", seed=0)
+    assert not training.SegTrainer(arch, TINY, device="cpu").bf16  # off unless asked for
+    trainer = training.SegTrainer(arch, TINY.replace(cpu_bf16=True), device="cpu", seed=0)
     assert trainer.bf16
     trainer.model.eval()
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_train_outputs_and_model(pm, tmp_path):
     payload = load_checkpoint(model_path, kind="seg", arch="transunet")
     assert PreprocessConfig.from_dict(payload["preprocess"]).grid == (32, 32, 4)
     assert payload["metadata"]["n_val_volumes"] == 1 and payload["metadata"]["pretrain_iterations"] == 2
-    assert payload["metadata"]["autocast"] == ("bfloat16" if training.cpu_has_native_bf16() else None)
+    assert payload["metadata"]["autocast"] is None  # float32 unless SegConfig.cpu_bf16
     card = read_model_card(model_path, verify=True)
     assert card["kind"] == "seg" and card["arch"] == "transunet" and card["demo"] is False
     rows = list(csv.DictReader(open(run / "losses.csv")))

@@ -395,3 +395,13 @@ def test_deterministic_mode_is_set_for_the_run_and_restored():
 def test_manifests_record_the_deterministic_setting(trained):
     assert read_manifest(trained[0] / "gan")["deterministic"] is False
     assert load_checkpoint(trained[0] / "seg_unet" / "model.pt", kind="seg")["metadata"]["deterministic"] is False
+
+
+def test_cpu_bf16_enters_the_segmenter_stages_hash_only_when_on(tmp_path):
+    off = {s.name: s for s in train_command.stages_of(load_plan("tiny"), tmp_path)}
+    on = {s.name: s for s in train_command.stages_of(load_plan("tiny", ["segmenter.cpu_bf16=true"]), tmp_path)}
+    seg = [n for n in off if n.startswith("seg_")]
+    assert seg and all(off[n].hash != on[n].hash for n in seg)
+    assert all(off[n].hash == on[n].hash for n in off if n not in seg)
+    # off, the stage is hashed as before the field existed: float32 runs made then are not "another plan"
+    assert all("cpu_bf16" not in off[n].plan["segmenter"] and on[n].plan["segmenter"]["cpu_bf16"] is True for n in seg)
