@@ -68,20 +68,22 @@ def _batch(seed=0):
     return x.clamp(0, 1), y, torch.tensor([1, 1, 0, 0])
 
 
+def _phase2_loss(trainer, x, y) -> float:
+    """Eq. 5 + MSE of the trainer's model on a fixed batch, in eval mode."""
+    with torch.no_grad():
+        trainer.model.eval()
+        logits = trainer.model(x)
+        return float(trainer.sensitivity(logits, y) + training.mse_to_pseudo_mask(logits, y))
+
+
 @pytest.mark.parametrize("arch", ["transunet", "unet"])
 def test_one_step_reduces_loss_on_fixed_batch(arch):
     trainer = training.SegTrainer(arch, TINY, device="cpu", seed=0)
     x, y, labels = _batch()
 
-    def phase2_loss():
-        with torch.no_grad():
-            trainer.model.eval()
-            logits = trainer.model(x)
-            return float(trainer.sensitivity(logits, y) + training.mse_to_pseudo_mask(logits, y))
-
-    before = phase2_loss()
+    before = _phase2_loss(trainer, x, y)
     trainer.step(x, y, labels, training.PHASE_END_TO_END)
-    assert phase2_loss() < before
+    assert _phase2_loss(trainer, x, y) < before
     # phase 1: the contrastive loss on the same batch falls too
     with torch.no_grad():
         c0 = float(trainer.contrastive(trainer.model.project(x), labels))
@@ -111,17 +113,11 @@ def test_bf16_autocast_only_where_the_cpu_has_it(arch, monkeypatch):
     gap = float((half - full).abs().max())
     assert 0.0 < gap < 0.1 * float(full.abs().max()) + 0.05  # computed in bfloat16 (not bit-equal), close to float32
 
-    def phase2_loss():
-        with torch.no_grad():
-            trainer.model.eval()
-            logits = trainer.model(x)
-            return float(trainer.sensitivity(logits, y) + training.mse_to_pseudo_mask(logits, y))
-
-    before = phase2_loss()
+    before = _phase2_loss(trainer, x, y)
     for phase in (training.PHASE_CONTRASTIVE, training.PHASE_END_TO_END, training.PHASE_END_TO_END):
         row = trainer.step(x, y, labels, phase)
         assert np.isfinite(row["loss"])
-    assert phase2_loss() < before
+    assert _phase2_loss(trainer, x, y) < before
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # float32 weights, as checkpoints hold
 
 
