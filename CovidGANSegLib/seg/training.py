@@ -305,6 +305,8 @@ class SegTrainer:
         self.model = build_segmenter(arch, config).to(self.device)
         #: bfloat16 autocast of the training forward passes (``SegConfig.cpu_bf16`` on a CPU that has it natively)
         self.bf16 = bool(config.cpu_bf16) and self.device.type == "cpu" and cpu_has_native_bf16()
+        if config.cpu_bf16 and self.device.type == "cpu" and not self.bf16:
+            log.warning("cpu_bf16 is set but this CPU has no native bfloat16 (AVX512-BF16 / AMX): training in float32")
         self.contrastive = EnhancedContrastiveLoss(config.tau_init).to(self.device)
         self.sensitivity = SensitivityEnhancedLoss(config.beta, fn_mode=config.fn_mode)
         params = list(self.model.parameters()) + list(self.contrastive.parameters())

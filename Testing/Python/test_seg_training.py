@@ -97,10 +97,12 @@ def test_one_step_reduces_loss_on_fixed_batch(arch):
 
 
 @pytest.mark.parametrize("arch", ["transunet", "unet"])
-def test_bf16_autocast_only_where_the_cpu_has_it(arch, monkeypatch):
+def test_bf16_autocast_only_where_the_cpu_has_it(arch, monkeypatch, caplog):
     x, y, labels = _batch()
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
-    assert not training.SegTrainer(arch, TINY.replace(cpu_bf16=True), device="cpu").bf16  # emulated bfloat16 is slower than float32
+    with caplog.at_level("WARNING", logger=training.log.name):
+        assert not training.SegTrainer(arch, TINY.replace(cpu_bf16=True), device="cpu").bf16  # emulated bfloat16 is slower than float32
+    assert "no native bfloat16" in caplog.text
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
     assert not training.SegTrainer(arch, TINY, device="cpu").bf16  # off unless asked for
     trainer = training.SegTrainer(arch, TINY.replace(cpu_bf16=True), device="cpu", seed=0)
