@@ -74,12 +74,6 @@ def _one(arch: str, variant: str, threads: int, steps: int) -> dict:
     return {"median_s_per_step": statistics.median(times), "compile_s": compile_s}
 
 
-def _native() -> bool:
-    from CovidGANSegLib.seg import cpu_has_native_bf16
-
-    return cpu_has_native_bf16()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -93,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
+
+    from CovidGANSegLib.seg import cpu_has_native_bf16
 
     variants = [v for v in VARIANTS if not (args.no_compile and v == "compile")]
     results: dict[str, dict[str, dict]] = {}
@@ -117,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arch:10s} {variant:14s} {r['median_s_per_step']:.3f} s/step{speed}{extra}")
     out = ROOT / "benchmarks" / "results" / f"cpu_throughput_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-                               "native_bf16": _native(), "threads": args.threads, "batch": "8 x 1 x 128 x 128",
+                               "native_bf16": cpu_has_native_bf16(), "threads": args.threads, "batch": "8 x 1 x 128 x 128",
                                "results": results}, indent=1) + "\n")
     print(f"saved {out}")
     return 0
