@@ -140,7 +140,9 @@ def _score_cohort(folder: Path, model) -> dict[str, Any]:
         return round(sum(r["lesion_outside_voxels"] for r in subset) / n, 4) if n else None
 
     mild = [r for r in rows if r["percent"] < MILD_PERCENT]
-    keys = ["lung_dice", "hu_threshold_dice", "hu_threshold_dice_true_lung"] + (["model_dice", "model_dice_true_lung"] if model is not None else [])
+    keys = ["lung_dice", "hu_threshold_dice", "hu_threshold_dice_true_lung"]
+    if model is not None:
+        keys += ["model_dice", "model_dice_true_lung"]
     return {
         "cases": len(rows), "mild_cases": len(mild),
         **{k: mean(k, rows) for k in keys}, **{f"{k}_mild": mean(k, mild) for k in keys if k != "lung_dice"},
