@@ -93,6 +93,8 @@ class CovidGANSegParameterNode:
     overlayOpacity - opacity of the difference-map overlay in the slice views.
     differenceThreshold - difference (HU) below which the overlay is transparent.
     growLesions - grow the AI detections into connected lesion-range density (off: the detections alone).
+    reuseLungs - segment with the "Lungs" segment of ``segmentation`` as it is now (e.g. corrected in the
+        Segment Editor to include consolidation) instead of computing the lung mask.
     groundTruth - reference lesions for the comparison (segmentation or labelmap).
     pseudoHealthyVolume ... comparisonTable - the latest outputs.
     reviewTable - what the Segment Editor corrections changed against the AI result.
@@ -108,6 +110,7 @@ class CovidGANSegParameterNode:
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     differenceThreshold: Annotated[float, WithinRange(0.0, 1000.0)] = 100.0
     growLesions: bool = True
+    reuseLungs: bool = False
     groundTruth: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]  # None must be declared: Slicer's union default
     pseudoHealthyVolume: vtkMRMLScalarVolumeNode
     differenceVolume: vtkMRMLScalarVolumeNode
@@ -363,7 +366,17 @@ class CovidGANSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):  # n
         p = self._parameterNode
         self._startJob(self.ui.segmentButton, lambda: self.logic.startSegmentation(
             p.inputVolume, p.ganCheckpoint, p.segCheckpoint, p.device, differenceThreshold=p.differenceThreshold,
-            overlayOpacity=p.overlayOpacity, grow=p.growLesions))
+            overlayOpacity=p.overlayOpacity, grow=p.growLesions, lungSegmentation=self._lungSegmentation()))
+
+    def _lungSegmentation(self):
+        """The segmentation whose "Lungs" segment replaces the computed lung mask, or None."""
+        p = self._parameterNode
+        if not p.reuseLungs:
+            return None
+        if p.segmentation is None:
+            raise ValueError(_("'Use the edited lungs' is checked but there is no segmentation yet: segment once, correct "
+                               "its Lungs segment in the Segment Editor, then segment again."))
+        return p.segmentation
 
     def onBatchButton(self, checked=False) -> None:
         p = self._parameterNode
@@ -551,27 +564,40 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
 
     # -- segmentation ------------------------------------------------------------------------
     def startSegmentation(self, inputVolume, ganCheckpoint, segCheckpoint, device: str = "auto", *, pseudoHealthy: bool = True,
-                          differenceThreshold: float = 100.0, overlayOpacity: float = 0.5, show: bool = True, grow: bool = True):
+                          differenceThreshold: float = 100.0, overlayOpacity: float = 0.5, show: bool = True, grow: bool = True,
+                          lungSegmentation=None):
         """Start segmenting lungs and lesions; on success a segmentation node "<input> segmentation"
         (segments "Lungs" and "Lesion" on the input geometry), a quantification table and, with
         ``pseudoHealthy``, the pseudo-healthy and difference volumes are added to the scene.
         ``grow=False``: the AI detections alone, not grown into connected lesion-range density
-        (``segment --no-growth``: more precise, loses most of the lesions' extent)."""
+        (``segment --no-growth``: more precise, loses most of the lesions' extent).
+        ``lungSegmentation``: a segmentation whose "Lungs" segment, as it is now (after Segment Editor
+        corrections), is used as the lung mask (``segment --input-lungs``) instead of computing one;
+        dependent consolidation that the computed mask leaves out then stays in."""
         volumeio.checkInputVolume(inputVolume)
         self._checkDevice(device)
         # the GAN is needed for the pseudo-healthy / difference volumes; otherwise optional (the CLI
         # then only checks that both models share their preprocessing)
         gan = self.checkModel(ganCheckpoint, "gan") if (ganCheckpoint or pseudoHealthy) else None
         seg = self.checkModel(segCheckpoint, "seg")
+        lungsGiven = self._lungsFrom(lungSegmentation, inputVolume) if lungSegmentation is not None else None
         work, inputPath = self._writeInput(inputVolume)
         paths = {k: work / f"{k}.nii" for k in ("lesion", "lungs", "pseudo_healthy", "difference")}
         reportPath = work / "report.json"
+        inputLungs = None
+        if lungsGiven is not None:
+            try:
+                inputLungs = volumeio.writeMaskNifti(lungsGiven, inputVolume, work / "input_lungs.nii")
+            except Exception:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            del lungsGiven
 
         argv = jobs.commandLineForDevice(self.commandPrefix(), protocol.SegmentParameters(
             input=inputPath, seg=seg["checkpoint_path"], gan=gan["checkpoint_path"] if gan is not None else None,
             output=paths["lesion"], lungs=paths["lungs"], report=reportPath,
             pseudo_healthy=paths["pseudo_healthy"] if pseudoHealthy else None,
-            difference=paths["difference"] if pseudoHealthy else None, grow=grow, device=device))
+            difference=paths["difference"] if pseudoHealthy else None, input_lungs=inputLungs, grow=grow, device=device))
 
         def onSuccess():
             import json
@@ -607,6 +633,15 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
                 return result
 
         return self._startCliJob(_("Lesion segmentation"), argv, device, onSuccess, work, inputPath, inputVolume)
+
+    @staticmethod
+    def _lungsFrom(segmentationNode, inputVolume):
+        """The "Lungs" segment of ``segmentationNode`` as it is now, ``[k, j, i]`` on the input's grid."""
+        mask = segmentations.segmentMask(segmentationNode, segmentations.LUNGS_NAME, inputVolume)
+        if not mask.any():
+            raise ValueError(f"The '{segmentations.LUNGS_NAME}' segment of '{segmentationNode.GetName()}' is empty on "
+                             f"'{inputVolume.GetName()}': paint the lungs, or segment without the edited lungs.")
+        return mask
 
     def segmentLesions(self, inputVolume, ganCheckpoint, segCheckpoint, device: str = "auto", *, progressCallback=None, **kwargs) -> dict:
         """Blocking :meth:`startSegmentation`: ``{"segmentation", "quantificationTable", "pseudoHealthy", "difference", ...}``."""

@@ -93,6 +93,24 @@ def writeVolumeNifti(volumeNode, path: str | Path) -> Path:
     return path
 
 
+def writeMaskNifti(maskKji: np.ndarray, referenceNode, path: str | Path) -> Path:
+    """Write a ``[k, j, i]`` mask on ``referenceNode``'s grid as an uncompressed uint8 NIfTI file
+    with the node's IJKToRAS as its affine (the grid ``writeVolumeNifti`` gives the input)."""
+    import nibabel as nib
+
+    path = Path(path)
+    mask = np.asarray(maskKji)
+    if mask.shape != tuple(reversed(dimensions(referenceNode))):
+        raise GeometryError(f"mask of shape {mask.shape} is not on the grid of '{referenceNode.GetName()}'")
+    affine = ijkToRasArray(referenceNode)
+    image = nib.Nifti1Image((mask > 0).astype(np.uint8).transpose(2, 1, 0), affine)  # (i, j, k)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+    return path
+
+
 def _checkOnGrid(image, referenceNode, path: Path) -> None:
     dims = dimensions(referenceNode)
     shape = tuple(int(s) for s in image.shape)

@@ -162,6 +162,54 @@ def test_quantify_reads_the_edited_segmentation(harness, logic, fakeCli, fakeMod
     assert table.GetNumberOfRows() == 1
 
 
+def test_segmenting_again_with_the_edited_lungs(harness, logic, fakeCli, fakeModels):
+    """A Lungs segment corrected in the Segment Editor (here: consolidation at the chest wall added)
+    goes to the child as ``--input-lungs`` on the input's grid, is checked there by the library's own
+    reader, and is the lung mask of the new segmentation and of its quantification."""
+    import slicer
+    from CovidGANSegModuleLib import segmentations, tables
+
+    fakeCli.set(lesion_box=LESION_BOX, lungs_box=LUNGS_BOX)
+    ct = addCtVolume(SHAPE_KJI)
+    first = logic.segmentLesions(ct, fakeModels["gan"], fakeModels["seg"], "cpu", pseudoHealthy=False)["segmentation"]
+    assert "--input-lungs" not in fakeCli.calls()[-1]["argv"]
+    edited = boxKji(LUNGS_BOX)
+    edited[2:18, 28:31, 4:36] = True  # a posterior band the computed mask had left out
+    sid = first.GetSegmentation().GetSegmentIdBySegmentName("Lungs")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), first, sid, ct)
+
+    result = logic.segmentLesions(ct, fakeModels["gan"], fakeModels["seg"], "cpu", pseudoHealthy=False, lungSegmentation=first)
+    assert "--input-lungs" in fakeCli.calls()[-1]["argv"]
+    second = result["segmentation"]
+    assert second is not first
+    np.testing.assert_array_equal(segmentations.segmentMask(second, "Lungs", ct), edited)
+    np.testing.assert_array_equal(segmentations.segmentMask(first, "Lungs", ct), edited)  # the edited one is left as it is
+    row = tables.tableRows(result["quantificationTable"])[0]
+    assert row["Lung volume"] == pytest.approx(edited.sum() * voxelMl(ct), rel=1e-9)
+    assert workDirs(harness) == []
+
+
+@pytest.mark.parametrize("problem", ["no lungs segment", "empty lungs segment"])
+def test_edited_lungs_that_cannot_be_used_are_refused_before_anything_runs(harness, logic, fakeCli, fakeModels, problem):
+    import slicer
+    from CovidGANSegModuleLib import segmentations
+
+    fakeCli.set(lesion_box=LESION_BOX, lungs_box=LUNGS_BOX)
+    ct = addCtVolume(SHAPE_KJI)
+    if problem == "no lungs segment":
+        node = segmentations.createSegmentationNode(slicer.mrmlScene, "lesions only", ct,
+                                                    [("Lesion", boxKji(LESION_BOX).astype(np.uint8), segmentations.LESION_COLOR)])
+        message = "no segment named 'Lungs'"
+    else:
+        node = _segmentationFromMasks(ct, boxKji(LESION_BOX), lungs=np.zeros(SHAPE_KJI, dtype=bool))
+        message = "'Lungs' segment of 'prediction' is empty"
+    before = nodeIds(harness.scene)
+    with pytest.raises(ValueError, match=message):
+        logic.startSegmentation(ct, fakeModels["gan"], fakeModels["seg"], "cpu", pseudoHealthy=False, lungSegmentation=node)
+    assert nodeIds(harness.scene) == before
+    assert fakeCli.calls() == [] and workDirs(harness) == []
+
+
 # --------------------------------------------------------------------------------------------
 # comparison with a ground truth: hand-known metrics, resampling, refusal
 # --------------------------------------------------------------------------------------------

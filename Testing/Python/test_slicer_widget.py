@@ -358,3 +358,42 @@ def test_growth_checkbox_reaches_the_segment_command(harness, panel, fakeModels,
     widget.ui.segmentButton.click()
     runJob(harness, widget)
     assert "--no-growth" in fake.calls()[-1]["argv"]
+
+
+def test_edited_lungs_checkbox_reaches_the_segment_command(harness, panel, fakeModels, tmp_path, caplog):
+    """ "Use the edited lungs" is bound to ``reuseLungs`` (off by default); checked before there is a
+    segmentation it says what to do and starts nothing; after a run it sends that segmentation's
+    Lungs segment, as edited, to ``segment --input-lungs``."""
+    import slicer
+
+    widget = panel()
+    fake = FakeCli(widget.logic, tmp_path)
+    fake.set(lesion_box=LESION_BOX, lungs_box=LUNGS_BOX)
+    p = widget._parameterNode
+    assert p.reuseLungs is False and not widget.ui.reuseLungsCheckBox.checked
+    p.inputVolume = ct = addCtVolume(SHAPE_KJI)
+    p.modelsFolder = Path(fakeModels["folder"])
+    widget.ui.reuseLungsCheckBox.checked = True
+    assert p.reuseLungs is True
+    with caplog.at_level(logging.ERROR):
+        widget.ui.segmentButton.click()
+    assert "no segmentation yet" in caplog.text  # testing mode logs what a dialog would show
+    assert widget._job is None and fake.calls() == []
+    assert widget.ui.segmentButton.text != "Cancel"
+    widget.ui.reuseLungsCheckBox.checked = False
+    widget.ui.segmentButton.click()
+    runJob(harness, widget)
+    assert "--input-lungs" not in fake.calls()[-1]["argv"] and p.segmentation is not None
+    edited = boxKji(LUNGS_BOX)
+    edited[2:18, 28:31, 4:36] = True
+    sid = p.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Lungs")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), p.segmentation, sid, ct)
+    first = p.segmentation
+    widget.ui.reuseLungsCheckBox.checked = True
+    widget.ui.segmentButton.click()
+    runJob(harness, widget)
+    assert "--input-lungs" in fake.calls()[-1]["argv"]
+    from CovidGANSegModuleLib import segmentations
+
+    assert p.segmentation is not first  # the new result, segmented with the edited lungs
+    np.testing.assert_array_equal(segmentations.segmentMask(p.segmentation, "Lungs", ct), edited)

@@ -10,7 +10,7 @@ of memory exits with ``EXIT_GPU_OUT_OF_MEMORY``, exactly as the real CLI does. I
 from a JSON spec in ``$COVIDGANSEG_FAKE_SPEC`` (a file path)::
 
     {"lesion_box": [i0, i1, j0, j1, k0, k1],   # lesion voxels (input file order), half-open
-     "lungs_box":  [i0, i1, j0, j1, k0, k1],
+     "lungs_box":  [i0, i1, j0, j1, k0, k1],   # the lungs written (segment --input-lungs: the given ones)
      "steps": 5, "step_seconds": 0.0,          # progress lines and the time between them
      "grandchild": false,                      # start a long-running grandchild (process-tree kill test)
      "fail": null,                             # "message" -> "covidganseg CMD: error: <input>: message", exit 2
@@ -97,6 +97,13 @@ def _run(args: argparse.Namespace) -> int:
         affine[:3, 3] += 5.0
     lesion = _box_mask(hu.shape, spec.get("lesion_box"))
     lungs = _box_mask(hu.shape, spec.get("lungs_box"))
+    if getattr(args, "input_lungs", None) is not None:
+        # as the real ``segment``: the given mask is checked against the CT's grid by the library's own
+        # reader (an error naming the file otherwise) and is the lung mask used and written
+        from CovidGANSegLib.nifti import load_ct, load_mask
+
+        load_mask(args.input_lungs, load_ct(args.input))
+        lungs = (np.asanyarray(nib.load(str(args.input_lungs)).dataobj) > 0).astype(np.uint8)  # input file order
     pseudo = np.where(lesion > 0, -850.0, hu).astype(np.float32)
     difference = (hu - pseudo).astype(np.float32)
     if args.command == "pseudo-healthy":
