@@ -104,6 +104,25 @@ def test_real_cli_outputs_land_on_the_nodes_grid(harness, logic, randomModels, p
     assert row["MosMed category"] == result["report"]["mosmed_category"]
 
 
+def test_real_cli_segments_with_the_edited_lungs(harness, logic, randomModels, phantomFiles):
+    """The "Lungs" segment given to ``segment --input-lungs`` (the phantom's true lungs, which keep the
+    consolidation our lung mask leaves out) passes the real CLI's grid check on a CT that Slicer's
+    reader re-ordered, and is exactly the lung mask of the result."""
+    import slicer
+    from CovidGANSegModuleLib import segmentations, volumeio
+
+    ct = _load(harness, phantomFiles["ct"], "phantom CT")
+    truth, _ = segmentations.groundTruthMask(_load(harness, phantomFiles["lungs"], "true lungs", labelmap=True), ct)
+    given = segmentations.createSegmentationNode(slicer.mrmlScene, "corrected", ct,
+                                                 [(segmentations.LUNGS_NAME, truth.astype(np.uint8), segmentations.LUNGS_COLOR)])
+    result = logic.segmentLesions(ct, randomModels["gan"], randomModels["seg"], "cpu", pseudoHealthy=False, lungSegmentation=given)
+    lungs = segmentations.segmentMask(result["segmentation"], "Lungs", ct)
+    np.testing.assert_array_equal(lungs, truth)
+    assert not np.any(segmentations.segmentMask(result["segmentation"], "Lesion", ct) & ~truth)
+    voxelMl = abs(np.linalg.det(volumeio.ijkToRasArray(ct)[:3, :3])) / 1000.0
+    assert result["report"]["lung_ml"] == pytest.approx(float(truth.sum()) * voxelMl, rel=1e-6)
+
+
 def test_real_cli_cancel_leaves_nothing(harness, logic, randomModels, phantomFiles):
     ct = _load(harness, phantomFiles["ct"], "phantom CT")
     before = harness.scene.GetNumberOfNodes()
