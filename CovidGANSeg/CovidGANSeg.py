@@ -984,6 +984,8 @@ class CovidGANSegTest(ScriptedLoadableModuleTest):  # noqa: F405
         self.delayDisplay("Review of corrections and export passed")
 
     def test_SegmentAndCancel(self):
+        import numpy as np
+
         logic = CovidGANSegLogic()
         gans, segs = logic.listModels(models.defaultModelsFolder())
         if not gans or not segs:
@@ -1004,5 +1006,13 @@ class CovidGANSegTest(ScriptedLoadableModuleTest):  # noqa: F405
             self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)
         self.assertTrue(volumeio.sameGeometry(result["pseudoHealthy"], volume))
         self.assertTrue(volumeio.sameGeometry(result["difference"], volume))
+        self.delayDisplay("Segmenting again with the Lungs segment as corrected in the Segment Editor")
+        edited = segmentations.segmentMask(segmentation, segmentations.LUNGS_NAME, volume)
+        edited[:, : edited.shape[1] // 8, :] = True  # a band along one side of the volume added by hand
+        lungsId = segmentations.segmentId(segmentation, segmentations.LUNGS_NAME)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), segmentation, lungsId, volume)
+        again = logic.segmentLesions(volume, gans[0]["checkpoint_path"], segs[0]["checkpoint_path"], "cpu", pseudoHealthy=False,
+                                     lungSegmentation=segmentation)
+        np.testing.assert_array_equal(segmentations.segmentMask(again["segmentation"], segmentations.LUNGS_NAME, volume), edited)
         self.delayDisplay("Lesion segmentation passed")
 
