@@ -76,7 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pseudo-healthy", type=Path, default=None, help="pseudo-healthy CT to write (HU; needs --gan)")
     p.add_argument("--difference", type=Path, default=None, help="difference map to write (input minus pseudo-healthy, HU; needs --gan)")
     p.add_argument("--report", type=Path, default=None, help="JSON report to write (volumes, percent involved, MosMed category)")
-    p.add_argument("--input-lungs", type=Path, default=None, help="use this lung mask (NIfTI on the input grid) instead of computing one")
+    p.add_argument("--input-lungs", type=Path, default=None,
+                   help="use this lung mask (NIfTI on the input grid) instead of computing one; lesions are only looked for inside it, "
+                        "and dense consolidation at the chest wall is what the computed mask most often leaves out")
     p.add_argument("--threshold", type=float, default=None, metavar="P", help="probability threshold in (0, 1) (default: the checkpoint's, 0.5)")
     p.add_argument("--no-growth", dest="grow", action="store_false",
                    help="keep the segmenter's detections only, without growing them into connected lesion-range density "
