@@ -65,7 +65,7 @@ def extract_lung_mask(
     grow_hu: float = -250.0,
     grow_mm: float = 20.0,
     closing_mm: float = 10.0,
-    z_closing_mm: float = 24.0,
+    z_closing_mm: float = 16.0,
     min_lung_ml: float = 3.0,
     dense_grow_mm: float = 25.0,
     wall_mm: float = 20.0,
@@ -83,10 +83,7 @@ def extract_lung_mask(
         grow_hu, grow_mm: the lungs grow (in-plane, at most ``grow_mm``) into adjacent voxels below
             ``grow_hu`` (ground-glass opacities).
         closing_mm: radius of the 3D ball closing that keeps peripheral lesions inside the mask.
-        z_closing_mm: reach of an extra closing along z, each way (lesions with lung above and
-            below). 24 mm (three 8 mm slices) rather than 16: on the validation phantoms it keeps
-            more of the dependent consolidation that lines the chest wall over several slices
-            (README, "The lung mask caps Dice"); on the real normal CTs the mask grows by 1-1.5 %.
+        z_closing_mm: length of an extra closing along z (lesions with lung above and below).
         min_lung_ml: components smaller than this are never lungs.
 
     Returns:
