@@ -505,11 +505,14 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         pathlib.Path(base).mkdir(parents=True, exist_ok=True)
         return pathlib.Path(tempfile.mkdtemp(prefix="CovidGANSeg-", dir=base))
 
-    def _writeInput(self, inputVolume):
-        """A fresh work directory holding the input volume as NIfTI: ``(work, inputPath)``."""
+    def _writeInput(self, inputVolume, lungsKji=None):
+        """A fresh work directory holding the input volume as NIfTI, and ``lungsKji`` (a ``[k, j, i]``
+        mask on its grid) as ``input_lungs.nii`` when given: ``(work, inputPath, lungsPath or None)``."""
         work = self._workDirectory()
         try:
-            return work, volumeio.writeVolumeNifti(inputVolume, work / "input.nii")
+            inputPath = volumeio.writeVolumeNifti(inputVolume, work / "input.nii")
+            lungsPath = None if lungsKji is None else volumeio.writeMaskNifti(lungsKji, inputVolume, work / "input_lungs.nii")
+            return work, inputPath, lungsPath
         except Exception:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -541,7 +544,7 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         volumeio.checkInputVolume(inputVolume)
         self._checkDevice(device)
         gan = self.checkModel(ganCheckpoint, "gan")
-        work, inputPath = self._writeInput(inputVolume)
+        work, inputPath = self._writeInput(inputVolume)[:2]
         phPath, diffPath = work / "pseudo_healthy.nii", work / "difference.nii"
 
         argv = jobs.commandLineForDevice(self.commandPrefix(), protocol.PseudoHealthyParameters(
@@ -581,17 +584,10 @@ class CovidGANSegLogic(ScriptedLoadableModuleLogic):  # noqa: F405
         gan = self.checkModel(ganCheckpoint, "gan") if (ganCheckpoint or pseudoHealthy) else None
         seg = self.checkModel(segCheckpoint, "seg")
         lungsGiven = self._lungsFrom(lungSegmentation, inputVolume) if lungSegmentation is not None else None
-        work, inputPath = self._writeInput(inputVolume)
+        work, inputPath, inputLungs = self._writeInput(inputVolume, lungsGiven)
+        del lungsGiven
         paths = {k: work / f"{k}.nii" for k in ("lesion", "lungs", "pseudo_healthy", "difference")}
         reportPath = work / "report.json"
-        inputLungs = None
-        if lungsGiven is not None:
-            try:
-                inputLungs = volumeio.writeMaskNifti(lungsGiven, inputVolume, work / "input_lungs.nii")
-            except Exception:
-                shutil.rmtree(work, ignore_errors=True)
-                raise
-            del lungsGiven
 
         argv = jobs.commandLineForDevice(self.commandPrefix(), protocol.SegmentParameters(
             input=inputPath, seg=seg["checkpoint_path"], gan=gan["checkpoint_path"] if gan is not None else None,

@@ -274,11 +274,20 @@ def _cohorts(work: Path, plan, result: dict[str, Any]) -> tuple[Path, Path]:
     if not train_dir.is_dir():
         write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size,
                      lesion_model=plan.lesion_model)
-    if not val_dir.is_dir():  # the demo's validation cohort: seed + 2, studies 6001..
-        write_cohort(val_dir, healthy=0, covid=plan.val_covid, seed=plan.seed + 2, size=plan.phantom_size, first_id=6001,
-                     lesion_model=plan.lesion_model)
+    _validation_cohort(work, plan)
     result["stages"]["phantoms_s"] = round(time.perf_counter() - t, 1)
     return train_dir, val_dir
+
+
+def _validation_cohort(work: Path, plan) -> Path:
+    """The demo's validation cohort (seed + 2, studies 6001..), written once under ``work``."""
+    from CovidGANSegLib.synth.phantoms import write_cohort
+
+    val_dir = work / "validation"
+    if not val_dir.is_dir():
+        write_cohort(val_dir, healthy=0, covid=plan.val_covid, seed=plan.seed + 2, size=plan.phantom_size, first_id=6001,
+                     lesion_model=plan.lesion_model)
+    return val_dir
 
 
 def _mild_cohort(work: Path, plan, n: int) -> Path:

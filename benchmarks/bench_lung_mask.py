@@ -4,7 +4,7 @@ Every method keeps lesions inside the lung mask (``lungmask.extract_lung_mask``)
 it leaves out are lost to the HU threshold and to the segmenters alike. The phantoms carry their
 true lungs (``lungs/`` of a cohort: the anatomical lungs with vessels, airways and lesions), which
 measures that loss directly. Cohorts, validation only (the independent lesion model; the held-out
-test cohort is never read), written as ``bench_ablation.py`` writes them so that its WORK folder
+test cohort is never read), written by ``bench_ablation.py``'s own functions, so that its WORK folder
 can be shared:
 
 * ``validation``: the demo plan's validation cohort (seed + 2, studies 6001..);
@@ -35,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MILD_PERCENT = 5.0
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
 
+    from bench_ablation import _mild_cohort, _validation_cohort
     from CovidGANSegLib import demo, progress
 
     progress.set_mode("none")
@@ -61,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         model, _ = load_segmenter(args.model, "cpu")
-    cohorts = {"validation": _cohort(args.out / "validation", plan, plan.val_covid, 2, 6001, None)}
+    cohorts = {"validation": _validation_cohort(args.out, plan)}
     if args.mild_cohort:
-        cohorts[f"mild_{args.mild_cohort}"] = _cohort(args.out / f"validation_mild_{args.mild_cohort}", plan, args.mild_cohort, 3, 7001,
-                                                      ("CT-1",))
+        cohorts[f"mild_{args.mild_cohort}"] = _mild_cohort(args.out, plan, args.mild_cohort)
     result: dict[str, Any] = {
         "plan": args.plan, "model": None if args.model is None else str(args.model), "machine": _machine(),
         "note": "validation cohorts (independent lesion model); the held-out test cohort is not used", "cohorts": {},
@@ -84,18 +85,10 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
 
 
-def _cohort(folder: Path, plan, covid: int, seed_offset: int, first_id: int, categories) -> Path:
-    from CovidGANSegLib.synth.phantoms import write_cohort
-
-    if not folder.is_dir():
-        write_cohort(folder, healthy=0, covid=covid, seed=plan.seed + seed_offset, size=plan.phantom_size, first_id=first_id,
-                     lesion_model=plan.lesion_model, categories=categories)
-    return folder
-
-
 def _dice(pred, truth) -> float:
-    s = int(pred.sum()) + int(truth.sum())
-    return 1.0 if s == 0 else 2.0 * float((pred & truth).sum()) / s
+    from CovidGANSegLib.metrics import confusion, from_confusion
+
+    return from_confusion(*confusion(pred, truth))["dice"]
 
 
 def _score_cohort(folder: Path, model) -> dict[str, Any]:

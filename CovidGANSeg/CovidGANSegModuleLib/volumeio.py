@@ -78,35 +78,32 @@ def checkInputVolume(volumeNode) -> None:
 
 def writeVolumeNifti(volumeNode, path: str | Path) -> Path:
     """Write the node's voxels and IJKToRAS as an uncompressed NIfTI file (fast, no voxel copy)."""
-    import nibabel as nib
     import slicer
 
-    path = Path(path)
-    voxels = slicer.util.arrayFromVolume(volumeNode)  # [k, j, i] view of the VTK buffer
-    affine = ijkToRasArray(volumeNode)
-    image = nib.Nifti1Image(voxels.transpose(2, 1, 0), affine)  # (i, j, k) view, Fortran-contiguous
-    image.header.set_xyzt_units("mm")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    image.header.set_slope_inter(1.0, 0.0)
-    nib.save(image, str(path))
-    return path
+    return _writeOnGrid(slicer.util.arrayFromVolume(volumeNode), volumeNode, path)  # [k, j, i] view of the VTK buffer
 
 
 def writeMaskNifti(maskKji: np.ndarray, referenceNode, path: str | Path) -> Path:
     """Write a ``[k, j, i]`` mask on ``referenceNode``'s grid as an uncompressed uint8 NIfTI file
     with the node's IJKToRAS as its affine (the grid ``writeVolumeNifti`` gives the input)."""
-    import nibabel as nib
-
-    path = Path(path)
     mask = np.asarray(maskKji)
     if mask.shape != tuple(reversed(dimensions(referenceNode))):
         raise GeometryError(f"mask of shape {mask.shape} is not on the grid of '{referenceNode.GetName()}'")
+    return _writeOnGrid((mask > 0).astype(np.uint8), referenceNode, path)
+
+
+def _writeOnGrid(voxelsKji: np.ndarray, referenceNode, path: str | Path) -> Path:
+    """``[k, j, i]`` voxels as NIfTI ``(i, j, k)`` (a transposed view, Fortran-contiguous: no copy) with
+    ``referenceNode``'s IJKToRAS as qform and sform, millimetres, no scaling."""
+    import nibabel as nib
+
+    path = Path(path)
     affine = ijkToRasArray(referenceNode)
-    image = nib.Nifti1Image((mask > 0).astype(np.uint8).transpose(2, 1, 0), affine)  # (i, j, k)
+    image = nib.Nifti1Image(voxelsKji.transpose(2, 1, 0), affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    image.header.set_slope_inter(1.0, 0.0)
     nib.save(image, str(path))
     return path
 
