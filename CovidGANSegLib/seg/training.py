@@ -436,40 +436,50 @@ class SegTrainer:
         reports, so that a mild case weighs as much as a severe one; ``val_dice_pooled`` pools all
         voxels.
         """
+        (counts,), total, pixels = self._score(val, (threshold,), batch=batch, loss=True)
+        tp_all, fp_all, fn_all = (sum(c[j] for c in counts.values()) for j in range(3))
+        return {"val_loss": total / max(pixels, 1), "val_dice": _mean_volume_dice(counts),
+                "val_dice_pooled": _dice(tp_all, fp_all, fn_all), "val_has_lesion": tp_all + fn_all > 0}
+
+    @torch.inference_mode()
+    def dice_by_threshold(self, val: SliceSet, thresholds: tuple[float, ...], *, batch: int = 32) -> dict[float, float]:
+        """``val_dice`` of :meth:`validate` for each threshold, from one pass of the network."""
+        counts, _, _ = self._score(val, thresholds, batch=batch, loss=False)
+        return {float(t): _mean_volume_dice(c) for t, c in zip(thresholds, counts)}
+
+    def _score(self, val: SliceSet, thresholds: tuple[float, ...], *, batch: int, loss: bool
+               ) -> tuple[list[dict[int, list[int]]], float, int]:
+        """Per threshold, volume -> [tp, fp, fn] in the lung; and the summed loss and its pixel count."""
         was = self.model.training
         self.model.eval()
         cfg = self.config
         total, pixels = 0.0, 0
-        counts: dict[int, list[int]] = {}  # volume -> [tp, fp, fn]
+        counts: list[dict[int, list[int]]] = [{} for _ in thresholds]
         try:
             for i in range(0, len(val.images), batch):
                 x, y, lung = val.images[i:i + batch], val.masks[i:i + batch], val.lungs[i:i + batch]
                 logits = self.model(x)
-                region = lung if cfg.loss_region == "lung" else None
-                n = int(lung.sum()) if region is not None else y.numel()
-                total += float(cfg.weight_sensitivity * self.sensitivity(logits, y, region) + cfg.weight_mse * mse_to_pseudo_mask(logits, y, region)) * n
-                pixels += n
-                pred = (torch.sigmoid(logits) > threshold) & lung
+                if loss:
+                    region = lung if cfg.loss_region == "lung" else None
+                    n = int(lung.sum()) if region is not None else y.numel()
+                    total += float(cfg.weight_sensitivity * self.sensitivity(logits, y, region)
+                                   + cfg.weight_mse * mse_to_pseudo_mask(logits, y, region)) * n
+                    pixels += n
+                prob = torch.sigmoid(logits)
                 t = (y > 0.5) & lung
-                tp = (pred & t).flatten(1).sum(dim=1).tolist()
-                fp = (pred & ~t).flatten(1).sum(dim=1).tolist()
-                fn = (~pred & t).flatten(1).sum(dim=1).tolist()
-                for k in range(len(x)):
-                    volume = val.index[i + k][0] if val.index else 0
-                    c = counts.setdefault(volume, [0, 0, 0])
-                    c[0] += int(tp[k])
-                    c[1] += int(fp[k])
-                    c[2] += int(fn[k])
+                for per_volume, threshold in zip(counts, thresholds):
+                    pred = (prob > threshold) & lung
+                    tp = (pred & t).flatten(1).sum(dim=1).tolist()
+                    fp = (pred & ~t).flatten(1).sum(dim=1).tolist()
+                    fn = (~pred & t).flatten(1).sum(dim=1).tolist()
+                    for k in range(len(x)):
+                        c = per_volume.setdefault(val.index[i + k][0] if val.index else 0, [0, 0, 0])
+                        c[0] += int(tp[k])
+                        c[1] += int(fp[k])
+                        c[2] += int(fn[k])
         finally:
             self.model.train(was)
-
-        def dice(tp: int, fp: int, fn: int) -> float:
-            return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-
-        tp_all, fp_all, fn_all = (sum(c[j] for c in counts.values()) for j in range(3))
-        per_volume = [dice(*c) for c in counts.values()]
-        return {"val_loss": total / max(pixels, 1), "val_dice": float(np.mean(per_volume)) if per_volume else 1.0,
-                "val_dice_pooled": dice(tp_all, fp_all, fn_all), "val_has_lesion": tp_all + fn_all > 0}
+        return counts, total, pixels
 
     def consider(self, result: dict[str, float]) -> bool:
         """Keep the current weights if they are the best on validation so far (strictly better)."""
@@ -512,16 +522,25 @@ class SegTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def _dice(tp: int, fp: int, fn: int) -> float:
+    return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def _mean_volume_dice(counts: dict[int, list[int]]) -> float:
+    """Mean of the per-volume Dice of ``volume -> [tp, fp, fn]`` (1 without any volume)."""
+    return float(np.mean([_dice(*c) for c in counts.values()])) if counts else 1.0
+
+
 def choose_threshold(trainer: SegTrainer, state: dict[str, torch.Tensor], val: SliceSet) -> tuple[float, float]:
     """The probability threshold of :data:`THRESHOLDS` with the best Dice on ``val`` for the weights ``state``."""
     current = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.model.load_state_dict(state)
     try:
-        scores = [(trainer.validate(val, threshold=t)["val_dice"], -abs(t - 0.5), t) for t in THRESHOLDS]
+        dice = trainer.dice_by_threshold(val, THRESHOLDS)
     finally:
         trainer.model.load_state_dict(current)
-    dice, _, t = max(scores)
-    return float(t), float(dice)
+    best, _, t = max((dice[t], -abs(t - 0.5), t) for t in THRESHOLDS)
+    return float(t), float(best)
 
 
 # --------------------------------------------------------------------------------------------

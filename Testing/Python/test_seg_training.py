@@ -96,6 +96,30 @@ def test_one_step_reduces_loss_on_fixed_batch(arch):
         assert all(torch.equal(a, b) for a, b in zip(dec_before, trainer.model.head.parameters()))
 
 
+def test_threshold_choice_from_one_pass_equals_validating_each_threshold():
+    """``dice_by_threshold`` (one forward pass) gives ``validate``'s per-volume Dice at every threshold,
+    and ``choose_threshold`` takes the best of them (ties: nearer 0.5) for the given weights."""
+    trainer = training.SegTrainer("unet", TINY, device="cpu", seed=0)
+    x, y, labels = _batch()
+    for _ in range(3):
+        trainer.step(x, y, labels, training.PHASE_END_TO_END)
+    lung = torch.ones_like(y, dtype=torch.bool)
+    lung[:, :, :4] = False
+    val = training.SliceSet(images=x, masks=y, lungs=lung, labels=labels, index=[(0, 0), (0, 1), (1, 0), (2, 0)])
+    thresholds = training.THRESHOLDS
+    one_pass = trainer.dice_by_threshold(val, thresholds, batch=3)
+    each = {t: trainer.validate(val, threshold=t, batch=3)["val_dice"] for t in thresholds}
+    assert one_pass == each
+    assert len(set(each.values())) > 1  # the thresholds really differ here, so the choice below can fail
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for p in trainer.model.parameters():  # other current weights: the choice is for ``state``'s
+        torch.nn.init.zeros_(p)
+    t, dice = training.choose_threshold(trainer, state, val)
+    assert dice == max(each.values())
+    assert t == min((th for th in thresholds if each[th] == dice), key=lambda th: abs(th - 0.5))
+    assert all(float(p.detach().abs().sum()) == 0 for p in trainer.model.parameters())  # current weights restored
+
+
 @pytest.mark.parametrize("arch", ["transunet", "unet"])
 def test_bf16_autocast_only_where_the_cpu_has_it(arch, monkeypatch, caplog):
     x, y, labels = _batch()
