@@ -111,8 +111,8 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
     from CovidGANSegLib.gan.training import train_gan
     from CovidGANSegLib.synth.phantoms import write_cohort
+    from CovidGANSegLib.cpu_jobs import run_side_by_side
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
-    from CovidGANSegLib.seg.training import train_segmenter
 
     train_dir, test_dir = work / "data" / "train", work / "data" / split
     progress.report(0.0, "generating the phantom cohorts")
@@ -145,17 +145,28 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
                                    rule=plan.pseudo_rule, grid=plan.seg_grid, cache=work / "runs" / "seg_preprocessed")
     timings["pseudo_masks_s"] = time.perf_counter() - t
 
-    seg_models = {}
-    for i, name in enumerate(("transunet", "unet")):
+    jobs = {name: dict(pseudo_masks=pseudo, run_dir=work / "runs" / name, model=name, config=plan.seg_config,
+                       iterations=plan.seg_iterations, device=device, seed=plan.seed, data=train_dir,
+                       synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction, variants_per_volume=plan.synthetic_variants,
+                                                      coverage=plan.synthetic_coverage))
+            for name in ("transunet", "unet")}
+    threads = _threads_per_segmenter(device, len(jobs))
+    if threads:
+        # side by side, one share of the cores each: faster on small CPUs (cpu_jobs), same models as
+        # training them one after the other with that many threads
         t = time.perf_counter()
-        progress.report(0.45 + 0.2 * i, f"training {name} on the pseudo-masks")
-        with progress.scope(0.45 + 0.2 * i, 0.65 + 0.2 * i):
-            seg_models[name] = train_segmenter(pseudo, work / "runs" / name, model=name, config=plan.seg_config,
-                                               iterations=plan.seg_iterations, device=device, seed=plan.seed, data=train_dir,
-                                               synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction,
-                                                                              variants_per_volume=plan.synthetic_variants,
-                                                                              coverage=plan.synthetic_coverage))
-        timings[f"{name}_training_s"] = time.perf_counter() - t
+        progress.report(0.45, f"training {' and '.join(jobs)} side by side ({threads} torch thread{'s' if threads > 1 else ''} each)")
+        with progress.scope(0.45, 0.85):
+            done = run_side_by_side({name: (_timed_training, kw) for name, kw in jobs.items()}, threads=threads)
+        seg_models = {name: done[name][0] for name in jobs}
+        timings.update({f"{name}_training_s": done[name][1] for name in jobs})
+        timings["segmenters_side_by_side_s"] = time.perf_counter() - t
+    else:
+        seg_models = {}
+        for i, (name, kw) in enumerate(jobs.items()):
+            progress.report(0.45 + 0.2 * i, f"training {name} on the pseudo-masks")
+            with progress.scope(0.45 + 0.2 * i, 0.65 + 0.2 * i):
+                seg_models[name], timings[f"{name}_training_s"] = _timed_training(**kw)
 
     t = time.perf_counter()
     progress.report(0.85, "segmenting the held-out studies")
@@ -195,6 +206,28 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     _write_report(work, plan, device, summary, timings, runtime, split, real)
     progress.report(1.0, "demo done")
     return metrics
+
+
+def _threads_per_segmenter(device: str, jobs: int) -> int:
+    """Torch threads for each segmenter trained side by side (0: train them one after the other).
+
+    Side by side on a CPU whose torch threads split evenly among ``jobs`` (at least one each);
+    on a GPU, or with fewer threads than jobs, one after the other.
+    """
+    import torch
+
+    if device != "cpu" or jobs < 2:
+        return 0
+    return torch.get_num_threads() // jobs
+
+
+def _timed_training(**kwargs: Any) -> tuple[Path, float]:
+    """``train_segmenter(**kwargs)`` and its seconds (module level: run in a job process too)."""
+    from CovidGANSegLib.seg.training import train_segmenter
+
+    t = time.perf_counter()
+    path = train_segmenter(**kwargs)
+    return path, time.perf_counter() - t
 
 
 def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Path, device: str, gan_model: Path | None = None) -> dict[str, Any]:

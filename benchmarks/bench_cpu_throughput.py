@@ -11,6 +11,11 @@ beta = 0), backward, Adam, through ``SegTrainer.step`` as training runs it. Vari
 * ``compile``: float32 with the training forward pass ``torch.compile``-d (inductor; compile time reported apart,
   skipped with ``--no-compile``).
 
+With ``--side-by-side``: the float32 step of every architecture trained one after the other with
+``--threads`` threads, against all of them at once in separate processes with an equal share of the
+threads each (how the demo trains its two segmenters on a CPU, ``CovidGANSegLib.cpu_jobs``): the
+seconds for one step of each, both ways.
+
 Each variant runs in its own Python process, one after the other, so that a variant that crashes
 the interpreter (with torch 2.13 CPU, ``channels_last`` crashed the TransUNet's backward with a
 glibc heap assertion on the 2-core AMD EPYC) is reported as such and the others still run. Time it
@@ -18,6 +23,7 @@ on an otherwise idle machine. Prints the median seconds per step and saves
 ``benchmarks/results/cpu_throughput_<date>.json``.
 
     python benchmarks/bench_cpu_throughput.py --threads 2 --steps 12
+    python benchmarks/bench_cpu_throughput.py --threads 2 --steps 20 --side-by-side
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
     ap.add_argument("--arch", nargs="+", default=["transunet", "unet"])
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="only float32: the architectures one after the other against all at once, threads shared")
     ap.add_argument("--child", nargs=2, metavar=("ARCH", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -90,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from CovidGANSegLib.seg import cpu_has_native_bf16
 
+    if args.side_by_side:
+        return _side_by_side(args.arch, args.threads, args.steps)
     variants = [v for v in VARIANTS if not (args.no_compile and v == "compile")]
     results: dict[str, dict[str, dict]] = {}
     for arch in args.arch:
@@ -112,11 +122,65 @@ def main(argv: list[str] | None = None) -> int:
             speed = f"  x{base / r['median_s_per_step']:.2f}" if base else ""
             print(f"{arch:10s} {variant:14s} {r['median_s_per_step']:.3f} s/step{speed}{extra}")
     out = ROOT / "benchmarks" / "results" / f"cpu_throughput_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    out.write_text(json.dumps({"machine": _machine(), "torch": torch.__version__,
                                "native_bf16": cpu_has_native_bf16(), "threads": args.threads, "batch": "8 x 1 x 128 x 128",
                                "results": results}, indent=1) + "\n")
     print(f"saved {out}")
     return 0
+
+
+def _child(arch: str, variant: str, threads: int, steps: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", arch, variant, "--threads", str(threads), "--steps", str(steps)]
+
+
+def _side_by_side(archs: list[str], threads: int, steps: int) -> int:
+    """fp32 steps of ``archs`` one after the other (``threads`` each) and all at once (an equal share each)."""
+    import torch
+
+    share = threads // len(archs)
+    if share < 1:
+        print(f"--side-by-side needs at least one thread per architecture ({len(archs)}), got --threads {threads}")
+        return 2
+
+    def median(done: subprocess.CompletedProcess, arch: str) -> float:
+        if done.returncode != 0:
+            raise SystemExit(f"{arch} crashed: {(done.stderr.strip().splitlines() or ['(no message)'])[-1]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])["median_s_per_step"]
+
+    alone = {a: median(subprocess.run(_child(a, "fp32", threads, steps), capture_output=True, text=True), a) for a in archs}
+    alone_share = {a: median(subprocess.run(_child(a, "fp32", share, steps), capture_output=True, text=True), a) for a in archs}
+    procs = {a: subprocess.Popen(_child(a, "fp32", share, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in archs}
+    together = {}
+    for a, p in procs.items():
+        out, err = p.communicate()
+        together[a] = median(subprocess.CompletedProcess(p.args, p.returncode, out, err), a)
+    one_after = sum(alone.values())
+    at_once = max(together.values())
+    for a in archs:
+        print(f"{a:10s} alone {threads} thread(s) {alone[a]:.3f} s/step, alone {share} {alone_share[a]:.3f}, "
+              f"side by side {share} {together[a]:.3f}")
+    print(f"one step of each: one after the other {one_after:.3f} s, side by side {at_once:.3f} s (x{one_after / at_once:.2f})")
+    out = ROOT / "benchmarks" / "results" / f"cpu_side_by_side_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": _machine(), "torch": torch.__version__, "threads": threads, "share": share,
+                               "batch": "8 x 1 x 128 x 128", "steps": steps, "alone_s_per_step": alone,
+                               "alone_share_s_per_step": alone_share, "side_by_side_s_per_step": together,
+                               "one_step_each_s": {"one_after_the_other": one_after, "side_by_side": at_once}}, indent=1) + "\n")
+    print(f"saved {out}")
+    return 0
+
+
+def _machine() -> str:
+    """Architecture, cores and, on Linux, the CPU's model name, family / model and whether it has AVX-512."""
+    cpu = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = (f", {fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
+               f"{'AVX-512' if 'avx512f' in fields.get('flags', '').split() else 'no AVX-512'})")
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores{cpu}"
 
 
 if __name__ == "__main__":
