@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import pickle
 import queue
 import traceback
@@ -35,13 +34,6 @@ log = logging.getLogger(__name__)
 
 #: seconds a job gets to stop after SIGTERM before it is killed
 STOP_GRACE_S = 120.0
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS tells it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 def run_side_by_side(jobs: dict[str, tuple[Callable[..., Any], dict[str, Any]]], *, threads: int,

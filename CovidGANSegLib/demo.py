@@ -3,7 +3,8 @@
 Steps (each logged with progress): generate a training cohort (healthy CT-0 and COVID CT-1..4;
 its lesion masks are never read) and a held-out COVID cohort whose masks are used only for
 evaluation; train the 3D GAN; make pseudo-masks; train TransUNet and the U-Net baseline on the
-pseudo-masks and on synthetic lesions in the healthy volumes; segment the held-out studies on their
+pseudo-masks and on synthetic lesions in the healthy volumes (on a CPU side by side, each with its
+share of torch's threads: :mod:`CovidGANSegLib.cpu_jobs`); segment the held-out studies on their
 own grid; score TransUNet, U-Net and the HU-threshold baseline against the held-out masks; run every
 model on real normal chest CTs (specificity check, when the folder is there); write ``report.md``
 and ``metrics.json``.
@@ -108,11 +109,11 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overw
 
 def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real_dir: Path | None) -> dict[str, Any]:
     from CovidGANSegLib.config import PreprocessConfig
+    from CovidGANSegLib.cpu_jobs import run_side_by_side
     from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
     from CovidGANSegLib.gan.training import train_gan
-    from CovidGANSegLib.synth.phantoms import write_cohort
-    from CovidGANSegLib.cpu_jobs import run_side_by_side
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
+    from CovidGANSegLib.synth.phantoms import write_cohort
 
     train_dir, test_dir = work / "data" / "train", work / "data" / split
     progress.report(0.0, "generating the phantom cohorts")
