@@ -115,19 +115,22 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.synth.phantoms import write_cohort
 
+    import torch
+
     train_dir, test_dir = work / "data" / "train", work / "data" / split
+    workers = torch.get_num_threads()  # the CPU share torch was given: one phantom process per thread
     progress.report(0.0, "generating the phantom cohorts")
     with progress.scope(0.0, 0.03):
         # Training cohort: its lesion masks exist on disk (MosMed layout) but no training code reads them.
         write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size,
-                     lesion_model=plan.lesion_model)
+                     lesion_model=plan.lesion_model, workers=workers)
     with progress.scope(0.03, 0.05):
         # Held-out cohort (test: seed + 1, studies 5001..; validation: seed + 2, studies 6001..): its masks
         # are used only by the evaluation below.
         n_eval = plan.test_covid if split == "test" else plan.val_covid
         offset, first = (1, 5001) if split == "test" else (2, 6001)
         write_cohort(test_dir, healthy=0, covid=n_eval, seed=plan.seed + offset, size=plan.phantom_size, first_id=first,
-                     lesion_model=plan.lesion_model)
+                     lesion_model=plan.lesion_model, workers=workers)
     timings = {"phantoms_s": time.perf_counter() - start}
 
     preprocess = PreprocessConfig(grid=plan.grid)

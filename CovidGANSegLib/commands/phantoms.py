@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--first-id", type=_count, default=1, metavar="K", help="number of the first study (default 1)")
     p.add_argument("--categories", nargs="+", choices=("CT-1", "CT-2", "CT-3", "CT-4"), default=None, metavar="CT-k",
                    help="categories the COVID studies cycle through (default: a MosMed-like mix; e.g. CT-1 for mild cases only)")
+    p.add_argument("--workers", type=_count, default=1, metavar="W",
+                   help="studies generated at a time, in separate processes (default 1; the files are the same)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(handler=run, parser=p)
 
@@ -70,10 +72,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.healthy + args.covid < 1:
         args.parser.error("ask for at least one study (--healthy N and/or --covid M)")
+    if args.workers < 1:
+        args.parser.error("--workers must be at least 1")
     if args.first_id + args.healthy + args.covid - 1 > 9999:
         args.parser.error("study numbers must stay within 0..9999")
     out = write_cohort(args.out, healthy=args.healthy, covid=args.covid, seed=args.seed, size=args.size,
-                       first_id=args.first_id, overwrite=args.overwrite, lesion_model=args.lesion_model, categories=args.categories)
+                       first_id=args.first_id, overwrite=args.overwrite, lesion_model=args.lesion_model, categories=args.categories,
+                       workers=args.workers)
     meta = json.loads((out / "cohort.json").read_text())
     counts: dict[str, int] = {}
     for rec in meta["studies"]:

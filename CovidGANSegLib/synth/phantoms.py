@@ -205,9 +205,41 @@ def study_rng(seed: int, number: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(number), 0x9E3779B9])
 
 
+def _write_study(tmp: Path, seed: int, number: int, is_covid: bool, cat: str | None, size: str, lesion_model: str) -> dict:
+    """Generate study ``number`` of a cohort, write its files under ``tmp`` and return its record."""
+    from CovidGANSegLib.nifti import save_array
+
+    rng = study_rng(seed, number)
+    inv = draw_involvement(rng, cat) if is_covid else None
+    ph = generate_phantom(rng, size=size, covid=is_covid, involvement=inv, return_labels=False, lesion_model=lesion_model)
+    sid = f"study_{number:04d}"
+    rel = Path("studies") / ph.category / f"{sid}.nii.gz"
+    save_array(ph.hu, ph.affine, tmp / rel, dtype=np.int16)
+    lungs_rel = Path("lungs") / f"{sid}_lungs.nii.gz"
+    save_array(ph.lung_mask, ph.affine, tmp / lungs_rel, dtype=np.uint8)
+    rec = {
+        "id": sid, "number": number, "category": ph.category, "covid": is_covid,
+        "involvement_percent": round(100.0 * ph.involvement, 4),
+        "target_involvement_percent": None if inv is None else round(100.0 * inv, 4),
+        "lesion_ml": round(ph.lesion_ml, 3), "lung_ml": round(ph.lung_ml, 3),
+        "shape": list(ph.hu.shape), "spacing_mm": [round(s, 5) for s in ph.spacing],
+        "path": rel.as_posix(), "lungs": lungs_rel.as_posix(), "mask": None,
+    }
+    if is_covid:
+        mask_rel = Path("masks") / f"{sid}_mask.nii.gz"
+        save_array(ph.lesion_mask, ph.affine, tmp / mask_rel, dtype=np.uint8)
+        rec["mask"] = mask_rel.as_posix()
+    return rec
+
+
+def _logged(rec: dict) -> dict:
+    log.info("%s: %s, involvement %.2f %%, lungs %.0f mL", rec["id"], rec["category"], rec["involvement_percent"], rec["lung_ml"])
+    return rec
+
+
 def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = "small",
                  first_id: int = 1, overwrite: bool = False, lesion_model: str = "perlin",
-                 categories: Sequence[str] | None = None) -> Path:
+                 categories: Sequence[str] | None = None, workers: int = 1) -> Path:
     """Write a phantom cohort in the MosMedData layout (atomically) and return ``out``.
 
     Layout: ``studies/CT-0..CT-4/study_NNNN.nii.gz`` (int16 HU), ``masks/study_NNNN_mask.nii.gz``
@@ -216,11 +248,12 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
     whose categories cycle through ``categories`` (default :data:`COHORT_CATEGORY_CYCLE`, so that a
     cohort spans them; e.g. ``("CT-1",)`` for a cohort of mild cases only).
     Study ``n`` is generated from ``study_rng(seed, n)`` alone. ``lesion_model`` ("perlin" or
-    "independent", see :func:`generate_phantom`) is recorded in ``cohort.json``.
+    "independent", see :func:`generate_phantom`) is recorded in ``cohort.json``. ``workers`` > 1
+    generates that many studies at a time in spawned processes (the same files: each study depends
+    on its own random source only).
     """
     from CovidGANSegLib import progress
     from CovidGANSegLib.atomic import atomic_directory
-    from CovidGANSegLib.nifti import save_array
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
@@ -228,6 +261,8 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
         raise ValueError(f"lesion_model must be one of {LESION_MODELS}, got {lesion_model!r}")
     if healthy < 0 or covid < 0 or healthy + covid < 1:
         raise ValueError(f"need at least one study (healthy={healthy}, covid={covid})")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if first_id < 0 or first_id + healthy + covid - 1 > 9999:
         raise ValueError(f"study numbers must fit in 0..9999 (first_id={first_id})")
     cycle = tuple(COHORT_CATEGORY_CYCLE if categories is None else categories)
@@ -238,30 +273,21 @@ def write_cohort(out: Path, *, healthy: int, covid: int, seed: int, size: str = 
     plan += [(first_id + healthy + i, True, cycle[i % len(cycle)]) for i in range(covid)]
     records = []
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        for number, is_covid, cat in progress.track(plan, desc="phantoms"):
-            rng = study_rng(seed, number)
-            inv = draw_involvement(rng, cat) if is_covid else None
-            ph = generate_phantom(rng, size=size, covid=is_covid, involvement=inv, return_labels=False,
-                                  lesion_model=lesion_model)
-            sid = f"study_{number:04d}"
-            rel = Path("studies") / ph.category / f"{sid}.nii.gz"
-            save_array(ph.hu, ph.affine, tmp / rel, dtype=np.int16)
-            lungs_rel = Path("lungs") / f"{sid}_lungs.nii.gz"
-            save_array(ph.lung_mask, ph.affine, tmp / lungs_rel, dtype=np.uint8)
-            rec = {
-                "id": sid, "number": number, "category": ph.category, "covid": is_covid,
-                "involvement_percent": round(100.0 * ph.involvement, 4),
-                "target_involvement_percent": None if inv is None else round(100.0 * inv, 4),
-                "lesion_ml": round(ph.lesion_ml, 3), "lung_ml": round(ph.lung_ml, 3),
-                "shape": list(ph.hu.shape), "spacing_mm": [round(s, 5) for s in ph.spacing],
-                "path": rel.as_posix(), "lungs": lungs_rel.as_posix(), "mask": None,
-            }
-            if is_covid:
-                mask_rel = Path("masks") / f"{sid}_mask.nii.gz"
-                save_array(ph.lesion_mask, ph.affine, tmp / mask_rel, dtype=np.uint8)
-                rec["mask"] = mask_rel.as_posix()
-            records.append(rec)
-            log.info("%s: %s, involvement %.2f %%, lungs %.0f mL", sid, ph.category, 100 * ph.involvement, ph.lung_ml)
+        jobs = [(tmp, seed, number, is_covid, cat, size, lesion_model) for number, is_covid, cat in plan]
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_write_study, *job) for job in jobs]
+                try:
+                    outcomes = (f.result() for f in futures)
+                    records += [_logged(rec) for rec in progress.track(outcomes, total=len(jobs), desc="phantoms")]
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)  # nothing writes into ``tmp`` once it is removed
+                    raise
+        else:
+            records += [_logged(_write_study(*job)) for job in progress.track(jobs, desc="phantoms")]
         for cat in CATEGORIES:
             (tmp / "studies" / cat).mkdir(parents=True, exist_ok=True)
         meta = {

@@ -241,6 +241,18 @@ def test_cohort_same_seed_same_bytes(cohort, tmp_path):
         assert (cohort / rel).read_bytes() == (again / rel).read_bytes(), rel
 
 
+def test_cohort_written_by_two_workers_is_the_same_to_the_byte(cohort, tmp_path):
+    """Studies generated in two spawned processes give exactly the files of one process."""
+    again = write_cohort(tmp_path / "two", healthy=1, covid=2, seed=5, size="small", workers=2)
+    files = sorted(p.relative_to(cohort) for p in cohort.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (cohort / rel).read_bytes() == (again / rel).read_bytes(), rel
+    with pytest.raises(ValueError, match="workers"):
+        write_cohort(tmp_path / "none", healthy=1, covid=0, seed=5, workers=0)
+    assert not (tmp_path / "none").exists()
+
+
 def test_cohort_study_depends_only_on_seed_and_number(cohort, tmp_path):
     """A study written in a cohort of its own equals the same study in a bigger cohort."""
     meta = json.loads((cohort / "cohort.json").read_text())
@@ -285,7 +297,7 @@ def test_cli_help(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for word in ("--healthy", "--covid", "--seed", "--size", "mosmed", "--overwrite", "CT-0", "cohort.json",
-                 "--lesion-model", "independent", "--categories"):
+                 "--lesion-model", "independent", "--categories", "--workers"):
         assert word in text
 
 
@@ -307,6 +319,12 @@ def test_cli_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # CT-0 studies are --healthy's
         cli.main(["phantoms", str(tmp_path / "q"), "--healthy", "1", "--covid", "1", "--categories", "CT-0"])
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["phantoms", str(tmp_path / "q"), "--healthy", "1", "--covid", "1", "--workers", "0"])
+    assert exc.value.code == 2 and not (tmp_path / "q").exists()
+    two = tmp_path / "two"
+    assert cli.main(["--progress", "none", "phantoms", str(two), "--healthy", "1", "--covid", "1", "--seed", "2", "--workers", "2"]) == 0
+    assert json.loads((two / "cohort.json").read_text())["studies"] == meta["studies"]
 
 
 def test_cli_independent_lesion_model(tmp_path, capsys):
