@@ -20,7 +20,10 @@ import torch
 from CovidGANSegLib import cli, distributed, progress
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-ATOL = 1e-5  # float rounding of the sharded sums; Adam's first steps amplify it to ~1e-6 at most here
+# float rounding of the sharded sums, amplified by Adam's first steps where a gradient is near eps:
+# at most ~1e-6 on the earlier AVX-512 CPU, 1.3e-5 on a Zen 3 CPU without AVX-512 (2026-12-03).
+# Without the per-shard rescaling of the masked means the weights differ by 1.2e-3 (checked by mutation).
+ATOL = 5e-5
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
