@@ -107,17 +107,16 @@ def _job(name: str, fn: Callable[..., Any], kwargs: dict[str, Any], threads: int
     logging.basicConfig(level=level, format=protocol.LOG_FORMAT)
     progress.set_mode("none")
     try:
-        value = fn(**kwargs)
+        outcome = (name, True, fn(**kwargs))
     except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the parent
         try:
             pickle.dumps(exc)
             err: BaseException = exc
         except Exception:  # noqa: BLE001
             err = RuntimeError(f"the {name} job failed:\n{traceback.format_exc()}")
-        messages.put((name, False, err))
-        messages.close()
-        messages.join_thread()
-        raise SystemExit(1) from None
-    messages.put((name, True, value))
+        outcome = (name, False, err)
+    messages.put(outcome)
     messages.close()
-    messages.join_thread()
+    messages.join_thread()  # the message is on its way before the process ends
+    if not outcome[1]:
+        raise SystemExit(1)

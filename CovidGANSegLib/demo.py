@@ -118,19 +118,19 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     import torch
 
     train_dir, test_dir = work / "data" / "train", work / "data" / split
-    workers = torch.get_num_threads()  # the CPU share torch was given: one phantom process per thread
+    cpu_threads = torch.get_num_threads()  # the CPU share torch was given: phantom processes, segmenter split
     progress.report(0.0, "generating the phantom cohorts")
     with progress.scope(0.0, 0.03):
         # Training cohort: its lesion masks exist on disk (MosMed layout) but no training code reads them.
         write_cohort(train_dir, healthy=plan.train_healthy, covid=plan.train_covid, seed=plan.seed, size=plan.phantom_size,
-                     lesion_model=plan.lesion_model, workers=workers)
+                     lesion_model=plan.lesion_model, workers=cpu_threads)
     with progress.scope(0.03, 0.05):
         # Held-out cohort (test: seed + 1, studies 5001..; validation: seed + 2, studies 6001..): its masks
         # are used only by the evaluation below.
         n_eval = plan.test_covid if split == "test" else plan.val_covid
         offset, first = (1, 5001) if split == "test" else (2, 6001)
         write_cohort(test_dir, healthy=0, covid=n_eval, seed=plan.seed + offset, size=plan.phantom_size, first_id=first,
-                     lesion_model=plan.lesion_model, workers=workers)
+                     lesion_model=plan.lesion_model, workers=cpu_threads)
     timings = {"phantoms_s": time.perf_counter() - start}
 
     preprocess = PreprocessConfig(grid=plan.grid)
@@ -154,7 +154,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
                        synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction, variants_per_volume=plan.synthetic_variants,
                                                       coverage=plan.synthetic_coverage))
             for name in ("transunet", "unet")}
-    threads = _threads_per_segmenter(device, len(jobs))
+    threads = _threads_per_segmenter(device, len(jobs), cpu_threads)
     if threads:
         # side by side, one share of the cores each: faster on small CPUs (cpu_jobs), same models as
         # training them one after the other with that many threads
@@ -212,17 +212,15 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     return metrics
 
 
-def _threads_per_segmenter(device: str, jobs: int) -> int:
+def _threads_per_segmenter(device: str, jobs: int, threads: int) -> int:
     """Torch threads for each segmenter trained side by side (0: train them one after the other).
 
-    Side by side on a CPU whose torch threads split evenly among ``jobs`` (at least one each);
-    on a GPU, or with fewer threads than jobs, one after the other.
+    Side by side on a CPU whose ``threads`` (torch's) split evenly among ``jobs`` (at least one
+    each); on a GPU, or with fewer threads than jobs, one after the other.
     """
-    import torch
-
     if device != "cpu" or jobs < 2:
         return 0
-    return torch.get_num_threads() // jobs
+    return threads // jobs
 
 
 def _timed_training(**kwargs: Any) -> tuple[Path, float]:

@@ -107,11 +107,8 @@ def test_training_side_by_side_gives_the_models_of_training_alone(tmp_path, one_
         assert a["threshold"] == b["threshold"]
 
 
-def test_the_demo_trains_side_by_side_only_on_a_cpu_with_a_thread_for_each(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert demo._threads_per_segmenter("cpu", 2) == 1
-    assert demo._threads_per_segmenter("cuda", 2) == 0
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert demo._threads_per_segmenter("cpu", 2) == 0
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
-    assert demo._threads_per_segmenter("cpu", 2) == 8
+def test_the_demo_trains_side_by_side_only_on_a_cpu_with_a_thread_for_each():
+    assert demo._threads_per_segmenter("cpu", 2, 2) == 1
+    assert demo._threads_per_segmenter("cuda", 2, 2) == 0
+    assert demo._threads_per_segmenter("cpu", 2, 1) == 0
+    assert demo._threads_per_segmenter("cpu", 2, 16) == 8

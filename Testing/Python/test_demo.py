@@ -19,7 +19,7 @@ TINY_PLAN = demo.DemoPlan(train_healthy=3, train_covid=4, test_covid=2, phantom_
 @pytest.mark.parametrize("side_by_side", [False, True], ids=["one_after_the_other", "side_by_side"])
 def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, side_by_side):
     if side_by_side:  # as on a 2-core CPU: the segmenters train in two job processes, one thread each
-        monkeypatch.setattr(demo, "_threads_per_segmenter", lambda device, jobs: 1)
+        monkeypatch.setattr(demo, "_threads_per_segmenter", lambda device, jobs, threads: 1)
     mask_lookups = []
     real_lookup = datasets.lesion_mask_path
 
