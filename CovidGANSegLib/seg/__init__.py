@@ -5,6 +5,7 @@ Modules:
 * ``transunet`` - TransUNet 2D (CNN encoder + ViT on its 1/16 feature map + U-Net decoder),
   ``SegConfig`` and the ``SEG_CONFIGS`` (``paper``, ``small``, ``tiny``).
 * ``unet`` - the predecessor's 2D U-Net baseline with the same interface.
+* ``augmentation`` - training-time augmentation of slice batches (``light``, ``strong``).
 * ``losses`` - enhanced contrastive loss (eq. 4), sensitivity-enhanced loss (eq. 5), MSE.
 * ``training`` - two-phase training on a pseudo-masks folder (``train_segmenter``).
 * ``inference`` - ``segment_ct`` / ``segment_file``: a CT file in, a lesion mask on its grid out.

@@ -29,8 +29,9 @@ read. Training uses the 2D axial slices that contain lung, held in memory as ten
 * Adam (learning rate from the configuration: the paper's 5e-5 for ``paper``; 1e-3 for the CPU
   ``small`` and the test ``tiny`` configurations, which train for only hundreds of iterations),
   StepLR x ``lr_gamma`` every ``lr_step`` iterations; the learnable temperature (``log tau``) is
-  optimised with the network. Light augmentation: random horizontal / vertical flips and a small
-  intensity jitter (x [0.95, 1.05], + [-0.03, 0.03], clipped to [0, 1]).
+  optimised with the network. Augmentation (``SegConfig.augmentation``, :mod:`~CovidGANSegLib.seg.augmentation`):
+  ``light``, random horizontal / vertical flips and a small intensity jitter (x [0.95, 1.05],
+  + [-0.03, 0.03], clipped to [0, 1]), or ``strong``, which adds rotation / zoom, blur and noise.
 
 Distributed (``torchrun``, :mod:`CovidGANSegLib.distributed`): the network is wrapped in
 DistributedDataParallel. Every rank draws the whole planned batch (indices and augmentation, from
@@ -82,7 +83,7 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.losslog import append_losses, read_losses, truncate_losses
 from CovidGANSegLib.runlock import stop_after_step
-from CovidGANSegLib.seg import ARCHS, cpu_has_native_bf16, resolve_device
+from CovidGANSegLib.seg import ARCHS, augmentation, cpu_has_native_bf16, resolve_device
 from CovidGANSegLib.seg.losses import EnhancedContrastiveLoss, SensitivityEnhancedLoss, mse_to_pseudo_mask
 from CovidGANSegLib.seg.synthetic import SyntheticSupervision, synthetic_pairs
 from CovidGANSegLib.seg.transunet import DOWNSAMPLE, SegConfig, count_parameters, get_seg_config
@@ -352,19 +353,8 @@ class SegTrainer:
         return torch.cat([self._draw(positive, n_pos), torch.randint(len(slices.images), (b - n_pos,), generator=self.generator)])
 
     def augment(self, x: torch.Tensor, *targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Random flips (the same for the image and every target) and a small intensity jitter of the image."""
-        b = x.shape[0]
-        r = torch.rand(b, 4, generator=self.generator).to(x.device)
-        fh = (r[:, 0] < 0.5)[:, None, None, None]
-        fv = (r[:, 1] < 0.5)[:, None, None, None]
-
-        def flip(t: torch.Tensor) -> torch.Tensor:
-            t = torch.where(fh, t.flip(-1), t)
-            return torch.where(fv, t.flip(-2), t)
-
-        scale = (1.0 + (r[:, 2] * 2 - 1) * 0.05)[:, None, None, None]
-        shift = ((r[:, 3] * 2 - 1) * 0.03)[:, None, None, None]
-        return ((flip(x) * scale + shift).clamp(0.0, 1.0), *(flip(t) for t in targets))
+        """The configuration's augmentation (``seg.augmentation``) of ``x`` and, alike, every target."""
+        return augmentation.augment(self.config.augmentation, x, targets, self.generator)
 
     # -- one iteration ---------------------------------------------------------------------------
 

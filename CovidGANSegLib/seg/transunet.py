@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from CovidGANSegLib.config import dataclass_from_dict, dataclass_to_dict
+from CovidGANSegLib.seg.augmentation import KINDS as AUGMENTATIONS
 from torch import nn
 
 #: spatial reduction of the encoder (the token grid is image_size / 16)
@@ -86,6 +87,9 @@ class SegConfig:
             training steps for ``small`` on the 2-core AMD EPYC here and the same validation Dice at
             500 iterations, but not yet validated at the default demo's 1,500 (README, "Training
             throughput").
+        augmentation: ``light`` (flips, intensity jitter) or ``strong`` (also rotation / zoom,
+            blur and noise): :mod:`CovidGANSegLib.seg.augmentation`. Checkpoints written before
+            this field existed load with ``light``, the augmentation they were trained with.
     """
 
     name: str = "small"
@@ -124,6 +128,7 @@ class SegConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     cpu_bf16: bool = False
+    augmentation: str = "light"
 
     def __post_init__(self) -> None:
         if self.image_size <= 0 or self.image_size % DOWNSAMPLE:
@@ -168,6 +173,8 @@ class SegConfig:
             raise ValueError("positive_fraction must be in [0, 1] and val_fraction in [0, 1)")
         if min(self.val_every, self.checkpoint_every, self.log_every) < 1:
             raise ValueError("val_every, checkpoint_every and log_every must be >= 1")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclass_to_dict(self)
