@@ -110,8 +110,6 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overw
 def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real_dir: Path | None) -> dict[str, Any]:
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.cpu_jobs import run_side_by_side
-    from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
-    from CovidGANSegLib.gan.training import train_gan
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.synth.phantoms import write_cohort
 
@@ -134,43 +132,55 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     timings = {"phantoms_s": time.perf_counter() - start}
 
     preprocess = PreprocessConfig(grid=plan.grid)
-    t = time.perf_counter()
-    progress.report(0.05, "training the 3D GAN")
-    with progress.scope(0.05, 0.4):
-        gan_model = train_gan(train_dir, work / "runs" / "gan", config=plan.gan_config, preprocess=preprocess,
-                              iterations=plan.gan_iterations, device=device, seed=plan.seed)
-    timings["gan_training_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    progress.report(0.4, "making pseudo-masks")
-    cached = work / "runs" / "gan" / "preprocessed"
-    with progress.scope(0.4, 0.45):
-        pseudo = make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, work / "pseudo_masks", device=device,
-                                   rule=plan.pseudo_rule, grid=plan.seg_grid, cache=work / "runs" / "seg_preprocessed")
-    timings["pseudo_masks_s"] = time.perf_counter() - t
-
-    jobs = {name: dict(pseudo_masks=pseudo, run_dir=work / "runs" / name, model=name, config=plan.seg_config,
-                       iterations=plan.seg_iterations, device=device, seed=plan.seed, data=train_dir,
-                       synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction, variants_per_volume=plan.synthetic_variants,
-                                                      coverage=plan.synthetic_coverage))
-            for name in ("transunet", "unet")}
-    threads = _threads_per_segmenter(device, len(jobs), cpu_threads)
+    seg_kw = dict(config=plan.seg_config, iterations=plan.seg_iterations, device=device, seed=plan.seed, data=train_dir,
+                  synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction, variants_per_volume=plan.synthetic_variants,
+                                                 coverage=plan.synthetic_coverage))
+    gan_kw = dict(train_dir=train_dir, work=work, plan=plan, preprocess=preprocess, device=device)
+    names = ("transunet", "unet")
+    threads = _threads_per_job(device, 1 + len(names), cpu_threads) if _segmenters_need_no_gan(plan) else 0
     if threads:
-        # side by side, one share of the cores each: faster on small CPUs (cpu_jobs), same models as
-        # training them one after the other with that many threads
+        # The segmenters learn from synthetic lesions in the healthy volumes alone, so they need neither
+        # the GAN nor its pseudo-masks: all three train at once, one share of the cores each (cpu_jobs).
+        # A segmenter trained from the preprocessed data set equals one trained from the pseudo-masks
+        # folder made of it (same synthetic pairs, same random draws).
         t = time.perf_counter()
-        progress.report(0.45, f"training {' and '.join(jobs)} side by side ({threads} torch thread{'s' if threads > 1 else ''} each)")
-        with progress.scope(0.45, 0.85):
-            done = run_side_by_side({name: (_timed_training, kw) for name, kw in jobs.items()}, threads=threads)
-        seg_models = {name: done[name][0] for name in jobs}
-        timings.update({f"{name}_training_s": done[name][1] for name in jobs})
-        timings["segmenters_side_by_side_s"] = time.perf_counter() - t
+        progress.report(0.05, "preparing the segmenters' grid")
+        seg_data = _seg_preprocessed(work, train_dir, preprocess, plan)
+        progress.report(0.08, f"training the 3D GAN, {' and '.join(names)} side by side "
+                              f"({threads} torch thread{'s' if threads > 1 else ''} each)")
+        jobs = {"gan": (_gan_and_pseudo_masks, gan_kw),
+                **{name: (_timed_training, dict(seg_kw, pseudo_masks=seg_data, run_dir=work / "runs" / name, model=name)) for name in names}}
+        with progress.scope(0.08, 0.85):
+            done = run_side_by_side(jobs, threads=threads)
+        gan_model, pseudo = done["gan"]["gan_model"], done["gan"]["pseudo_masks"]
+        timings.update(gan_training_s=done["gan"]["gan_training_s"], pseudo_masks_s=done["gan"]["pseudo_masks_s"])
+        seg_models = {name: done[name][0] for name in names}
+        timings.update({f"{name}_training_s": done[name][1] for name in names})
+        timings["gan_and_segmenters_side_by_side_s"] = time.perf_counter() - t
     else:
-        seg_models = {}
-        for i, (name, kw) in enumerate(jobs.items()):
-            progress.report(0.45 + 0.2 * i, f"training {name} on the pseudo-masks")
-            with progress.scope(0.45 + 0.2 * i, 0.65 + 0.2 * i):
-                seg_models[name], timings[f"{name}_training_s"] = _timed_training(**kw)
+        progress.report(0.05, "training the 3D GAN")
+        with progress.scope(0.05, 0.45):
+            gan = _gan_and_pseudo_masks(**gan_kw)
+        gan_model, pseudo = gan["gan_model"], gan["pseudo_masks"]
+        timings.update(gan_training_s=gan["gan_training_s"], pseudo_masks_s=gan["pseudo_masks_s"])
+        jobs = {name: dict(seg_kw, pseudo_masks=pseudo, run_dir=work / "runs" / name, model=name) for name in names}
+        threads = _threads_per_job(device, len(jobs), cpu_threads)
+        if threads:
+            # side by side, one share of the cores each: faster on small CPUs (cpu_jobs), same models as
+            # training them one after the other with that many threads
+            t = time.perf_counter()
+            progress.report(0.45, f"training {' and '.join(jobs)} side by side ({threads} torch thread{'s' if threads > 1 else ''} each)")
+            with progress.scope(0.45, 0.85):
+                done = run_side_by_side({name: (_timed_training, kw) for name, kw in jobs.items()}, threads=threads)
+            seg_models = {name: done[name][0] for name in jobs}
+            timings.update({f"{name}_training_s": done[name][1] for name in jobs})
+            timings["segmenters_side_by_side_s"] = time.perf_counter() - t
+        else:
+            seg_models = {}
+            for i, (name, kw) in enumerate(jobs.items()):
+                progress.report(0.45 + 0.2 * i, f"training {name} on the pseudo-masks")
+                with progress.scope(0.45 + 0.2 * i, 0.65 + 0.2 * i):
+                    seg_models[name], timings[f"{name}_training_s"] = _timed_training(**kw)
 
     t = time.perf_counter()
     progress.report(0.85, "segmenting the held-out studies")
@@ -212,15 +222,53 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     return metrics
 
 
-def _threads_per_segmenter(device: str, jobs: int, threads: int) -> int:
-    """Torch threads for each segmenter trained side by side (0: train them one after the other).
+def _threads_per_job(device: str, jobs: int, threads: int) -> int:
+    """Torch threads for each of ``jobs`` trained side by side (0: one after the other).
 
-    Side by side on a CPU whose ``threads`` (torch's) split evenly among ``jobs`` (at least one
-    each); on a GPU, or with fewer threads than jobs, one after the other.
+    Side by side on a CPU with at least two of torch's ``threads``: an even share each, at least
+    one (three jobs on two threads share the two cores); on a GPU, with one job or one thread,
+    one after the other.
     """
-    if device != "cpu" or jobs < 2:
+    if device != "cpu" or jobs < 2 or threads < 2:
         return 0
-    return threads // jobs
+    return max(1, threads // jobs)
+
+
+def _segmenters_need_no_gan(plan: DemoPlan) -> bool:
+    """True when the plan's segmenters learn from synthetic lesions alone (no pseudo-mask in a batch,
+    no contrastive phase on the pseudo-masks' severity groups): they can train while the GAN does."""
+    from CovidGANSegLib.seg.transunet import get_seg_config
+
+    return plan.synthetic_fraction >= 1.0 and get_seg_config(plan.seg_config).pretrain_fraction == 0.0
+
+
+def _seg_preprocessed(work: Path, train_dir: Path, preprocess: Any, plan: DemoPlan) -> Path:
+    """The training cohort on the segmenters' grid, in the cache folder that ``make_pseudo_masks`` reuses."""
+    from CovidGANSegLib.preprocessing import ensure_preprocessed
+
+    folder = work / "runs" / f"seg_preprocessed-{'x'.join(str(g) for g in plan.seg_grid)}"
+    ensure_preprocessed(train_dir, folder, dataclasses.replace(preprocess, grid=tuple(plan.seg_grid)))
+    return folder
+
+
+def _gan_and_pseudo_masks(*, train_dir: Path, work: Path, plan: DemoPlan, preprocess: Any, device: str) -> dict[str, Any]:
+    """Train the GAN on the training cohort and make its pseudo-masks on the segmenters' grid (module
+    level: run in a job process too); returns the paths and the seconds of each."""
+    from CovidGANSegLib.gan.pseudomasks import make_pseudo_masks
+    from CovidGANSegLib.gan.training import train_gan
+
+    t = time.perf_counter()
+    with progress.scope(0.0, 0.88):
+        gan_model = train_gan(train_dir, work / "runs" / "gan", config=plan.gan_config, preprocess=preprocess,
+                              iterations=plan.gan_iterations, device=device, seed=plan.seed)
+    gan_s = time.perf_counter() - t
+    t = time.perf_counter()
+    progress.report(0.88, "making pseudo-masks")
+    cached = work / "runs" / "gan" / "preprocessed"
+    with progress.scope(0.88, 1.0):
+        pseudo = make_pseudo_masks(gan_model, cached if (cached / "index.json").is_file() else train_dir, work / "pseudo_masks",
+                                   device=device, rule=plan.pseudo_rule, grid=plan.seg_grid, cache=work / "runs" / "seg_preprocessed")
+    return {"gan_model": gan_model, "pseudo_masks": pseudo, "gan_training_s": gan_s, "pseudo_masks_s": time.perf_counter() - t}
 
 
 def _timed_training(**kwargs: Any) -> tuple[Path, float]:

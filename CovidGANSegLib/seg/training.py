@@ -193,6 +193,30 @@ def load_pseudo_masks(folder: str | Path) -> PseudoMaskData:
     )
 
 
+def load_training_data(folder: str | Path) -> PseudoMaskData:
+    """A segmenter's training data: a pseudo-masks folder, or a preprocessed data set.
+
+    A preprocessed data set (``covidganseg preprocess``, ``preprocessing.preprocess_dataset``)
+    serves synthetic-lesion supervision alone: its healthy volumes are kept and its COVID volumes
+    are left out (there is no pseudo-mask to learn them from). The model-grid voxel size of the
+    synthetic lesions comes from the COVID records, as in a pseudo-masks folder made from the same
+    data set, so both give the same synthetic pairs (the healthy records when there are no COVID
+    ones).
+    """
+    folder = Path(folder)
+    if (folder / "pseudo_masks.npy").is_file() or not (folder / "config.json").is_file():
+        return load_pseudo_masks(folder)
+    from CovidGANSegLib.preprocessing import load_preprocessed
+
+    ds = load_preprocessed(folder)
+    d, h, w = ds.config.grid_dhw
+    none = np.zeros((0, d, h, w), dtype=np.float32)  # (0, D, H, W): no COVID volume, no pseudo-mask
+    return PseudoMaskData(images=none, masks=none.astype(bool), lungs=none.astype(bool), severity=np.zeros((0, d), dtype=np.int8),
+                          preprocess=ds.config, meta={"records": ds.records_of("covid") or ds.records_of("healthy"), "preprocessed": True},
+                          folder=folder, healthy=np.asarray(ds.healthy, dtype=np.float32),
+                          healthy_lungs=np.asarray(ds.healthy_lungs).astype(bool, copy=False))
+
+
 def split_volumes(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Training and validation VOLUME indices (at least one of each when n >= 2 and val_fraction > 0)."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -584,7 +608,9 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     """Train a segmenter on a pseudo-masks folder and write RUN/model.pt; returns its path.
 
     Args:
-        pseudo_masks: the pseudo-masks folder (see the module docstring).
+        pseudo_masks: the pseudo-masks folder (see the module docstring), or a preprocessed data
+            set for synthetic-lesion supervision alone (:func:`load_training_data`; ``synthetic``
+            with ``fraction=1``: no COVID volume, no pseudo-mask, no contrastive phase).
         run_dir: the run folder.
         model: ``transunet`` or ``unet``.
         config: ``paper``, ``small``, ``tiny``, a JSON file or a SegConfig (a resumed run keeps
@@ -606,7 +632,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     written and :class:`~CovidGANSegLib.runlock.TrainingInterrupted` says how to resume.
 
     Raises:
-        InputError: not a pseudo-masks folder, no lung slices, a checkpoint exists without
+        InputError: not a pseudo-masks folder (or preprocessed data set), no lung slices, a
+            preprocessed data set with a synthetic fraction under 1, a checkpoint exists without
             ``resume`` (or is missing with it), a checkpoint of another architecture, fewer
             iterations than a resumed run already has.
     """
@@ -635,7 +662,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         cfg = config if isinstance(config, SegConfig) else get_seg_config(config)
 
     progress.report(0.0, "loading pseudo-masks")
-    pm = load_pseudo_masks(pm_path)
+    pm = load_training_data(pm_path)
     n, d, h, w = pm.images.shape
     if payload is None:
         size = h + (-h) % DOWNSAMPLE
@@ -656,8 +683,6 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     context = cfg.in_channels // 2  # 2.5D: neighbouring slices as channels
     train = lung_slices(pm, train_vols, dev, context)
     val = lung_slices(pm, val_vols, dev, context)
-    if len(train.images) == 0:
-        raise InputError("no slice with lung in the training volumes", pm_path)
     syn = synthetic if synthetic is not None else SyntheticSupervision()
     syn_train = syn_val = None
     h_train: list[int] = []
@@ -673,6 +698,11 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     syn_positive = (torch.nonzero(syn_train.masks.flatten(1).amax(dim=1) > 0.5).flatten().cpu() if syn_train is not None
                     else torch.zeros(0, dtype=torch.long))
     n_syn = int(round(syn.fraction * cfg.batch_size)) if syn_train is not None else 0
+    if len(train.images) == 0 and (n_syn < cfg.batch_size or len(syn_train.images) == 0):
+        if n == 0:  # a preprocessed data set: synthetic lesions are all there is to learn from
+            raise InputError("a preprocessed data set has no pseudo-masks: it trains a segmenter on synthetic lesions alone, which needs "
+                             "healthy volumes with lung and a synthetic fraction of 1; or give a pseudo-masks folder", pm_path)
+        raise InputError("no slice with lung in the training volumes", pm_path)
     if not val_vols and syn_val is None:
         log.warning("only %d pseudo-mask volume(s): no validation split, the last model is kept", n)
     high = torch.nonzero(train.labels == 1).flatten().cpu()
@@ -786,7 +816,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
                   "tau": float(trainer.contrastive.tau.item()), "parameters": count_parameters(trainer.model)}
     save_checkpoint(model_path, kind="seg", arch=model, config=cfg.to_dict(), metadata=final_meta, preprocess=pm.preprocess.to_dict(),
                     model=best["state"], threshold=threshold)
-    trained_on = f"pseudo-masks of {len(train_vols)} COVID volumes ({source})"
+    trained_on = f"pseudo-masks of {len(train_vols)} COVID volumes ({source})" if n else f"a preprocessed data set ({source}), no pseudo-masks"
     if syn_train is not None:
         trained_on += (f" and synthetic lesions in {len(h_train)} healthy volumes ({syn.fraction:.0%} of each batch); "
                        f"model and threshold chosen on synthetic lesions in {len(h_val)} other healthy volumes")

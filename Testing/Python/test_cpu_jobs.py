@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -107,8 +108,13 @@ def test_training_side_by_side_gives_the_models_of_training_alone(tmp_path, one_
         assert a["threshold"] == b["threshold"]
 
 
-def test_the_demo_trains_side_by_side_only_on_a_cpu_with_a_thread_for_each():
-    assert demo._threads_per_segmenter("cpu", 2, 2) == 1
-    assert demo._threads_per_segmenter("cuda", 2, 2) == 0
-    assert demo._threads_per_segmenter("cpu", 2, 1) == 0
-    assert demo._threads_per_segmenter("cpu", 2, 16) == 8
+def test_the_demo_trains_side_by_side_only_on_a_cpu_with_two_threads_or_more():
+    assert demo._threads_per_job("cpu", 2, 2) == 1
+    assert demo._threads_per_job("cpu", 3, 2) == 1  # the GAN and two segmenters share two cores
+    assert demo._threads_per_job("cuda", 2, 2) == 0
+    assert demo._threads_per_job("cpu", 2, 1) == 0
+    assert demo._threads_per_job("cpu", 1, 8) == 0
+    assert demo._threads_per_job("cpu", 2, 16) == 8 and demo._threads_per_job("cpu", 3, 16) == 5
+    assert demo._segmenters_need_no_gan(demo.QUICK) and demo._segmenters_need_no_gan(demo.FULL)
+    assert not demo._segmenters_need_no_gan(dataclasses.replace(demo.QUICK, synthetic_fraction=0.5))
+    assert not demo._segmenters_need_no_gan(dataclasses.replace(demo.QUICK, seg_config="paper"))  # contrastive phase

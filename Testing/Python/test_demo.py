@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from CovidGANSegLib import datasets, demo
 from conftest import REAL_CT_DIR
@@ -16,10 +18,16 @@ TINY_PLAN = demo.DemoPlan(train_healthy=3, train_covid=4, test_covid=2, phantom_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("side_by_side", [False, True], ids=["one_after_the_other", "side_by_side"])
-def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, side_by_side):
-    if side_by_side:  # as on a 2-core CPU: the segmenters train in two job processes, one thread each
-        monkeypatch.setattr(demo, "_threads_per_segmenter", lambda device, jobs, threads: 1)
+@pytest.mark.parametrize("mode", ["one_after_the_other", "segmenters_side_by_side", "gan_beside_the_segmenters"])
+def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, mode):
+    plan = TINY_PLAN  # the tiny segmenters have a contrastive phase on the pseudo-masks: they wait for the GAN
+    if mode != "one_after_the_other":  # as on a 2-core CPU: job processes, one thread each
+        monkeypatch.setattr(demo, "_threads_per_job", lambda device, jobs, threads: 1)
+    if mode == "gan_beside_the_segmenters":  # segmenters on synthetic lesions alone, as `small`: no need to wait
+        config = tmp_path / "tiny_synthetic_only.json"
+        config.write_text(json.dumps({"base": "tiny", "pretrain_fraction": 0.0}))
+        plan = dataclasses.replace(TINY_PLAN, seg_config=str(config))
+    assert demo._segmenters_need_no_gan(plan) == (mode == "gan_beside_the_segmenters")
     mask_lookups = []
     real_lookup = datasets.lesion_mask_path
 
@@ -30,7 +38,7 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, side_by_side):
     monkeypatch.setattr(datasets, "lesion_mask_path", recording_lookup)
     out = tmp_path / "demo"
     real = REAL_CT_DIR if REAL_CT_DIR.is_dir() else None
-    metrics = demo.run_demo(out, plan=TINY_PLAN, real_normal=real)
+    metrics = demo.run_demo(out, plan=plan, real_normal=real)
 
     # metrics.json has exactly the documented shape (+ the real-normal check when the real CTs are there)
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -81,6 +89,24 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, side_by_side):
             a, b = nib.load(p), nib.load(study)
             assert a.shape == b.shape and np.allclose(a.affine, b.affine)
     assert not list(tmp_path.glob(".*partial*"))
+    assert (out / "pseudo_masks" / "pseudo_masks.npy").is_file() and (out / "runs" / "gan" / "model.pt").is_file()
+    runtime = next(line for line in report.splitlines() if line.startswith("- Runtime:"))
+    assert ("gan_and_segmenters_side_by_side_s" in runtime) == (mode == "gan_beside_the_segmenters")
+    assert ("segmenters_side_by_side_s" in runtime.replace("gan_and_segmenters", "")) == (mode == "segmenters_side_by_side")
+    if mode == "gan_beside_the_segmenters":
+        # trained from the preprocessed cohort while the GAN trained, the segmenter equals the one trained
+        # afterwards from the GAN's pseudo-masks folder (the paper's path), weight for weight
+        from CovidGANSegLib.checkpoints import load_checkpoint
+        from CovidGANSegLib.seg.synthetic import SyntheticSupervision
+
+        again, _ = demo._timed_training(pseudo_masks=out / "pseudo_masks", run_dir=tmp_path / "again", model="transunet",
+                                        config=plan.seg_config, iterations=plan.seg_iterations, device="cpu", seed=plan.seed,
+                                        synthetic=SyntheticSupervision(fraction=plan.synthetic_fraction,
+                                                                       variants_per_volume=plan.synthetic_variants,
+                                                                       coverage=plan.synthetic_coverage))
+        a, b = load_checkpoint(again, kind="seg"), load_checkpoint(out / "runs" / "transunet" / "model.pt", kind="seg")
+        assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert a["threshold"] == b["threshold"]
 
 
 def test_demo_refuses_a_non_empty_out(tmp_path):

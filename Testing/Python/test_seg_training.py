@@ -260,3 +260,28 @@ def test_2_5d_segmenter_trains_and_predicts_from_the_neighbouring_slices(pm, tmp
     after = predict_slices(model, changed)
     assert not np.allclose(after[1], prob[1]) and not np.allclose(after[3], prob[3])  # its neighbours see it
     np.testing.assert_allclose(after[0], prob[0], atol=1e-6)  # slice 0's neighbours are 0 and 1 only
+
+
+def test_a_preprocessed_data_set_trains_on_synthetic_lesions_alone(tmp_path):
+    """No GAN, no pseudo-mask: the healthy volumes of a preprocessed data set with synthetic lesions."""
+    from CovidGANSegLib.preprocessing import preprocess_dataset
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
+    from CovidGANSegLib.synth.phantoms import write_cohort
+
+    cohort = write_cohort(tmp_path / "cohort", healthy=3, covid=2, seed=4)
+    pre = preprocess_dataset(cohort, tmp_path / "pre", PreprocessConfig(grid=(32, 32, 8)))
+    data = training.load_training_data(pre)
+    assert data.images.shape == (0, 8, 32, 32) and data.healthy.shape == (3, 8, 32, 32) and data.healthy_lungs.any()
+    assert len(data.meta["records"]) == 2 and all(r["set"] == "covid" for r in data.meta["records"])
+    cfg = TINY.replace(pretrain_fraction=0.0)
+    with pytest.raises(InputError, match="no pseudo-masks") as info:
+        training.train_segmenter(pre, tmp_path / "half", config=cfg, iterations=2, device="cpu",
+                                 synthetic=SyntheticSupervision(fraction=0.5))
+    assert str(pre) in str(info.value)
+    model = training.train_segmenter(pre, tmp_path / "run", config=cfg, iterations=4, device="cpu", data=cohort,
+                                     synthetic=SyntheticSupervision(fraction=1.0, variants_per_volume=1))
+    payload = load_checkpoint(model, kind="seg")
+    assert payload["metadata"]["n_train_volumes"] == 0 and payload["metadata"]["n_train_healthy_volumes"] == 2
+    assert payload["metadata"]["best_iteration"] is not None  # chosen on the synthetic pairs of the third healthy volume
+    card = read_model_card(model)
+    assert "no pseudo-masks" in card["trained_on"] and card["demo"] is True
