@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 "  covidganseg train-seg --pseudo-masks runs/pseudo-masks --out runs/transunet --model transunet --resume"),
     )
     p.add_argument("--data", type=Path, default=None, help="the dataset the pseudo-masks came from (provenance for the model card; optional)")
-    p.add_argument("--pseudo-masks", type=Path, required=True, metavar="DIR", help="pseudo-masks folder (covidganseg pseudo-masks)")
+    p.add_argument("--pseudo-masks", type=Path, required=True, metavar="DIR", help="pseudo-masks folder (covidganseg pseudo-masks), or a preprocessed data set (covidganseg preprocess) to train on synthetic lesions in its healthy volumes alone (--synthetic-fraction 1, no contrastive phase)")
     p.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder (refused if it already has a checkpoint, unless --resume)")
     p.add_argument("--model", default="transunet", choices=["transunet", "unet"], help="architecture (default transunet)")
     p.add_argument("--config", default="small", metavar="NAME|FILE.json", help="tiny, small, paper or a JSON file (default small; --resume keeps the run's)")
