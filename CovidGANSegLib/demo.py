@@ -4,7 +4,9 @@ Steps (each logged with progress): generate a training cohort (healthy CT-0 and 
 its lesion masks are never read) and a held-out COVID cohort whose masks are used only for
 evaluation; train the 3D GAN; make pseudo-masks; train TransUNet and the U-Net baseline on the
 pseudo-masks and on synthetic lesions in the healthy volumes (on a CPU side by side, each with its
-share of torch's threads: :mod:`CovidGANSegLib.cpu_jobs`); segment the held-out studies on their
+share of torch's threads: :mod:`CovidGANSegLib.cpu_jobs`; segmenters that learn from synthetic
+lesions alone, as ``small`` does, train from the preprocessed cohort beside the GAN instead of
+after it); segment the held-out studies on their
 own grid; score TransUNet, U-Net and the HU-threshold baseline against the held-out masks; run every
 model on real normal chest CTs (specificity check, when the folder is there); write ``report.md``
 and ``metrics.json``.
