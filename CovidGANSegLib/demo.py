@@ -111,7 +111,6 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overw
 
 def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real_dir: Path | None) -> dict[str, Any]:
     from CovidGANSegLib.config import PreprocessConfig
-    from CovidGANSegLib.cpu_jobs import run_side_by_side
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.synth.phantoms import write_cohort
 
@@ -148,16 +147,12 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
         t = time.perf_counter()
         progress.report(0.05, "preparing the segmenters' grid")
         seg_data = _seg_preprocessed(work, train_dir, preprocess, plan)
-        progress.report(0.08, f"training the 3D GAN, {' and '.join(names)} side by side "
-                              f"({threads} torch thread{'s' if threads > 1 else ''} each)")
         jobs = {"gan": (_gan_and_pseudo_masks, gan_kw),
                 **{name: (_timed_training, dict(seg_kw, pseudo_masks=seg_data, run_dir=work / "runs" / name, model=name)) for name in names}}
-        with progress.scope(0.08, 0.85):
-            done = run_side_by_side(jobs, threads=threads)
+        done = _side_by_side(jobs, threads, (0.08, 0.85), f"the 3D GAN, {' and '.join(names)}")
         gan_model, pseudo = done["gan"]["gan_model"], done["gan"]["pseudo_masks"]
         timings.update(gan_training_s=done["gan"]["gan_training_s"], pseudo_masks_s=done["gan"]["pseudo_masks_s"])
-        seg_models = {name: done[name][0] for name in names}
-        timings.update({f"{name}_training_s": done[name][1] for name in names})
+        seg_models = _segmenter_results(done, names, timings)
         timings["gan_and_segmenters_side_by_side_s"] = time.perf_counter() - t
     else:
         progress.report(0.05, "training the 3D GAN")
@@ -171,11 +166,8 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
             # side by side, one share of the cores each: faster on small CPUs (cpu_jobs), same models as
             # training them one after the other with that many threads
             t = time.perf_counter()
-            progress.report(0.45, f"training {' and '.join(jobs)} side by side ({threads} torch thread{'s' if threads > 1 else ''} each)")
-            with progress.scope(0.45, 0.85):
-                done = run_side_by_side({name: (_timed_training, kw) for name, kw in jobs.items()}, threads=threads)
-            seg_models = {name: done[name][0] for name in jobs}
-            timings.update({f"{name}_training_s": done[name][1] for name in jobs})
+            done = _side_by_side({name: (_timed_training, kw) for name, kw in jobs.items()}, threads, (0.45, 0.85), " and ".join(jobs))
+            seg_models = _segmenter_results(done, names, timings)
             timings["segmenters_side_by_side_s"] = time.perf_counter() - t
         else:
             seg_models = {}
@@ -234,6 +226,23 @@ def _threads_per_job(device: str, jobs: int, threads: int) -> int:
     if device != "cpu" or jobs < 2 or threads < 2:
         return 0
     return max(1, threads // jobs)
+
+
+def _side_by_side(jobs: dict[str, tuple[Any, dict[str, Any]]], threads: int, span: tuple[float, float], what: str) -> dict[str, Any]:
+    """``cpu_jobs.run_side_by_side(jobs)``, ``threads`` torch threads each, reported as training ``what``
+    within the progress ``span``."""
+    from CovidGANSegLib.cpu_jobs import run_side_by_side
+
+    progress.report(span[0], f"training {what} side by side ({threads} torch thread{'s' if threads > 1 else ''} each)")
+    with progress.scope(*span):
+        return run_side_by_side(jobs, threads=threads)
+
+
+def _segmenter_results(done: dict[str, Any], names: tuple[str, ...], timings: dict[str, float]) -> dict[str, Path]:
+    """The model paths of the segmenter jobs in ``done`` (``_timed_training`` results); their seconds go
+    into ``timings`` as ``<name>_training_s``."""
+    timings.update({f"{name}_training_s": done[name][1] for name in names})
+    return {name: done[name][0] for name in names}
 
 
 def _segmenters_need_no_gan(plan: DemoPlan) -> bool:
