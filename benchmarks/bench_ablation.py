@@ -83,12 +83,12 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_tag = "" if args.seg_seed is None else f"_seed{args.seg_seed}"
     result_path = ROOT / "benchmarks" / "results" / f"ablation_{args.plan}_{args.arch}{seed_tag}_{stamp}.json"
     result: dict[str, Any] = {
-        "plan": dataclasses.asdict(plan), "arch": args.arch, "seg_seed": args.seg_seed, "split": "validation", "machine": _machine(),
+        "plan": dataclasses.asdict(plan), "arch": args.arch, "seg_seed": args.seg_seed, "split": "validation", "machine": machine_info(),
         "torch_threads": torch.get_num_threads(),
         "note": "scored on the validation cohort (independent lesion model); the held-out test cohort is not used here",
         "stages": {}, "variants": {},
@@ -255,10 +255,6 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(result), flush=True)
     print(f"saved {result_path}")
     return 0
-
-
-def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (torch CPU)"
 
 
 def _save(result: dict[str, Any], path: Path) -> None:

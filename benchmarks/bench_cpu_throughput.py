@@ -31,13 +31,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.side_by_side:
         return _side_by_side(args.arch, args.threads, args.steps)
+    info = machine_info()
     variants = [v for v in VARIANTS if not (args.no_compile and v == "compile")]
     results: dict[str, dict[str, dict]] = {}
     for arch in args.arch:
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             speed = f"  x{base / r['median_s_per_step']:.2f}" if base else ""
             print(f"{arch:10s} {variant:14s} {r['median_s_per_step']:.3f} s/step{speed}{extra}")
     out = ROOT / "benchmarks" / "results" / f"cpu_throughput_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": _machine(), "torch": torch.__version__,
+    out.write_text(json.dumps({"machine": info, "torch": torch.__version__,
                                "native_bf16": cpu_has_native_bf16(), "threads": args.threads, "batch": "8 x 1 x 128 x 128",
                                "results": results}, indent=1) + "\n")
     print(f"saved {out}")
@@ -141,6 +142,7 @@ def _side_by_side(archs: list[str], threads: int, steps: int) -> int:
     if share < 1:
         print(f"--side-by-side needs at least one thread per architecture ({len(archs)}), got --threads {threads}")
         return 2
+    info = machine_info()
 
     def median(done: subprocess.CompletedProcess, arch: str) -> float:
         if done.returncode != 0:
@@ -161,26 +163,12 @@ def _side_by_side(archs: list[str], threads: int, steps: int) -> int:
               f"side by side {share} {together[a]:.3f}")
     print(f"one step of each: one after the other {one_after:.3f} s, side by side {at_once:.3f} s (x{one_after / at_once:.2f})")
     out = ROOT / "benchmarks" / "results" / f"cpu_side_by_side_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": _machine(), "torch": torch.__version__, "threads": threads, "share": share,
+    out.write_text(json.dumps({"machine": info, "torch": torch.__version__, "threads": threads, "share": share,
                                "batch": "8 x 1 x 128 x 128", "steps": steps, "alone_s_per_step": alone,
                                "alone_share_s_per_step": alone_share, "side_by_side_s_per_step": together,
                                "one_step_each_s": {"one_after_the_other": one_after, "side_by_side": at_once}}, indent=1) + "\n")
     print(f"saved {out}")
     return 0
-
-
-def _machine() -> str:
-    """Architecture, cores and, on Linux, the CPU's model name, family / model and whether it has AVX-512."""
-    cpu = ""
-    try:
-        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        cpu = (f", {fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, "
-               f"{'AVX-512' if 'avx512f' in fields.get('flags', '').split() else 'no AVX-512'})")
-    except OSError:
-        pass
-    return f"{platform.machine()}, {os.cpu_count()} cores{cpu}"
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    info = machine_info(shared="yes: the CPUs were shared with another job during the run")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     runs = {}
@@ -160,19 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         if base and len(runs) > 1:
             line += f"{rates[-1] / base[key]['iterations_per_second']:>11.2f}x"
         print(line)
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        affinity = os.cpu_count()
-    try:
-        load = os.getloadavg()
-    except OSError:  # pragma: no cover
-        load = None
     record = {
         "benchmark": "bench_distributed", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "usable_cpus": affinity, "load_average_before": load,
-                    "shared": "yes: the CPUs were shared with another job during the run"},
+        "machine": info,
         "torch": torch.__version__, "backend": "gloo", "threads_per_process": args.threads, "steps": args.steps, "warmup": args.warmup,
         "runs": runs,
         "notes": [

@@ -32,7 +32,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,27 +40,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe, machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def machine() -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 _THREADS: list[str] = []
@@ -403,9 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         _THREADS[:] = ["--threads", str(args.threads)]
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    info = machine()
-    print(f"machine: {info.get('cpu_model', '?')} x {info['cpu_count']} cores, torch {info['torch']}, {info.get('gpu', 'no GPU')}; "
-          f"load average {info.get('load_average')}", flush=True)
+    import torch  # noqa: F401  (machine_info describes torch only once it is imported; the sections use it anyway)
+
+    info = machine_info()
+    print(f"machine: {describe(info)}; load average {info.get('load_average_at_start')}", flush=True)
     device_tag = "cuda" if args.device == "cuda" else ("cpu" if args.device == "cpu" else "auto")
     for section in args.sections:
         print(f"[{section}]", flush=True)

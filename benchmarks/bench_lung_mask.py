@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info  # noqa: E402
 
 MILD_PERCENT = 5.0
 
@@ -63,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         model, _ = load_segmenter(args.model, "cpu")
+    info = machine_info()
     cohorts = {"validation": _validation_cohort(args.out, plan)}
     if args.mild_cohort:
         cohorts[f"mild_{args.mild_cohort}"] = _mild_cohort(args.out, plan, args.mild_cohort)
     result: dict[str, Any] = {
-        "plan": args.plan, "model": None if args.model is None else str(args.model), "machine": _machine(),
+        "plan": args.plan, "model": None if args.model is None else str(args.model), "machine": info,
         "note": "validation cohorts (independent lesion model); the held-out test cohort is not used", "cohorts": {},
     }
     for name, folder in cohorts.items():
@@ -79,10 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"saved {path}")
     return 0
-
-
-def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
 
 
 def _dice(pred, truth) -> float:

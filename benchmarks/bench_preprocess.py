@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from machine import describe, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -118,21 +118,6 @@ def _phantom_times(repeats: int) -> dict:
     return out
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import scipy
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-            "scipy": scipy.__version__, "platform": platform.platform()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="fresh processes for the preprocessing timing")
@@ -144,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         _child(args.child)
         return 0
 
+    import scipy
+
+    info = machine_info(numpy=np.__version__, scipy=scipy.__version__)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mosmed_size.nii.gz"
         source = _mosmed_volume(path)
@@ -174,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"total_s": TARGET_S, "peak_rss_mb": TARGET_MB,
                     "met": bool(np.max(total) <= TARGET_S and peak <= TARGET_MB)},
         "phantoms": phantom,
-        "machine": _machine(),
+        "machine": info,
     }
 
     p = result["preprocess"]
-    print(f"machine: {result['machine']['cpu']} ({result['machine']['cores']} cores)")
+    print(f"machine: {describe(info)}")
     print(f"volume: {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]}, {SPACING[0]} x {SPACING[1]} x {SPACING[2]} mm, {source}")
     print(f"{'step':<36}{'value':>12}{'target':>12}")
     print(f"{'read file (load_ct), median':<36}{p['load_s_median']:>10.2f} s")

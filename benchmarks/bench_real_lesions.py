@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import platform
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine_info  # noqa: E402
 
 DEFAULT_COVERAGE = (0.003, 0.01, 0.03)
 
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine_info()
     progress.set_mode("none")
     if args.gan_gate is not None and args.gan is None:
         ap.error("--gan-gate needs --gan")
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                                            for s in summary[m].values()) + " |")
     out = ROOT / "benchmarks" / "results" / f"real_lesions_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}", "args": {
+    out.write_text(json.dumps({"machine": info, "args": {
         "models": list(loaded), "gan": str(args.gan), "coverage": args.coverage, "draws": args.draws,
         "thickness_mm": args.thickness, "seed": args.seed, "min_ml": args.min_ml, "post_processing": dataclasses.asdict(post)},
         "seconds": time.perf_counter() - t0, "skipped": skipped, "summary": summary, "cases": cases}, indent=1) + "\n")

@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine_info()
     if args.gan_gate is not None and args.gan is None:
         ap.error("--gan-gate needs --gan")
     post = PostProcessing(gan_gate_sigmas=args.gan_gate)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GAN difference in the lungs of {case}: median {g['median_hu']:.0f} HU, p95 {g['p95_hu']:.0f} HU, p99 {g['p99_hu']:.0f} HU")
     out = ROOT / "benchmarks" / "results" / f"real_normal_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{platform.machine()}, torch threads {torch.get_num_threads()}", "cases": cases,
+    out.write_text(json.dumps({"machine": info, "cases": cases,
                                "percent_of_lung": rows, "gan_difference": gan_rows, "segment_seconds_total": seconds}, indent=1) + "\n")
     print(f"saved {out}")
     return 0

@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -206,15 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         breakdown(args)
         return 0
 
-    import torch
+    import torch  # noqa: F401  (machine_info describes torch only once it is imported)
 
+    info = machine_info()
     if args.mode == "train":
         res = train_throughput(args)
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"train_step_{args.device}_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
         path.write_text(json.dumps({"benchmark": "segmenter training step (phase 2, synthetic batch)", "device": args.device,
-                                    "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "results": res}, indent=2) + "\n")
+                                    "machine": info, "results": res}, indent=2) + "\n")
         print(f"saved {path}")
         return 0
 
@@ -246,14 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
                 "runs": runs, "stages_s": stages,
             })
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     doc = {"benchmark": "segment end to end, file to file", "input_shape": list(shape), "weights": "random init (timing only)",
            "outputs": ["lesion mask", "lung mask", "report.json"], "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine, "targets": {"small": {"segment_s": 5.0, "peak_rss_mb": 2048}}, "results": results}
+           "machine": info, "targets": {"small": {"segment_s": 5.0, "peak_rss_mb": 2048}}, "results": results}
     print()
-    print(f"segment, {shape[0]}x{shape[1]}x{shape[2]} CT, file to file, {machine['cpu_count']} CPU(s), device {args.device}, random-init weights")
+    print(f"segment, {shape[0]}x{shape[1]}x{shape[2]} CT, file to file, {describe(info)}, device {args.device}, random-init weights")
     print(f"{'config':8s} {'params':>9s} {'segment s':>10s} {'process s':>10s} {'peak RSS MB':>12s}  stages (s)")
     for r in results:
         st = ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items())

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -38,6 +37,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Testing" / "Slicer"))
@@ -174,6 +175,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "CovidGANSeg"))
     from CovidGANSegModuleLib import process
 
+    info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="bench-slicer-"))
     subprocess.run([sys.executable, "-c", _MODELS, str(work / "models")], check=True)
     gan, seg = str(work / "models/gan/model.pt"), str(work / "models/seg/model.pt")
@@ -214,8 +216,7 @@ def main(argv=None) -> int:
     out = {
         "benchmark": "bench_slicer_logic",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "load_average_at_end": os.getloadavg()},
+        "machine": {**info, "load_average_at_end": os.getloadavg()},
         "volume": {"shape_ijk": runs[0]["shape_ijk"], "spacing_mm": runs[0]["spacing_mm"], "dtype": "int16",
                    "input_mib": round(runs[0]["input_bytes"] / 2**20, 1)},
         "models": "tiny random-weight GAN + TransUNet, paper grid 128x128x32 (network cost not the subject)",

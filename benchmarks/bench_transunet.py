@@ -49,7 +49,6 @@ import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -65,23 +64,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from CovidGANSegLib.seg.transunet import TransUNet, count_parameters, get_seg_config  # noqa: E402
+from machine import describe, machine_info  # noqa: E402
 
 #: the ``paper`` configuration as it was before the stride-2 stem (for the before/after figure)
 PAPER_V1 = dict(stem_stride=1, full_res_channels=0, encoder_channels=(64, 128, 256, 512, 1024), encoder_blocks=(1, 1, 2, 1, 1),
                 decoder_channels=(512, 256, 128, 64))
-
-
-def machine() -> Dict[str, Any]:
-    """CPU model, cores, load average and versions of the machine running the benchmark."""
-    info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "load_average_at_start": list(os.getloadavg())}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu_model"] = platform.processor() or "?"
-    return info
 
 
 def build_ours(name: str) -> nn.Module:
@@ -263,9 +250,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    info = machine()
-    print(f"machine: {info['cpu_model']} x {info['cpu_count']} cores, torch {info['torch']}, {args.threads} thread(s), "
-          f"load average at start {info['load_average_at_start'][0]:.2f}")
+    info = machine_info()
+    print(f"machine: {describe(info)}, load average at start {info['load_average_at_start'][0]:.2f}")
     if args.dice_check:
         payload = dice_check(args, info)
         out = ROOT / "benchmarks" / "results" / f"transunet_{args.tag}.json"
