@@ -13,8 +13,11 @@ decides where it runs. Jobs are started with ``spawn`` (no state inherited from 
 their arguments), so arguments and results must be picklable.
 
 Stopping: on ``KeyboardInterrupt`` in the parent (Ctrl-C, or SIGTERM / SIGHUP turned into it by
-the command line) every job still running gets SIGTERM (a training loop finishes its step and
-stops), the parent waits for them and re-raises: no job outlives the call. A job that fails makes
+the command line) every job still running gets SIGTERM (a training loop finishes its step, writes
+its checkpoint and stops), the parent waits for them and re-raises: no job outlives the call. Each
+job runs in a process group of its own, so that a Ctrl-C at the terminal (SIGINT to the whole
+foreground group) reaches the parent alone: a training loop takes a second signal for "stop at
+once, no checkpoint" (:func:`~CovidGANSegLib.runlock.stop_after_step`), and the job gets exactly one. A job that fails makes
 the others stop the same way, and its exception is raised in the parent (an unpicklable one as a
 ``RuntimeError`` with its traceback); a job process that dies without a word (killed, crashed)
 raises a ``RuntimeError`` naming it and its exit code.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import traceback
@@ -34,6 +38,18 @@ log = logging.getLogger(__name__)
 
 #: seconds a job gets to stop after SIGTERM before it is killed
 STOP_GRACE_S = 120.0
+
+
+def threads_per_job(device: str, jobs: int, threads: int) -> int:
+    """Torch threads for each of ``jobs`` run side by side (0: one after the other).
+
+    Side by side on a CPU with at least two of torch's ``threads``: an even share each, at least
+    one (three jobs on two threads share the two cores); on a GPU, with one job or one thread,
+    one after the other.
+    """
+    if device != "cpu" or jobs < 2 or threads < 2:
+        return 0
+    return max(1, threads // jobs)
 
 
 def run_side_by_side(jobs: dict[str, tuple[Callable[..., Any], dict[str, Any]]], *, threads: int,
@@ -99,6 +115,8 @@ def _stop(procs: dict[str, multiprocessing.process.BaseProcess], *, terminate: b
 
 def _job(name: str, fn: Callable[..., Any], kwargs: dict[str, Any], threads: int, level: int, messages: Any) -> None:
     """Body of a job process: set threads, logging and progress, run ``fn``, report the outcome."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which stops this job with one SIGTERM
     import torch
 
     from CovidGANSegLib import progress, protocol

@@ -111,6 +111,7 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overw
 
 def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real_dir: Path | None) -> dict[str, Any]:
     from CovidGANSegLib.config import PreprocessConfig
+    from CovidGANSegLib.cpu_jobs import threads_per_job
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.synth.phantoms import write_cohort
 
@@ -138,7 +139,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
                                                  coverage=plan.synthetic_coverage))
     gan_kw = dict(train_dir=train_dir, work=work, plan=plan, preprocess=preprocess, device=device)
     names = ("transunet", "unet")
-    threads = _threads_per_job(device, 1 + len(names), cpu_threads) if _segmenters_need_no_gan(plan) else 0
+    threads = threads_per_job(device, 1 + len(names), cpu_threads) if _segmenters_need_no_gan(plan) else 0
     if threads:
         # The segmenters learn from synthetic lesions in the healthy volumes alone, so they need neither
         # the GAN nor its pseudo-masks: all three train at once, one share of the cores each (cpu_jobs).
@@ -161,7 +162,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
         gan_model, pseudo = gan["gan_model"], gan["pseudo_masks"]
         timings.update(gan_training_s=gan["gan_training_s"], pseudo_masks_s=gan["pseudo_masks_s"])
         jobs = {name: dict(seg_kw, pseudo_masks=pseudo, run_dir=work / "runs" / name, model=name) for name in names}
-        threads = _threads_per_job(device, len(jobs), cpu_threads)
+        threads = threads_per_job(device, len(jobs), cpu_threads)
         if threads:
             # side by side, one share of the cores each: faster on small CPUs (cpu_jobs), same models as
             # training them one after the other with that many threads
@@ -216,18 +217,6 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
     return metrics
 
 
-def _threads_per_job(device: str, jobs: int, threads: int) -> int:
-    """Torch threads for each of ``jobs`` trained side by side (0: one after the other).
-
-    Side by side on a CPU with at least two of torch's ``threads``: an even share each, at least
-    one (three jobs on two threads share the two cores); on a GPU, with one job or one thread,
-    one after the other.
-    """
-    if device != "cpu" or jobs < 2 or threads < 2:
-        return 0
-    return max(1, threads // jobs)
-
-
 def _side_by_side(jobs: dict[str, tuple[Any, dict[str, Any]]], threads: int, span: tuple[float, float], what: str) -> dict[str, Any]:
     """``cpu_jobs.run_side_by_side(jobs)``, ``threads`` torch threads each, reported as training ``what``
     within the progress ``span``."""
@@ -246,11 +235,11 @@ def _segmenter_results(done: dict[str, Any], names: tuple[str, ...], timings: di
 
 
 def _segmenters_need_no_gan(plan: DemoPlan) -> bool:
-    """True when the plan's segmenters learn from synthetic lesions alone (no pseudo-mask in a batch,
-    no contrastive phase on the pseudo-masks' severity groups): they can train while the GAN does."""
+    """True when the plan's segmenters learn from synthetic lesions alone: they can train while the GAN does."""
+    from CovidGANSegLib.seg.training import needs_pseudo_masks
     from CovidGANSegLib.seg.transunet import get_seg_config
 
-    return plan.synthetic_fraction >= 1.0 and get_seg_config(plan.seg_config).pretrain_fraction == 0.0
+    return not needs_pseudo_masks(get_seg_config(plan.seg_config), plan.synthetic_fraction)
 
 
 def _seg_preprocessed(work: Path, train_dir: Path, preprocess: Any, plan: DemoPlan) -> Path:

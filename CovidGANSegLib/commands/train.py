@@ -4,9 +4,19 @@ Stages, each in its own folder of RUN with a ``manifest.json`` (:mod:`CovidGANSe
 
 1. ``RUN/preprocessed``: the data set on the GAN's grid (``preprocessing.ensure_preprocessed``;
    under torchrun each process preprocesses its share of the studies and rank 0 assembles them);
+   when the segmenters learn from synthetic lesions alone (no pseudo-mask in their batches, no
+   contrastive phase: ``seg.training.needs_pseudo_masks``) and have a grid of their own, also
+   ``RUN/preprocessed-XxYxZ``, the data set on their grid;
 2. ``RUN/gan``: the 3D GAN (``gan.training.train_gan``), ``RUN/gan/model.pt``;
 3. ``RUN/pseudo_masks``: difference maps, pseudo-masks, severity groups (``gan.pseudomasks``);
-4. ``RUN/seg_<model>``: each planned segmenter (``seg.training.train_segmenter``), ``model.pt``.
+4. ``RUN/seg_<model>``: each planned segmenter (``seg.training.train_segmenter``), ``model.pt``,
+   trained on the pseudo-masks, or, when it needs none, on the preprocessed data set of its grid.
+
+Segmenters that need no pseudo-mask do not depend on the GAN: on a CPU with two or more torch
+threads (one process, no torchrun) the GAN and they train at once, each stage in a process of its
+own with an even share of the threads (:mod:`CovidGANSegLib.cpu_jobs`, as the demo does), and the
+pseudo-masks follow the GAN. Each stage keeps its lock, manifest, checkpoints and resume; Ctrl-C
+stops every one of them after its current step with a checkpoint.
 
 A stage whose manifest matches the plan and its inputs and whose outputs are there is skipped; an
 interrupted stage continues from its last checkpoint with ``--resume``. Before anything is written
@@ -94,13 +104,37 @@ def stages_of(plan: Any, run_dir: Path) -> list[Stage]:
     gan = {k: v for k, v in data["gan"].items() if k != "iterations"}
     # cpu_bf16 (added later) enters the hash only when on, so that float32 stages made before it still match
     seg = {k: v for k, v in data["segmenter"].items() if k not in ("iterations", "models") and not (k == "cpu_bf16" and not v)}
-    parts = [
-        ("preprocessed", {"preprocess": data["preprocess"]}, None),
+    parts = [("preprocessed", {"preprocess": data["preprocess"]}, None)]
+    grid = _own_segmenter_grid(plan)
+    if grid is not None:
+        parts.append((segmenter_data_folder(run_dir, grid).name, {"preprocess": {**data["preprocess"], "grid": list(grid)}}, None))
+    parts += [
         ("gan", {"preprocess": data["preprocess"], "gan": gan, "run": run}, plan.gan.iterations),
         ("pseudo_masks", {"pseudo_masks": data["pseudo_masks"], "segmenter": {"grid": data["segmenter"].get("grid")}}, None),
     ]
     parts += [(f"seg_{m}", {"segmenter": {**seg, "model": m}, "run": run}, plan.segmenter.config.iterations) for m in plan.segmenter.models]
     return [Stage(name, run_dir / name, section, plan_hash(section), its) for name, section, its in parts]
+
+
+def segmenters_need_pseudo_masks(plan: Any) -> bool:
+    """Whether the plan's segmenters read the GAN's pseudo-masks (``seg.training.needs_pseudo_masks``)."""
+    from CovidGANSegLib.seg.training import needs_pseudo_masks
+
+    return needs_pseudo_masks(plan.segmenter.config, plan.segmenter.synthetic.fraction)
+
+
+def segmenter_data_folder(run_dir: Path, grid: tuple[int, ...]) -> Path:
+    """``RUN/preprocessed-XxYxZ``: the data set on the segmenters' grid (the folder ``make_pseudo_masks``
+    keeps it in when its cache is ``RUN/preprocessed``, so the pseudo-masks stage reuses it)."""
+    return run_dir / f"preprocessed-{'x'.join(str(int(g)) for g in grid)}"
+
+
+def _own_segmenter_grid(plan: Any) -> tuple[int, ...] | None:
+    """The segmenters' grid when they learn without pseudo-masks on a grid other than the GAN's, else None."""
+    grid = plan.segmenter.grid
+    if segmenters_need_pseudo_masks(plan) or grid is None or tuple(grid) == tuple(plan.preprocess.grid):
+        return None
+    return tuple(int(g) for g in grid)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,7 +381,7 @@ def _write_plan(run_dir: Path, plan: Any) -> Path:
 def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device: str, fingerprint: dict[str, Any],
                 det: dict[str, Any]) -> list[Path]:
     from CovidGANSegLib import distributed, progress
-    from CovidGANSegLib.manifest import file_entry, folder_digest, is_complete, provenance, read_manifest, write_manifest
+    from CovidGANSegLib.manifest import is_complete, provenance, read_manifest, write_manifest
     from CovidGANSegLib.runlock import clean_stale_partials, run_lock
 
     plan_dict, full_hash = plan.to_dict(), plan.hash()
@@ -355,7 +389,10 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
     by_name = {s.name: s for s in stages}
     pre, gan, pm = by_name["preprocessed"], by_name["gan"], by_name["pseudo_masks"]
     segs = [s for s in stages if s.name.startswith("seg_")]
-    spans = [(0.0, 0.05), (0.05, 0.45), (0.45, 0.5)] + [(0.5 + 0.5 * i / len(segs), 0.5 + 0.5 * (i + 1) / len(segs)) for i in range(len(segs))]
+    grid = _own_segmenter_grid(plan)
+    seg_pre = by_name[segmenter_data_folder(args.out, grid).name] if grid is not None else None
+    from_pseudo_masks = segmenters_need_pseudo_masks(plan)
+    world = distributed.world_size()
 
     def finish(stage: Stage, inputs: dict[str, Any], outputs: dict[str, Any], **extra: Any) -> None:
         write_manifest(stage.folder, stage=stage.name, status="complete", plan_hash=full_hash, stage_hash=stage.hash, plan=stage.plan,
@@ -381,11 +418,23 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
         _running(stage, inputs, full_hash, source)
         return resume
 
+    def gan_job(resume: bool) -> dict[str, Any]:
+        return dict(data=pre.folder, run_dir=gan.folder, config=None if resume else plan.gan, preprocess=plan.preprocess,
+                    iterations=plan.gan.iterations, resume=resume, device=device, seed=plan.run.seed, run_info=run_info(gan))
+
+    def seg_job(stage: Stage, data: Path, resume: bool) -> dict[str, Any]:
+        return dict(pseudo_masks=data, run_dir=stage.folder, model=stage.name[len("seg_"):], config=plan.segmenter.config,
+                    iterations=plan.segmenter.config.iterations, resume=resume, device=device, seed=plan.run.seed,
+                    data=args.data, synthetic=plan.segmenter.synthetic, run_info=run_info(stage))
+
+    def finish_training(stage: Stage, inputs: dict[str, Any], iterations: int) -> None:
+        distributed.run_on_main(f"writing {stage.name}",
+                                lambda: finish(stage, inputs, _checkpoint_outputs(stage.folder), iterations=iterations))
+
     # every rank calls run_on_main in the same order; rank 0 does the work, the others get its result
     # 1. preprocessing; under torchrun every rank first preprocesses its share of the studies (every
     # world-th) into RUN/.preprocess-shards.partial, and rank 0 assembles them
     shards = args.out / ".preprocess-shards.partial"
-    world = distributed.world_size()
     if world > 1 and distributed.run_on_main("checking the preprocessed data",
                                              lambda: not is_complete(pre.folder, pre.hash, {"data": fingerprint})):
         from CovidGANSegLib.preprocessing import preprocess_shard
@@ -395,34 +444,32 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
         log.info("rank %d preprocessed %d studies", distributed.rank(), done)
         distributed.barrier()
 
-    def preprocess() -> str:
+    def preprocess(stage: Stage, config: Any) -> str:
         inputs = {"data": fingerprint}
-        if not skip(pre, inputs):
+        if not skip(stage, inputs):
             from CovidGANSegLib.preprocessing import ensure_preprocessed
 
-            progress.report(0.0, "preprocessing")
-            if shards.is_dir():
+            progress.report(0.0, "preprocessing" if stage is pre else f"preprocessing on the segmenters' grid {list(config.grid)}")
+            precomputed = shards if stage is pre and shards.is_dir() else None
+            if precomputed is not None:
                 log.info("assembling %d studies preprocessed by %d processes", len(list(shards.glob("*.npz"))), world)
-            ensure_preprocessed(args.data, pre.folder, plan.preprocess, precomputed=shards if shards.is_dir() else None)
-            finish(pre, inputs, {"data": {"path": ".", "kind": "folder", **folder_digest(pre.folder)},
-                                 "index": file_entry(pre.folder / "index.json", pre.folder)})
-        shutil.rmtree(shards, ignore_errors=True)
-        return read_manifest(pre.folder)["outputs"]["data"]["sha256"]
+            ensure_preprocessed(args.data, stage.folder, config, precomputed=precomputed)
+            finish(stage, inputs, _data_outputs(stage.folder))
+        if stage is pre:
+            shutil.rmtree(shards, ignore_errors=True)
+        return read_manifest(stage.folder)["outputs"]["data"]["sha256"]
 
-    with progress.scope(*spans[0]):
-        pre_digest = distributed.run_on_main("preprocessing", preprocess)
+    with progress.scope(0.0, 0.04 if seg_pre is not None else 0.05):
+        pre_digest = distributed.run_on_main("preprocessing", lambda: preprocess(pre, plan.preprocess))
+    seg_data, seg_inputs = pre.folder, {"preprocessed": pre_digest}  # segmenters without pseudo-masks, on the GAN's grid
+    if seg_pre is not None:
+        import dataclasses
 
-    # 2. the GAN
-    inputs = {"preprocessed": pre_digest}
-    with progress.scope(*spans[1]), contextlib.ExitStack() as held:
-        resume = distributed.run_on_main("preparing the GAN stage", lambda: prepare(gan, inputs, held))
-        if resume is not None:
-            from CovidGANSegLib.gan.training import train_gan
-
-            train_gan(pre.folder, gan.folder, config=None if resume else plan.gan, preprocess=plan.preprocess, iterations=plan.gan.iterations,
-                      resume=resume, device=device, seed=plan.run.seed, run_info=run_info(gan))
-            distributed.run_on_main("writing the GAN", lambda: finish(gan, inputs, _checkpoint_outputs(gan.folder),
-                                                                       iterations=plan.gan.iterations))
+        with progress.scope(0.04, 0.05):
+            digest = distributed.run_on_main("preprocessing for the segmenters",
+                                             lambda: preprocess(seg_pre, dataclasses.replace(plan.preprocess, grid=grid)))
+        seg_data, seg_inputs = seg_pre.folder, {"preprocessed": digest}
+    gan_inputs = {"preprocessed": pre_digest}
     gan_model = gan.folder / "model.pt"
 
     # 3. pseudo-masks
@@ -434,30 +481,99 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
             rule = plan.pseudo_masks
             make_pseudo_masks(gan_model, pre.folder, pm.folder, device=device, k=rule.k, floor=rule.floor, min_size=rule.min_size,
                               rule=rule.rule, overwrite=True, cache=pre.folder, grid=plan.segmenter.grid)
-            finish(pm, inputs, {"data": {"path": ".", "kind": "folder", **folder_digest(pm.folder)},
-                                "index": file_entry(pm.folder / "index.json", pm.folder)})
+            finish(pm, inputs, _data_outputs(pm.folder))
         return read_manifest(pm.folder)["outputs"]["data"]["sha256"]
 
-    with progress.scope(*spans[2]):
+    if not from_pseudo_masks and world == 1:
+        # 2 and 4 at once where the CPU allows, then 3
+        with progress.scope(0.05, 0.95):
+            _train_beside(plan, device, det, gan, segs, prepare=prepare, gan_job=gan_job, gan_inputs=gan_inputs,
+                          seg_job=lambda stage, resume: seg_job(stage, seg_data, resume), seg_inputs=seg_inputs,
+                          finish_training=finish_training)
+        with progress.scope(0.95, 1.0):
+            pseudo_masks()
+        return [gan_model] + [stage.folder / "model.pt" for stage in segs]
+
+    spans = [(0.05, 0.45), (0.45, 0.5)] + [(0.5 + 0.5 * i / len(segs), 0.5 + 0.5 * (i + 1) / len(segs)) for i in range(len(segs))]
+    # 2. the GAN
+    with progress.scope(*spans[0]), contextlib.ExitStack() as held:
+        resume = distributed.run_on_main("preparing the GAN stage", lambda: prepare(gan, gan_inputs, held))
+        if resume is not None:
+            from CovidGANSegLib.gan.training import train_gan
+
+            train_gan(**gan_job(resume))
+            finish_training(gan, gan_inputs, plan.gan.iterations)
+
+    with progress.scope(*spans[1]):
         pm_digest = distributed.run_on_main("making the pseudo-masks", pseudo_masks)
+    if from_pseudo_masks:
+        seg_data, seg_inputs = pm.folder, {"pseudo_masks": pm_digest}
 
     # 4. segmenters
     models = [gan_model]
-    for stage, span in zip(segs, spans[3:]):
-        inputs = {"pseudo_masks": pm_digest}
-        model = stage.name[len("seg_"):]
+    for stage, span in zip(segs, spans[2:]):
         with progress.scope(*span), contextlib.ExitStack() as held:
-            resume = distributed.run_on_main(f"preparing {stage.name}", lambda: prepare(stage, inputs, held))
+            resume = distributed.run_on_main(f"preparing {stage.name}", lambda: prepare(stage, seg_inputs, held))
             if resume is not None:
                 from CovidGANSegLib.seg.training import train_segmenter
 
-                train_segmenter(pm.folder, stage.folder, model=model, config=plan.segmenter.config,
-                                iterations=plan.segmenter.config.iterations, resume=resume, device=device, seed=plan.run.seed,
-                                data=args.data, synthetic=plan.segmenter.synthetic, run_info=run_info(stage))
-                distributed.run_on_main(f"writing {stage.name}", lambda: finish(stage, inputs, _checkpoint_outputs(stage.folder),
-                                                                                  iterations=plan.segmenter.config.iterations))
+                train_segmenter(**seg_job(stage, seg_data, resume))
+                finish_training(stage, seg_inputs, plan.segmenter.config.iterations)
         models.append(stage.folder / "model.pt")
     return models
+
+
+def _train_beside(plan: Any, device: str, det: dict[str, Any], gan: Stage, segs: list[Stage], *, prepare: Any, gan_job: Any,
+                  gan_inputs: dict[str, Any], seg_job: Any, seg_inputs: dict[str, Any], finish_training: Any) -> None:
+    """The GAN and segmenters that need no pseudo-mask (one process, no torchrun): the stages to run
+    train side by side on a CPU with two or more torch threads, one process each (``cpu_jobs``),
+    else one after the other here; each stage is locked and marked running before, complete after."""
+    import torch
+
+    from CovidGANSegLib import progress
+    from CovidGANSegLib.cpu_jobs import run_side_by_side, threads_per_job
+
+    with contextlib.ExitStack() as held:
+        todo: dict[str, tuple[Stage, str, dict[str, Any], dict[str, Any], int]] = {}
+        resume = prepare(gan, gan_inputs, held)
+        if resume is not None:
+            todo[gan.name] = (gan, "gan", gan_job(resume), gan_inputs, plan.gan.iterations)
+        for stage in segs:
+            resume = prepare(stage, seg_inputs, held)
+            if resume is not None:
+                todo[stage.name] = (stage, "seg", seg_job(stage, resume), seg_inputs, plan.segmenter.config.iterations)
+        threads = threads_per_job(device, len(todo), torch.get_num_threads())
+        if threads:
+            log.info("training %s side by side, %d torch thread%s each", ", ".join(todo), threads, "s" if threads > 1 else "")
+            progress.report(0.0, f"training {', '.join(todo)} side by side")
+            run_side_by_side({name: (_stage_job, {"kind": kind, "deterministic": det["deterministic"], "kwargs": kwargs})
+                              for name, (_, kind, kwargs, _, _) in todo.items()}, threads=threads)
+        else:
+            for i, (name, (_, kind, kwargs, _, _)) in enumerate(todo.items()):
+                with progress.scope(i / len(todo), (i + 1) / len(todo)):
+                    _stage_job(kind, det["deterministic"], kwargs)
+        for stage, _, _, inputs, iterations in todo.values():
+            finish_training(stage, inputs, iterations)
+
+
+def _stage_job(kind: str, deterministic: bool, kwargs: dict[str, Any]) -> Path:
+    """Train one stage (``gan`` or ``seg``) with ``kwargs`` in the run's deterministic mode (module level:
+    also the body of a ``cpu_jobs`` process, which inherits nothing of this one's torch settings)."""
+    with deterministic_mode(deterministic):
+        if kind == "gan":
+            from CovidGANSegLib.gan.training import train_gan
+
+            return train_gan(**kwargs)
+        from CovidGANSegLib.seg.training import train_segmenter
+
+        return train_segmenter(**kwargs)
+
+
+def _data_outputs(folder: Path) -> dict[str, Any]:
+    """The outputs of a data stage (preprocessed data, pseudo-masks): the folder's digest and its index."""
+    from CovidGANSegLib.manifest import file_entry, folder_digest
+
+    return {"data": {"path": ".", "kind": "folder", **folder_digest(folder)}, "index": file_entry(folder / "index.json", folder)}
 
 
 def _resumable(stage: Stage, inputs: dict[str, Any]) -> bool:

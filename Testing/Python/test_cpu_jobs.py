@@ -17,6 +17,10 @@ def _threads_and_pid(tag: str) -> tuple[str, int, int]:
     return tag, torch.get_num_threads(), os.getpid()
 
 
+def _process_group() -> int:
+    return os.getpgrp()
+
+
 def _fail(message: str) -> None:
     raise ValueError(message)
 
@@ -58,6 +62,13 @@ def test_jobs_run_in_their_own_processes_with_the_threads_asked_for():
     assert cpu_jobs.run_side_by_side({}, threads=1) == {}
     with pytest.raises(ValueError, match="threads"):
         cpu_jobs.run_side_by_side({"a": (_threads_and_pid, {"tag": "A"})}, threads=0)
+
+
+def test_jobs_have_process_groups_of_their_own():
+    """A Ctrl-C at the terminal goes to the foreground process group: the jobs must not get it besides
+    the parent's one SIGTERM (a training loop takes a second signal for "stop at once, no checkpoint")."""
+    out = cpu_jobs.run_side_by_side({"a": (_process_group, {}), "b": (_process_group, {})}, threads=1)
+    assert len({out["a"], out["b"], os.getpgrp()}) == 3
 
 
 def test_a_failing_job_raises_its_error_and_stops_the_others(tmp_path):
@@ -108,13 +119,13 @@ def test_training_side_by_side_gives_the_models_of_training_alone(tmp_path, one_
         assert a["threshold"] == b["threshold"]
 
 
-def test_the_demo_trains_side_by_side_only_on_a_cpu_with_two_threads_or_more():
-    assert demo._threads_per_job("cpu", 2, 2) == 1
-    assert demo._threads_per_job("cpu", 3, 2) == 1  # the GAN and two segmenters share two cores
-    assert demo._threads_per_job("cuda", 2, 2) == 0
-    assert demo._threads_per_job("cpu", 2, 1) == 0
-    assert demo._threads_per_job("cpu", 1, 8) == 0
-    assert demo._threads_per_job("cpu", 2, 16) == 8 and demo._threads_per_job("cpu", 3, 16) == 5
+def test_jobs_run_side_by_side_only_on_a_cpu_with_two_threads_or_more():
+    assert cpu_jobs.threads_per_job("cpu", 2, 2) == 1
+    assert cpu_jobs.threads_per_job("cpu", 3, 2) == 1  # the GAN and two segmenters share two cores
+    assert cpu_jobs.threads_per_job("cuda", 2, 2) == 0
+    assert cpu_jobs.threads_per_job("cpu", 2, 1) == 0
+    assert cpu_jobs.threads_per_job("cpu", 1, 8) == 0
+    assert cpu_jobs.threads_per_job("cpu", 2, 16) == 8 and cpu_jobs.threads_per_job("cpu", 3, 16) == 5
     assert demo._segmenters_need_no_gan(demo.QUICK) and demo._segmenters_need_no_gan(demo.FULL)
     assert not demo._segmenters_need_no_gan(dataclasses.replace(demo.QUICK, synthetic_fraction=0.5))
     assert not demo._segmenters_need_no_gan(dataclasses.replace(demo.QUICK, seg_config="paper"))  # contrastive phase

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from CovidGANSegLib import datasets, demo
+from CovidGANSegLib import cpu_jobs, datasets, demo
 from conftest import REAL_CT_DIR
 
 TINY_PLAN = demo.DemoPlan(train_healthy=3, train_covid=4, test_covid=2, phantom_size="small", grid=(32, 32, 8), seg_grid=(48, 48, 8),
@@ -22,7 +22,7 @@ TINY_PLAN = demo.DemoPlan(train_healthy=3, train_covid=4, test_covid=2, phantom_
 def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, mode):
     plan = TINY_PLAN  # the tiny segmenters have a contrastive phase on the pseudo-masks: they wait for the GAN
     if mode != "one_after_the_other":  # as on a 2-core CPU: job processes, one thread each
-        monkeypatch.setattr(demo, "_threads_per_job", lambda device, jobs, threads: 1)
+        monkeypatch.setattr(cpu_jobs, "threads_per_job", lambda device, jobs, threads: 1)
     if mode == "gan_beside_the_segmenters":  # segmenters on synthetic lesions alone, as `small`: no need to wait
         config = tmp_path / "tiny_synthetic_only.json"
         config.write_text(json.dumps({"base": "tiny", "pretrain_fraction": 0.0}))

@@ -184,6 +184,117 @@ def test_an_elastic_restart_resumes_the_interrupted_stage(run_copy, cohort, caps
 
 
 # ------------------------------------------------------------------------------------------------
+# segmenters on synthetic lesions alone: no pseudo-mask, so they train beside the GAN on a CPU
+
+#: the tiny plan with segmenters that read no pseudo-mask (no contrastive phase), on a grid of their own
+SYNTHETIC_ONLY = ("--plan", "tiny", "--set", "segmenter.pretrain_fraction=0.0", "--set", "segmenter.grid=[40,40,8]")
+SEG_DATA = "preprocessed-40x40x8"
+
+
+def _weights(path: Path, kind: str) -> dict:
+    payload = load_checkpoint(path, kind=kind)
+    return payload["generator"] if kind == "gan" else payload["model"]
+
+
+@pytest.fixture(scope="module")
+def beside(cohort, tmp_path_factory) -> tuple[Path, Path]:
+    """The synthetic-only plan run twice: GAN and segmenters side by side (job processes, one torch thread
+    each, as on a 2-core CPU), and one after the other in this process with one thread."""
+    from CovidGANSegLib import cpu_jobs
+
+    progress.set_mode("none")
+    runs = tmp_path_factory.mktemp("train_beside")
+    argv = ["--progress", "none", "--log-level", "ERROR", "train", "--data", str(cohort), *SYNTHETIC_ONLY]
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(cpu_jobs, "threads_per_job", lambda device, jobs, threads: 1 if jobs > 1 else 0)
+        assert cli.main([*argv, "--out", str(runs / "side")]) == 0
+    finally:
+        mp.undo()
+    assert torch.get_num_threads() == 1  # one_torch_thread: no job processes now
+    assert cli.main([*argv, "--out", str(runs / "alone")]) == 0
+    return runs / "side", runs / "alone"
+
+
+def test_segmenters_without_pseudo_masks_train_from_their_own_grid_and_beside_the_gan(beside):
+    side, alone = beside
+    plan = load_plan("tiny", ["segmenter.pretrain_fraction=0.0", "segmenter.grid=[40,40,8]"])
+    assert [s.name for s in train_command.stages_of(plan, side)] == ["preprocessed", SEG_DATA, *STAGES[1:]]
+    assert train_command.stages_of(load_plan("tiny"), side)[1].name == "gan"  # with a contrastive phase: no such stage
+    for run in (side, alone):
+        data = read_manifest(run / SEG_DATA)
+        assert data["status"] == "complete" and data["plan"]["preprocess"]["grid"] == [40, 40, 8]
+        assert json.loads((run / SEG_DATA / "config.json").read_text())["grid"] == [40, 40, 8]
+        for model in ("seg_transunet", "seg_unet"):  # they depend on the data on their grid, not on the GAN
+            assert read_manifest(run / model)["inputs"] == {"preprocessed": data["outputs"]["data"]["sha256"]}
+            assert load_checkpoint(run / model / "model.pt", kind="seg")["config"]["image_size"] == 48  # 40, padded to 16s
+        pm = read_manifest(run / "pseudo_masks")
+        assert pm["status"] == "complete" and pm["inputs"]["gan_model"] == read_manifest(run / "gan")["outputs"]["model"]["sha256"]
+    # where they run does not change what they learn
+    for rel, kind in (("gan/model.pt", "gan"), ("seg_transunet/model.pt", "seg"), ("seg_unet/model.pt", "seg")):
+        a, b = _weights(side / rel, kind), _weights(alone / rel, kind)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    assert not any(p.name.startswith(".") for run in (side, alone) for p in run.rglob("*"))
+
+
+def test_more_gan_iterations_leave_segmenters_without_pseudo_masks_alone(beside, cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(beside[1], run)
+    segs = {m: _listing(run / m) for m in ("seg_transunet", "seg_unet")}
+    old_pm = read_manifest(run / "pseudo_masks")["outputs"]["data"]["sha256"]
+    rc, _, err = _run(capsys, "train", "--data", cohort, "--out", run, *SYNTHETIC_ONLY, "--set", "gan.iterations=3", "--resume")
+    assert rc == 0, err
+    assert read_manifest(run / "gan")["iterations"] == 3
+    assert read_manifest(run / "pseudo_masks")["outputs"]["data"]["sha256"] != old_pm  # made again by the new GAN
+    assert {m: _listing(run / m) for m in segs} == segs  # not trained again: they never read the GAN
+
+
+def test_a_second_synthetic_only_run_skips_every_stage(beside, cohort, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(beside[0], run)
+    before = _listing(run)
+    _forbid_training(monkeypatch)
+    rc, _, err = _run(capsys, "train", "--data", cohort, "--out", run)
+    assert rc == 0, err
+    assert {k: v for k, v in _listing(run).items() if k != "plan.toml"} == {k: v for k, v in before.items() if k != "plan.toml"}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals, process groups")
+def test_ctrl_c_stops_the_stages_side_by_side_each_with_its_checkpoint(cohort, tmp_path):
+    """A Ctrl-C at the terminal goes to the whole foreground process group: each stage trained beside
+    the others ends its step, writes its checkpoint and stops; the run exits with 130."""
+    run = tmp_path / "run"
+    code = ("import signal, sys, torch\nsignal.signal(signal.SIGINT, signal.default_int_handler)\ntorch.set_num_threads(2)\n"
+            "from CovidGANSegLib import cli\nsys.exit(cli.main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    argv = ["--progress", "none", "--log-level", "ERROR", "train", "--data", str(cohort), "--out", str(run), *SYNTHETIC_ONLY,
+            "--set", "gan.iterations=100000", "--set", "segmenter.iterations=100000"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    stages = ("gan", "seg_transunet", "seg_unet")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if all((run / s / "losses.csv").is_file() and len((run / s / "losses.csv").read_text().splitlines()) >= 4 for s in stages):
+            break
+        time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the parent's group
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # it ignored the signal: do not leave it running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    for stage in stages:
+        rows = len((run / stage / "losses.csv").read_text().splitlines()) - 1
+        kind = "gan" if stage == "gan" else "seg"
+        assert load_checkpoint(run / stage / "checkpoints" / "last.pt", kind=kind)["iteration"] == rows >= 3, stage
+        assert read_manifest(run / stage)["status"] == "running"
+    assert not [p for p in run.rglob("*") if p.name == LOCK_NAME or ".partial" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------
 # pre-flight checks: one line, exit 2 (69 for CUDA), nothing written
 
 
