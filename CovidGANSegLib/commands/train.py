@@ -549,7 +549,7 @@ def _train_beside(plan: Any, device: str, det: dict[str, Any], gan: Stage, segs:
             run_side_by_side({name: (_stage_job, {"kind": kind, "deterministic": det["deterministic"], "kwargs": kwargs})
                               for name, (_, kind, kwargs, _, _) in todo.items()}, threads=threads)
         else:
-            for i, (name, (_, kind, kwargs, _, _)) in enumerate(todo.items()):
+            for i, (_, kind, kwargs, _, _) in enumerate(todo.values()):
                 with progress.scope(i / len(todo), (i + 1) / len(todo)):
                     _stage_job(kind, det["deterministic"], kwargs)
         for stage, _, _, inputs, iterations in todo.values():
