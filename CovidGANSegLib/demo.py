@@ -236,10 +236,12 @@ def _segmenter_results(done: dict[str, Any], names: tuple[str, ...], timings: di
 
 def _segmenters_need_no_gan(plan: DemoPlan) -> bool:
     """True when the plan's segmenters learn from synthetic lesions alone: they can train while the GAN does."""
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import needs_pseudo_masks
     from CovidGANSegLib.seg.transunet import get_seg_config
 
-    return not needs_pseudo_masks(get_seg_config(plan.seg_config), plan.synthetic_fraction)
+    synthetic = SyntheticSupervision(fraction=plan.synthetic_fraction, variants_per_volume=plan.synthetic_variants)
+    return not needs_pseudo_masks(get_seg_config(plan.seg_config), synthetic)
 
 
 def _seg_preprocessed(work: Path, train_dir: Path, preprocess: Any, plan: DemoPlan) -> Path:

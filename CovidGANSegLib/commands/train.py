@@ -120,7 +120,7 @@ def segmenters_need_pseudo_masks(plan: Any) -> bool:
     """Whether the plan's segmenters read the GAN's pseudo-masks (``seg.training.needs_pseudo_masks``)."""
     from CovidGANSegLib.seg.training import needs_pseudo_masks
 
-    return needs_pseudo_masks(plan.segmenter.config, plan.segmenter.synthetic.fraction)
+    return needs_pseudo_masks(plan.segmenter.config, plan.segmenter.synthetic)
 
 
 def segmenter_data_folder(run_dir: Path, grid: tuple[int, ...]) -> Path:

@@ -193,12 +193,12 @@ def load_pseudo_masks(folder: str | Path) -> PseudoMaskData:
     )
 
 
-def needs_pseudo_masks(config: SegConfig, synthetic_fraction: float) -> bool:
-    """Whether a segmenter trained with ``config`` and this share of synthetic pairs per batch reads
-    the GAN's pseudo-masks: a pseudo-mask in its batches (``synthetic_fraction`` < 1) or a contrastive
-    phase on their severity groups (``config.pretrain_fraction`` > 0). When it does not, it learns
-    from a preprocessed data set alone (:func:`load_training_data`) and can train while the GAN does."""
-    return synthetic_fraction < 1.0 or config.pretrain_fraction > 0.0
+def needs_pseudo_masks(config: SegConfig, synthetic: SyntheticSupervision) -> bool:
+    """Whether a segmenter trained with ``config`` and ``synthetic`` reads the GAN's pseudo-masks: a
+    pseudo-mask in its batches (synthetic fraction < 1, or no synthetic copy to draw from) or a
+    contrastive phase on their severity groups (``config.pretrain_fraction`` > 0). When it does not, it
+    learns from a preprocessed data set alone (:func:`load_training_data`) and can train while the GAN does."""
+    return synthetic.fraction < 1.0 or synthetic.variants_per_volume == 0 or config.pretrain_fraction > 0.0
 
 
 def load_training_data(folder: str | Path) -> PseudoMaskData:

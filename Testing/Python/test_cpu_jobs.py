@@ -129,3 +129,4 @@ def test_jobs_run_side_by_side_only_on_a_cpu_with_two_threads_or_more():
     assert demo._segmenters_need_no_gan(demo.QUICK) and demo._segmenters_need_no_gan(demo.FULL)
     assert not demo._segmenters_need_no_gan(dataclasses.replace(demo.QUICK, synthetic_fraction=0.5))
     assert not demo._segmenters_need_no_gan(dataclasses.replace(demo.QUICK, seg_config="paper"))  # contrastive phase
+    assert not demo._segmenters_need_no_gan(dataclasses.replace(demo.QUICK, synthetic_variants=0))  # no synthetic copy to learn from

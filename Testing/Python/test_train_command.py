@@ -221,6 +221,9 @@ def test_segmenters_without_pseudo_masks_train_from_their_own_grid_and_beside_th
     plan = load_plan("tiny", ["segmenter.pretrain_fraction=0.0", "segmenter.grid=[40,40,8]"])
     assert [s.name for s in train_command.stages_of(plan, side)] == ["preprocessed", SEG_DATA, *STAGES[1:]]
     assert train_command.stages_of(load_plan("tiny"), side)[1].name == "gan"  # with a contrastive phase: no such stage
+    no_copies = load_plan("tiny", ["segmenter.pretrain_fraction=0.0", "segmenter.grid=[40,40,8]",
+                                   "segmenter.synthetic.variants_per_volume=0"])
+    assert train_command.segmenters_need_pseudo_masks(no_copies) and train_command.stages_of(no_copies, side)[1].name == "gan"
     for run in (side, alone):
         data = read_manifest(run / SEG_DATA)
         assert data["status"] == "complete" and data["plan"]["preprocess"]["grid"] == [40, 40, 8]
