@@ -17,10 +17,10 @@ the command line) every job still running gets SIGTERM (a training loop finishes
 its checkpoint and stops), the parent waits for them and re-raises: no job outlives the call. Each
 job runs in a process group of its own, so that a Ctrl-C at the terminal (SIGINT to the whole
 foreground group) reaches the parent alone: a training loop takes a second signal for "stop at
-once, no checkpoint" (:func:`~CovidGANSegLib.runlock.stop_after_step`), and the job gets exactly one. A job that fails makes
-the others stop the same way, and its exception is raised in the parent (an unpicklable one as a
-``RuntimeError`` with its traceback); a job process that dies without a word (killed, crashed)
-raises a ``RuntimeError`` naming it and its exit code.
+once, no checkpoint" (:func:`~CovidGANSegLib.runlock.stop_after_step`), and the job gets exactly
+one. A job that fails makes the others stop the same way, and its exception is raised in the parent
+(an unpicklable one as a ``RuntimeError`` with its traceback); a job process that dies without a
+word (killed, crashed) raises a ``RuntimeError`` naming it and its exit code.
 """
 
 from __future__ import annotations
