@@ -192,8 +192,9 @@ def test_local_contrast_drops_gradual_dependent_density_and_keeps_a_focal_lesion
     hu[lesion] = -500.0
     detections = lesion | (hu >= -650.0)  # the lesion and the band's densest 10 voxels
     spacing = (1.5, 1.5, 8.0)
-    kept = post_process(detections, hu, lung, spacing, PostProcessing())
-    without = post_process(detections, hu, lung, spacing, PostProcessing(min_contrast_hu=None))
+    floor = (-750.0, 100.0)  # growth down to -750 HU (the default floor is -725 HU): the whole band
+    kept = post_process(detections, hu, lung, spacing, PostProcessing(grow_hu_range=floor))
+    without = post_process(detections, hu, lung, spacing, PostProcessing(grow_hu_range=floor, min_contrast_hu=None))
     band = (hu >= -750.0) & ~lesion
     assert without[band].mean() > 0.9 and without[lesion].mean() > 0.95  # the opening rounds the disc's rim
     assert np.array_equal(kept, without & lesion)
