@@ -17,7 +17,8 @@ crops hold the medial lungs around the hila, where vessels are thickest, so thes
 
     python benchmarks/bench_real_lesions.py demo-out
     python benchmarks/bench_real_lesions.py demo-out --coverage 0.01 --draws 4
-    python benchmarks/bench_real_lesions.py demo-out --no-thin-growth   # the default one round ago
+    python benchmarks/bench_real_lesions.py demo-out --no-thin-growth   # the default before the thin-growth round
+    python benchmarks/bench_real_lesions.py demo-out --grow-hu-range -750 100   # the growth floor before the night round
     python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --gan-gate 4 --keep-slab-partial-volume --no-local-contrast --no-thin-growth   # three rounds ago
 
 The segmenters run as plain ``segment``; the GAN (``--gan``) is loaded and run only for ``--gan-gate``.
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep components no denser than the lung around them (PostProcessing.min_contrast_hu=None)")
     ap.add_argument("--no-thin-growth", action="store_true",
                     help="let thin grown components (vessel trees) keep all their growth (PostProcessing.min_thick_fraction=None)")
+    ap.add_argument("--grow-hu-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="density range growth reaches into (PostProcessing.grow_hu_range; default: the pipeline's)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.draws < 1 or not all(0.0 < c < 1.0 for c in args.coverage):
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     post = PostProcessing(grow=not args.no_growth, gan_gate_sigmas=args.gan_gate,
                           slab_tissue_hu=None if args.keep_slab_partial_volume else PostProcessing.slab_tissue_hu,
                           min_contrast_hu=None if args.no_local_contrast else PostProcessing.min_contrast_hu,
-                          min_thick_fraction=None if args.no_thin_growth else PostProcessing.min_thick_fraction)
+                          min_thick_fraction=None if args.no_thin_growth else PostProcessing.min_thick_fraction,
+                          grow_hu_range=PostProcessing.grow_hu_range if args.grow_hu_range is None else tuple(args.grow_hu_range))
     found = load_models(args.models, args.gan if args.gan_gate is not None else None)  # the GAN is used only to gate
     if found is None:
         return 2

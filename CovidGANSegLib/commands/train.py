@@ -461,14 +461,15 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
 
     with progress.scope(0.0, 0.04 if seg_pre is not None else 0.05):
         pre_digest = distributed.run_on_main("preprocessing", lambda: preprocess(pre, plan.preprocess))
-    seg_data, seg_inputs = pre.folder, {"preprocessed": pre_digest}  # segmenters without pseudo-masks, on the GAN's grid
+    # what segmenters that need no pseudo-mask learn from: the studies on their own grid, else on the GAN's
+    own_data: tuple[Path, dict[str, Any]] = (pre.folder, {"preprocessed": pre_digest})
     if seg_pre is not None:
         import dataclasses
 
         with progress.scope(0.04, 0.05):
             digest = distributed.run_on_main("preprocessing for the segmenters",
                                              lambda: preprocess(seg_pre, dataclasses.replace(plan.preprocess, grid=grid)))
-        seg_data, seg_inputs = seg_pre.folder, {"preprocessed": digest}
+        own_data = (seg_pre.folder, {"preprocessed": digest})
     gan_inputs = {"preprocessed": pre_digest}
     gan_model = gan.folder / "model.pt"
 
@@ -488,7 +489,7 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
         # 2 and 4 at once where the CPU allows, then 3
         with progress.scope(0.05, 0.95):
             _train_beside(plan, device, det, gan, segs, prepare=prepare, gan_job=gan_job, gan_inputs=gan_inputs,
-                          seg_job=lambda stage, resume: seg_job(stage, seg_data, resume), seg_inputs=seg_inputs,
+                          seg_job=lambda stage, resume: seg_job(stage, own_data[0], resume), seg_inputs=own_data[1],
                           finish_training=finish_training)
         with progress.scope(0.95, 1.0):
             pseudo_masks()
@@ -506,8 +507,7 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
 
     with progress.scope(*spans[1]):
         pm_digest = distributed.run_on_main("making the pseudo-masks", pseudo_masks)
-    if from_pseudo_masks:
-        seg_data, seg_inputs = pm.folder, {"pseudo_masks": pm_digest}
+    seg_data, seg_inputs = (pm.folder, {"pseudo_masks": pm_digest}) if from_pseudo_masks else own_data
 
     # 4. segmenters
     models = [gan_model]
