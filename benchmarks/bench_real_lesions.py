@@ -79,6 +79,45 @@ def lesioned_real_cts(real_dir: Path, coverages: Sequence[float], draws: int, se
                 yield f"{name} {100 * coverage:g}% #{d}", coverage, CTVolume.from_array(hu, ct.affine, path), truth
 
 
+def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequence[float], draws: int, seed: int,
+                       thickness_mm: float = 8.0, min_ml: float = 0.5, generator=None, payload=None,
+                       verbose: bool = True) -> tuple[list[dict], list[str]]:
+    """Each lesioned case of :func:`lesioned_real_cts` run through ``segment_ct`` for every model in
+    ``models`` (name -> segmenter) and through the HU threshold; returns ``(rows, skipped)``: one row per
+    case with its confusion metrics per method, and the draws left out (lesions under ``min_ml``)."""
+    import numpy as np
+
+    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.metrics import confusion, from_confusion
+    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
+    from CovidGANSegLib.seg.inference import gan_gate, segment_ct
+
+    methods = [*models, "hu_threshold"]
+    rows: list[dict] = []
+    skipped: list[str] = []
+    for case, coverage, ct, truth in lesioned_real_cts(real_dir, coverages, draws, seed, thickness_mm):
+        truth_ml = float(truth.sum() * np.prod(ct.spacing) / 1000.0)
+        if truth_ml < min_ml:  # an empty truth would score Dice 1 for an empty prediction
+            skipped.append(f"{case} ({truth_ml:.2f} mL)")
+            continue
+        lung = extract_lung_mask(ct.array, ct.spacing)  # the pipeline's own mask, on the lesioned CT
+        diff = gate = None
+        if generator is not None:
+            ph, gate = gan_gate(ct, lung, generator, payload, post)
+            diff = ph.difference_hu
+        preds = {name: segment_ct(ct, model, lung_mask=lung, post=post, difference_hu=diff, gate_hu=gate).lesion_mask
+                 for name, model in models.items()}
+        preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
+        row = {"case": case, "coverage": coverage, "truth_ml": truth_ml,
+               "truth_in_lung_mask": float((truth & lung).sum() / max(1, truth.sum()))}
+        for m in methods:
+            row[m] = from_confusion(*confusion(preds[m], truth))
+        rows.append(row)
+        if verbose:
+            print(f"{case}: {truth_ml:.1f} mL, " + ", ".join(f"{Path(m).parent.name or m} {row[m]['dice']:.3f}" for m in methods), flush=True)
+    return rows, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path, help="segmenter model.pt files or folders to search")
@@ -112,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_real_normal import load_models
     from CovidGANSegLib import progress
-    from CovidGANSegLib.lungmask import extract_lung_mask
-    from CovidGANSegLib.metrics import confusion, from_confusion
-    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, segment_ct
+    from CovidGANSegLib.seg.inference import PostProcessing
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,28 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     loaded, generator, payload = found
     methods = [*loaded, "hu_threshold"]
-    cases: list[dict] = []
     t0 = time.perf_counter()
-    skipped: list[str] = []
-    for case, coverage, ct, truth in lesioned_real_cts(args.real_ct, args.coverage, args.draws, args.seed, args.thickness):
-        truth_ml = float(truth.sum() * np.prod(ct.spacing) / 1000.0)
-        if truth_ml < args.min_ml:  # an empty truth would score Dice 1 for an empty prediction
-            skipped.append(f"{case} ({truth_ml:.2f} mL)")
-            continue
-        lung = extract_lung_mask(ct.array, ct.spacing)  # the pipeline's own mask, on the lesioned CT
-        diff = gate = None
-        if generator is not None:
-            ph, gate = gan_gate(ct, lung, generator, payload, post)
-            diff = ph.difference_hu
-        preds = {name: segment_ct(ct, model, lung_mask=lung, post=post, difference_hu=diff, gate_hu=gate).lesion_mask
-                 for name, model in loaded.items()}
-        preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
-        row = {"case": case, "coverage": coverage, "truth_ml": truth_ml,
-               "truth_in_lung_mask": float((truth & lung).sum() / max(1, truth.sum()))}
-        for m in methods:
-            row[m] = from_confusion(*confusion(preds[m], truth))
-        cases.append(row)
-        print(f"{case}: {row['truth_ml']:.1f} mL, " + ", ".join(f"{Path(m).parent.name or m} {row[m]['dice']:.3f}" for m in methods), flush=True)
+    cases, skipped = score_real_lesions(loaded, args.real_ct, post, coverages=args.coverage, draws=args.draws, seed=args.seed,
+                                        thickness_mm=args.thickness, min_ml=args.min_ml, generator=generator, payload=payload)
 
     def mean(rows: list[dict], m: str, key: str) -> float:
         v = [r[m][key] for r in rows if not np.isnan(r[m][key])]
