@@ -61,7 +61,7 @@ phantoms (independent lesion model, seed + 3, studies 7001..): the main validati
 Besides Dice, each segmenter row reports ``auc_dense``: how well its probability alone, before any
 post-processing, separates lesion voxels from normal lung of lesion-like density (-750..+100 HU).
 
-``--iterations 1000`` gives the row "1,000 iterations" of the README.
+``--iterations 1000`` gives the row "1,000 iterations" of docs/ablation.md.
 
 Variants that change the segmenter's configuration (``seg`` overrides) train their own model; with
 the plan's segmenter configuration changed, the older rows set it back explicitly.

@@ -32,11 +32,11 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    case of one model but changed nothing for three other seeds, and for two of five models it kept
    false detections on 13-16 % of a real normal lung at 8 mm slices: not the default. (k = 4, the quartile
    and the 5 % were set on the validation cohort after seeing the real-normal figures too; 2-10 %
-   gave the same results there: see the README, which says so.) It was the default until real CTs
+   gave the same results there: see docs/ablation.md, which says so.) It was the default until real CTs
    with inserted lesions of the independent model (``benchmarks/bench_real_lesions.py``) showed
    that on real anatomy the phantom-trained GAN barely changes mild lesions (mean difference
    mostly 5-25 HU against a 40 HU gate) while it changes vessels by 50-300 HU: the gate kept vessels and
-   dropped lesions, and Dice there fell to the HU threshold's (README, "Mild lesions in real anatomy").
+   dropped lesions, and Dice there fell to the HU threshold's (docs/ablation.md, "Mild lesions in real anatomy").
 4. **Density filter** (``density_filter_mm``, 3 mm): the CT's density inside the lung passes an
    in-plane grey opening, then a closing, with a 7 x 7 mm square (:func:`filtered_density`): bright
    structures narrower than that (vessels and their partial-volume halos, septal lines) fall to
@@ -54,7 +54,7 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    cohort): not the default. The segmenter finds *where* there is disease; the density tells how
    far it reaches (seen on phantoms: the models find the cores of large lesions and miss their
    faint extent). The floor of the region (and of the seeds' filtered density), -725 HU, was
-   -750 HU until a sweep over seven models (README, "The `train` command like the demo, and the
+   -750 HU until a sweep over seven models (docs/ablation.md, "The `train` command like the demo, and the
    post-processing checked again"): -725 HU raised the validation criterion for five of them and
    the default plan's validation cohort for all six checked, mild cases most, and marks less of
    real normal lungs; -700 and -775 HU were worse.
@@ -68,7 +68,7 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    back as its denser seeds) and what is left after it. On the phantom validation cohorts the
    vessel trees grown out of one seed near a hilum were 100-500 mL (the largest false detections
    of mild cases); the limit raised the mean Dice of five models on all three phantom validation
-   cohorts (mild cases most) and left real anatomy level (README, "Thin growth").
+   cohorts (mild cases most) and left real anatomy level (docs/ablation.md, "Thin growth").
 7. **Local contrast** (``min_contrast_hu``, 100 HU, over a ring of ``contrast_ring_mm``, 6 mm): a
    final component is kept only when its median HU exceeds the median HU of the lung around it (an
    in-plane ring out to 6 mm, lung voxels outside the mask, the adjacent voxel left out as partial
@@ -77,11 +77,11 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    diaphragm rise gradually and match the lung next to them. On real normal CTs at 8 mm those were
    the largest remaining false detections (up to 17 mL, median about -620 HU, 50-100 HU above the
    lung within 6 mm); on real CTs with inserted mild lesions and on the three phantom validation
-   cohorts, five models gained on average (README, "Local contrast").
+   cohorts, five models gained on average (docs/ablation.md, "Local contrast").
 
 The density filter helped each of five retrained models on the validation cohorts (all cases and
 mild cases) and on the real normal CTs; on a fresh cohort checked afterwards the mild cases gained
-again for every model while all cases stayed level on average (README, "Density filter").
+again for every model while all cases stayed level on average (docs/ablation.md, "Density filter").
 
 ``segment_file`` does the same file to file: the lesion mask (uint8 0/1) has the input file's
 shape and affine, and optional outputs are the lung mask, the GAN's pseudo-healthy CT and
@@ -623,16 +623,16 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         grow: grow the detections into connected lesion-range density (:class:`PostProcessing`,
             step 5). Off, the mask is the detections alone: on the mild validation phantoms (CT-1)
             about twice as precise (0.33 against 0.18) but with lower Dice (0.19 against 0.21,
-            five models), and extensive disease needs the growth (README).
+            five models), and extensive disease needs the growth (docs/ablation.md).
         gan_gate_sigmas: switch the GAN-agreement gate on with this k (needs ``gan``; off by
-            default: on real anatomy it dropped most true mild lesions, README "Mild lesions in
+            default: on real anatomy it dropped most true mild lesions, docs/ablation.md "Mild lesions in
             real anatomy").
         local_contrast: drop components that are not at least ``PostProcessing.min_contrast_hu``
-            denser than the lung around them (:class:`PostProcessing`, step 7; README "Local
+            denser than the lung around them (:class:`PostProcessing`, step 7; docs/ablation.md "Local
             contrast"). Off, faint ground glass in dense (dependent) lung is kept, and so are
             dependent density and partial volume along the pleura.
         thin_growth: limit mostly thin grown components (vessel trees) to their seeds and 3 mm
-            around them (:class:`PostProcessing`, step 6; README "Thin growth"). Off, a lesion that
+            around them (:class:`PostProcessing`, step 6; docs/ablation.md "Thin growth"). Off, a lesion that
             growth reached through a vessel is kept whole, and so are the vessel trees.
 
     Raises:

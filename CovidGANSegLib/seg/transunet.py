@@ -85,7 +85,7 @@ class SegConfig:
             the weights, the losses, validation and inference stay float32. Ignored on CUDA and on
             other CPUs (emulated bfloat16 is slower than float32). Off by default: 1.4x faster
             training steps for ``small`` on the 2-core AMD EPYC here and the same validation Dice at
-            500 iterations, but not yet validated at the default demo's 1,500 (README, "Training
+            500 iterations, but not yet validated at the default demo's 1,500 (docs/ablation.md, "Training
             throughput").
         augmentation: ``light`` (flips, intensity jitter) or ``strong`` (also rotation / zoom,
             blur and noise): :mod:`CovidGANSegLib.seg.augmentation`. Checkpoints written before
@@ -200,7 +200,7 @@ class SegConfig:
 #: With synthetic-lesion supervision (exact labels) ``small`` trains end to end from the first
 #: iteration with plain BCE (eq. 5 with beta = 0, no MSE term): on the validation cohort this gave
 #: Dice 0.446 (mild cases 0.120) against 0.435 (0.043) for the paper's schedule (20 % contrastive
-#: phase 1, eq. 5 with beta = 1 plus MSE) at the same 500 iterations (README, "Ablation"). The
+#: phase 1, eq. 5 with beta = 1 plus MSE) at the same 500 iterations (docs/ablation.md). The
 #: ``paper`` configuration keeps the paper's schedule and losses.
 #: ``tiny``: unit tests only (same learning rate as ``small``).
 SEG_CONFIGS: dict[str, SegConfig] = {

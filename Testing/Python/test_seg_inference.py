@@ -246,7 +246,7 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
     assert np.array_equal(post_process(detections, hu, lung, spacing, PostProcessing(), difference_hu=None, gate_hu=40.0), grown)
     stats = {"count": 100, "median": 0.01, "sigma": 0.005}
     assert PostProcessing(gan_gate_sigmas=4.0).gate_hu(stats, 1400.0) == pytest.approx((0.01 + 4 * 0.005) * 1400.0)
-    assert PostProcessing().gate_hu(stats, 1400.0) is None  # off by default (README, "Mild lesions in real anatomy")
+    assert PostProcessing().gate_hu(stats, 1400.0) is None  # off by default (docs/ablation.md, "Mild lesions in real anatomy")
     assert PostProcessing(gan_gate_sigmas=None).gate_hu(stats, 1400.0) is None and PostProcessing().gate_hu(None, 1400.0) is None
     with pytest.raises(ValueError):
         PostProcessing(open_mm=-1.0)
