@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench_real_lesions import DEFAULT_COVERAGE, score_real_lesions
+    from bench_real_lesions import DEFAULT_COVERAGE, mean_metric, score_real_lesions
     from CovidGANSegLib import progress
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.demo import QUICK, real_normal_volumes
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if not one.is_dir():
             one.mkdir()
             _link(ct_path, one / ct_path.name)
+        at_8mm = next(ct for _, thick, ct in real_normal_volumes(one) if thick)  # the same CT without lesions
+        lung = extract_lung_mask(at_8mm.array, at_8mm.spacing)
         for seed in args.seeds:
             row = {"fold": fold, "held_out": ct_path.name, "seed": seed}
             for arm, extra in (("phantoms", []), ("with_real", [p for p in real if p != ct_path])):
@@ -138,13 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                 net = load_segmenter(model(name, extra, seed), "cpu")[0]
                 cases, skipped = score_real_lesions({arm: net}, one, post, coverages=DEFAULT_COVERAGE, draws=args.draws,
                                                     seed=args.draw_seed, verbose=False)
-                at_8mm = next(ct for _, thick, ct in real_normal_volumes(one) if thick)
-                lung = extract_lung_mask(at_8mm.array, at_8mm.spacing)
                 marked = segment_ct(at_8mm, net, lung_mask=lung, post=post).lesion_mask
-                row[arm] = {"dice": _mean(cases, arm, "dice"), "precision": _mean(cases, arm, "precision"),
-                            "sensitivity": _mean(cases, arm, "sensitivity"), "cases": len(cases), "skipped": skipped,
+                row[arm] = {"dice": mean_metric(cases, arm, "dice"), "precision": mean_metric(cases, arm, "precision"),
+                            "sensitivity": mean_metric(cases, arm, "sensitivity"), "cases": len(cases), "skipped": skipped,
                             "normal_percent_of_lung_8mm": round(100.0 * float(marked.sum()) / max(1, int(lung.sum())), 3)}
-                row["hu_threshold_dice"] = _mean(cases, "hu_threshold", "dice")
+            row["hu_threshold_dice"] = mean_metric(cases, "hu_threshold", "dice")  # the same cases in both arms
             rows.append(row)
             print(f"{fold} seed {seed}: Dice {row['phantoms']['dice']:.3f} -> {row['with_real']['dice']:.3f}", flush=True)
 
@@ -165,11 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                                "rows": rows}, indent=1, default=str) + "\n")
     print(f"saved {out}")
     return 0
-
-
-def _mean(rows: list[dict], method: str, key: str) -> float:
-    values = [r[method][key] for r in rows if r[method][key] == r[method][key]]  # NaN (no prediction) left out
-    return float(sum(values) / len(values)) if values else float("nan")
 
 
 if __name__ == "__main__":

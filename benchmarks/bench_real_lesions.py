@@ -118,6 +118,15 @@ def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequenc
     return rows, skipped
 
 
+def mean_metric(rows: list[dict], method: str, key: str) -> float:
+    """Mean of one metric of one method over the rows of :func:`score_real_lesions`; NaN (no
+    prediction, e.g. precision) left out, NaN when nothing is left."""
+    import numpy as np
+
+    values = [r[method][key] for r in rows if not np.isnan(r[method][key])]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", type=Path, help="segmenter model.pt files or folders to search")
@@ -146,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.draws < 1 or not all(0.0 < c < 1.0 for c in args.coverage):
         ap.error("--draws must be >= 1 and every --coverage in (0, 1)")
 
-    import numpy as np
     import torch
 
     from bench_real_normal import load_models
@@ -173,10 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     cases, skipped = score_real_lesions(loaded, args.real_ct, post, coverages=args.coverage, draws=args.draws, seed=args.seed,
                                         thickness_mm=args.thickness, min_ml=args.min_ml, generator=generator, payload=payload)
 
-    def mean(rows: list[dict], m: str, key: str) -> float:
-        v = [r[m][key] for r in rows if not np.isnan(r[m][key])]
-        return float(np.mean(v)) if v else float("nan")
-
     if skipped:
         print(f"skipped (lesions under {args.min_ml:g} mL): " + ", ".join(skipped))
     if not cases:
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---|" * len(groups))
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for m in methods:
-        summary[m] = {g: {k: mean(rows, m, k) for k in ("dice", "precision", "sensitivity")} for g, rows in groups.items()}
+        summary[m] = {g: {k: mean_metric(rows, m, k) for k in ("dice", "precision", "sensitivity")} for g, rows in groups.items()}
         label = m if m == "hu_threshold" else f"{Path(m).parent.name} ({m})"
         print(f"| {label} | " + " | ".join(f"{s['dice']:.3f} / {s['precision']:.3f} / {s['sensitivity']:.3f}"
                                            for s in summary[m].values()) + " |")
