@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import json
 import logging
 import os
@@ -188,6 +189,11 @@ def session(device: str = "cpu") -> Iterator[str]:
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             raise DistributedError(f"rank {rank()}: another process of the job failed or was killed ({first}); the job stops. "
                                    "Run the same command again with --resume to continue from the last checkpoint") from exc
+        # DDP wrappers and autograd graphs that still hold the group (reference cycles) go while the
+        # group is whole and the interpreter too: a gloo group left to interpreter finalisation can
+        # abort a process whose work is done. Not after a peer failure: freeing DDP state on a broken
+        # group can abort before the error is reported.
+        gc.collect()
         barrier()  # leave together: no rank tears the group down while another still runs a collective
     finally:
         _stop_heartbeat()

@@ -43,6 +43,26 @@ def _train_argv(cohort: Path, run: Path, *extra: object) -> list[str]:
             "--plan", "tiny", *[str(e) for e in extra]]
 
 
+#: what a rank prints when a C++ thread of the torch runtime is torn down unjoined; seen once in
+#: ~100 torchrun jobs on a loaded 2-core CI machine (2026-12-04), never reproduced here (0 of 160)
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _run_torchrun(argv: list[object], *, timeout: float, fresh: Path | None = None) -> subprocess.CompletedProcess:
+    """A torchrun job, run once more (``fresh`` removed first) only when a rank aborted in the torch
+    runtime's teardown: any other failure, and a second abort, fail the test as they are."""
+    import shutil
+
+    argv = [str(a) for a in argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=timeout)
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
+        print(f"torchrun job aborted in teardown, run again: {proc.stderr[-2000:]}", file=sys.stderr)
+        if fresh is not None:
+            shutil.rmtree(fresh, ignore_errors=True)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=timeout)
+    return proc
+
+
 def _weights(path: Path, key: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)[key]
 
@@ -139,7 +159,7 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_anything_is_writte
 @pytest.mark.slow
 def test_two_processes_train_the_same_weights_as_one(one_process_run, cohort, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.run(_torchrun(*_train_argv(cohort, run)), capture_output=True, text=True, env=_env(), timeout=300)
+    proc = _run_torchrun(_torchrun(*_train_argv(cohort, run)), timeout=300, fresh=run)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.split() == [str(run / "gan" / "model.pt"), str(run / "seg_transunet" / "model.pt"), str(run / "seg_unet" / "model.pt")]
     assert "distributed training: 2 processes, backend gloo" in proc.stderr
@@ -207,9 +227,10 @@ def test_contrastive_and_masked_losses_give_the_full_batch_gradient(tmp_path, ar
     script = tmp_path / "steps.py"
     script.write_text(TRAINER_SCRIPT)
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    for argv in ([sys.executable, str(script), one, arch], _torchrun(script, two, arch)):
-        proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=_env(), timeout=180)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run([str(a) for a in (sys.executable, script, one, arch)], capture_output=True, text=True, env=_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _run_torchrun(_torchrun(script, two, arch), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = torch.load(one, weights_only=False), torch.load(two, weights_only=False)
     _assert_close(a["model"], b["model"], arch)
     assert float(a["tau"]) == pytest.approx(float(b["tau"]), abs=ATOL)
@@ -282,8 +303,7 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_from_the_last_checkpoi
     script = tmp_path / "gan.py"
     script.write_text(GAN_SCRIPT)
     ref = tmp_path / "ref"
-    proc = subprocess.run([str(a) for a in _torchrun(script, run / "preprocessed", ref, iterations)], capture_output=True, text=True,
-                          env=_env(), timeout=180)
+    proc = _run_torchrun(_torchrun(script, run / "preprocessed", ref, iterations), timeout=180, fresh=ref)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # the same two processes without the interruption: the same weights (one process differs by float rounding,
     # which 24 adversarial steps amplify to ~1e-2 in the weights while the losses agree to ~1e-4)
