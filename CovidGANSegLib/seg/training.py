@@ -661,8 +661,12 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         seed = int(payload.get("metadata", {}).get("seed", seed))
         if "synthetic" in payload.get("metadata", {}):  # the run's own supervision (None: it had none)
             stored = payload["metadata"]["synthetic"]
-            synthetic = (SyntheticSupervision(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-                         if isinstance(stored, dict) else SyntheticSupervision(fraction=0.0))
+            if isinstance(stored, dict):
+                stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+                stored.setdefault("sub_slice_mm", 0.0)  # a run from before sub-slice lesions drew them on the model grid
+                synthetic = SyntheticSupervision(**stored)
+            else:
+                synthetic = SyntheticSupervision(fraction=0.0)
     else:
         if ckpt_path.exists():
             raise InputError("this run folder already has a checkpoint (checkpoints/last.pt): use --resume to continue it, "

@@ -11,7 +11,8 @@ import pytest
 from CovidGANSegLib import progress
 from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card
 from CovidGANSegLib.seg import training
-from CovidGANSegLib.seg.synthetic import SyntheticSupervision, synthetic_pairs
+from CovidGANSegLib.seg.synthetic import SyntheticSupervision, slab_lesions, synthetic_pairs
+from CovidGANSegLib.synth.lesions import LesionConfig
 
 from test_seg_training import make_pseudo_masks
 
@@ -33,7 +34,7 @@ def _healthy(n: int = 3, d: int = 6, h: int = 48, w: int = 48, seed: int = 0) ->
 
 def test_pairs_are_exact_inside_the_lung_and_deterministic():
     healthy, lungs = _healthy()
-    plan = SyntheticSupervision(variants_per_volume=3, coverage=(0.01, 0.2))
+    plan = SyntheticSupervision(variants_per_volume=3, coverage=(0.01, 0.2), sub_slice_mm=0.0)  # drawn on the model grid
     images, masks, out_lungs, source = synthetic_pairs(healthy, lungs, window=WINDOW, spacing_dhw=(8.0, 2.0, 2.0), plan=plan, seed=4)
     assert images.shape == masks.shape == out_lungs.shape == (9, *healthy.shape[1:])
     assert list(source) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -52,11 +53,57 @@ def test_pairs_are_exact_inside_the_lung_and_deterministic():
     assert not np.array_equal(other[1], masks)
 
 
+def test_slab_lesions_are_the_slab_mean_of_thin_sub_slice_lesions(monkeypatch):
+    """Each slice changes by the mean of its sub-slices' change; the label is where lesions fill at
+    least the label fraction of the slab; a lesion filling part of a slab shows fainter than in full."""
+    from CovidGANSegLib.seg import synthetic
+
+    healthy, lungs = _healthy(n=1, d=4)
+    drawn = {}
+
+    def fake(image, lung, rng, **kw):  # one sub-slice of each slab carries a lesion, slab 1 is full
+        assert image.shape == (16, 48, 48) and kw["spacing"] == (2.0, 2.0, 2.0)
+        out, mask = image.copy(), np.zeros(image.shape, bool)
+        mask[[0, 4, 5, 6, 7, 8, 9], 20:28, 20:28] = True  # slab 0: 1/4, slab 1: 4/4, slab 2: 2/4
+        mask &= lung
+        out[mask] += 0.2
+        drawn["mask"] = mask
+        return out, mask
+
+    monkeypatch.setattr(synthetic, "synthesize_lesions", fake)
+    image, mask = slab_lesions(healthy[0], lungs[0], np.random.default_rng(0), config=LesionConfig(), window=WINDOW,
+                               spacing_dhw=(8.0, 2.0, 2.0), coverage=0.01, samples=4, label_fraction=0.5)
+    change = image - healthy[0]
+    inside = (slice(20, 28), slice(20, 28))
+    assert np.allclose(change[0][inside], 0.05, atol=1e-6) and np.allclose(change[1][inside], 0.2, atol=1e-6)
+    assert np.allclose(change[2][inside], 0.1, atol=1e-6) and np.abs(change[3]).max() < 1e-6
+    assert not mask[0].any() and mask[1][inside].all() and mask[2][inside].all() and not mask[3].any()
+    assert mask.sum() == 2 * 64
+
+
+def test_slab_pairs_are_fainter_at_the_edges_and_labelled_where_the_slab_is_filled():
+    healthy, lungs = _healthy(d=6)
+    slab = SyntheticSupervision(variants_per_volume=2, coverage=(0.02, 0.1), sub_slice_mm=2.0)
+    images, masks, out_lungs, source = synthetic_pairs(healthy, lungs, window=WINDOW, spacing_dhw=(8.0, 2.0, 2.0), plan=slab, seed=4)
+    assert not (masks & ~out_lungs).any()
+    changed = np.abs(images - healthy[source]) > 1e-4
+    assert changed[masks].mean() > 0.95
+    fringe = changed & ~masks  # lesions filling under half a slab: changed, fainter, not labelled
+    assert fringe.any()
+    delta = images - healthy[source]
+    assert np.median(delta[fringe]) < np.median(delta[masks])
+    coverage = masks.sum(axis=(1, 2, 3)) / out_lungs.sum(axis=(1, 2, 3))
+    assert (coverage > 0.005).all() and (coverage < 0.2).all()
+
+
 def test_plan_checks():
     with pytest.raises(ValueError):
         SyntheticSupervision(fraction=1.5)
     with pytest.raises(ValueError):
         SyntheticSupervision(coverage=(0.0, 0.2))
+    for bad in ({"sub_slice_mm": -1.0}, {"sub_slice_mm": float("nan")}, {"slab_label_fraction": 0.0}, {"slab_label_fraction": 1.5}):
+        with pytest.raises(ValueError):
+            SyntheticSupervision(**bad)
     with pytest.raises(ValueError):
         synthetic_pairs(np.zeros((2, 3, 4)), np.zeros((2, 3, 4), bool), window=WINDOW, spacing_dhw=(1, 1, 1))
 
@@ -115,3 +162,21 @@ def test_resume_keeps_the_runs_own_supervision(tmp_path):
     resumed = training.train_segmenter(pm, run, model="unet", config="tiny", iterations=5, device="cpu", resume=True)
     meta = load_checkpoint(resumed, kind="seg")["metadata"]
     assert meta["synthetic"] is None and meta["iterations"] == 5
+
+
+def test_a_run_from_before_sub_slice_lesions_resumes_with_lesions_on_the_model_grid(tmp_path):
+    import torch
+
+    progress.set_mode("none")
+    pm = _with_healthy(tmp_path / "pm")
+    run = tmp_path / "run"
+    training.train_segmenter(pm, run, model="unet", config="tiny", iterations=3, device="cpu",
+                             synthetic=SyntheticSupervision(variants_per_volume=2, sub_slice_mm=0.0))
+    last = run / "checkpoints" / "last.pt"
+    payload = torch.load(last, map_location="cpu", weights_only=False)
+    del payload["metadata"]["synthetic"]["sub_slice_mm"]  # as written before the field existed
+    torch.save(payload, last)
+    resumed = training.train_segmenter(pm, run, model="unet", config="tiny", iterations=5, device="cpu", resume=True)
+    meta = load_checkpoint(resumed, kind="seg")["metadata"]
+    assert meta["synthetic"]["sub_slice_mm"] == 0.0 and meta["iterations"] == 5
+    assert SyntheticSupervision().sub_slice_mm == 2.0  # a new run draws them on sub-slices
