@@ -90,9 +90,15 @@ def test_a_job_that_dies_silently_is_named_with_its_exit_code():
 def test_an_interrupt_stops_every_job_before_it_returns(tmp_path):
     pid_file = tmp_path / "pid"
     t = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        cpu_jobs.run_side_by_side({"a": (_interrupt_parent_after, {"seconds": 3.0}),
-                                   "b": (_sleep, {"seconds": 120, "pid_file": str(pid_file)})}, threads=1)
+    # Ctrl-C as Python handles it by default: a shell that starts a command in the background
+    # without job control has the process ignore SIGINT, and the interrupt would never come
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cpu_jobs.run_side_by_side({"a": (_interrupt_parent_after, {"seconds": 3.0}),
+                                       "b": (_sleep, {"seconds": 120, "pid_file": str(pid_file)})}, threads=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - t < 60
     assert pid_file.is_file() and not _alive(int(pid_file.read_text()))
 

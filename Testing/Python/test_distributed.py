@@ -43,8 +43,9 @@ def _train_argv(cohort: Path, run: Path, *extra: object) -> list[str]:
             "--plan", "tiny", *[str(e) for e in extra]]
 
 
-#: what a rank prints when a C++ thread of the torch runtime is torn down unjoined; seen once in
-#: ~100 torchrun jobs on a loaded 2-core CI machine (2026-12-04), never reproduced here (0 of 160)
+#: what a rank prints when a C++ thread of the torch runtime is torn down unjoined: seen in CI on
+#: 2026-12-04 (and once in ~40 runs under load before the ranks left together), never reproduced
+#: here since (0 of 160 runs of the eq. 4 job)
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 

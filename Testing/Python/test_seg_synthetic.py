@@ -59,15 +59,13 @@ def test_slab_lesions_are_the_slab_mean_of_thin_sub_slice_lesions(monkeypatch):
     from CovidGANSegLib.seg import synthetic
 
     healthy, lungs = _healthy(n=1, d=4)
-    drawn = {}
 
-    def fake(image, lung, rng, **kw):  # one sub-slice of each slab carries a lesion, slab 1 is full
+    def fake(image, lung, rng, **kw):  # a square lesion on sub-slices: slab 0 one of four, slab 1 all, slab 2 two
         assert image.shape == (16, 48, 48) and kw["spacing"] == (2.0, 2.0, 2.0)
         out, mask = image.copy(), np.zeros(image.shape, bool)
-        mask[[0, 4, 5, 6, 7, 8, 9], 20:28, 20:28] = True  # slab 0: 1/4, slab 1: 4/4, slab 2: 2/4
+        mask[[0, 4, 5, 6, 7, 8, 9], 20:28, 20:28] = True
         mask &= lung
         out[mask] += 0.2
-        drawn["mask"] = mask
         return out, mask
 
     monkeypatch.setattr(synthetic, "synthesize_lesions", fake)
