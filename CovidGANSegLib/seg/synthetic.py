@@ -133,13 +133,15 @@ def slab_lesions(healthy: np.ndarray, lung: np.ndarray, rng: np.random.Generator
     Returns:
         ``(image, mask)``: ``(D, H, W)`` float32 and bool.
     """
+    healthy = np.asarray(healthy, dtype=np.float32)
+    lung = np.asarray(lung, dtype=bool)
     d, h, w = healthy.shape
-    fine = np.repeat(np.asarray(healthy, dtype=np.float32), samples, axis=0)  # (D * samples, H, W)
-    fine_lung = np.repeat(np.asarray(lung, dtype=bool), samples, axis=0)
+    fine = np.repeat(healthy, samples, axis=0)  # (D * samples, H, W)
+    fine_lung = np.repeat(lung, samples, axis=0)
     fine_spacing = (spacing_dhw[0] / samples, spacing_dhw[1], spacing_dhw[2])
     drawn, fine_mask = synthesize_lesions(fine, fine_lung, rng, config=config, window=window, spacing=fine_spacing,
                                           coverage=coverage)
     change = (drawn - fine).reshape(d, samples, h, w).mean(axis=1)  # (D, H, W): the slab's mean change
     filled = fine_mask.reshape(d, samples, h, w).mean(axis=1)  # share of each slab the lesions fill
-    image = np.clip(np.asarray(healthy, dtype=np.float32) + change, 0.0, 1.0)
-    return image, (filled >= label_fraction) & np.asarray(lung, dtype=bool)
+    image = np.clip(healthy + change, 0.0, 1.0)
+    return image, (filled >= label_fraction) & lung

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +53,6 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 def _run_torchrun(argv: list[object], *, timeout: float, fresh: Path | None = None) -> subprocess.CompletedProcess:
     """A torchrun job, run once more (``fresh`` removed first) only when a rank aborted in the torch
     runtime's teardown: any other failure, and a second abort, fail the test as they are."""
-    import shutil
-
     argv = [str(a) for a in argv]
     proc = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=timeout)
     if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
