@@ -7,7 +7,7 @@ probabilities back onto the canonical CT grid with ``GridMapping.to_canonical`` 
 the model's crop box), thresholds them (``p > threshold``, default the checkpoint's, chosen on
 synthetic validation lesions) and applies :class:`PostProcessing` on the input grid:
 
-0. **Slab partial volume** (``slab_tissue_hu``, -300 HU): a lung voxel whose neighbour in the
+0. **Slab partial volume** (``slab_tissue_hu``, -100 HU): a lung voxel whose neighbour in the
    previous or next slice is non-lung tissue denser than that shares its (thick) slab with the
    diaphragm's dome, the apex or the heart and reads as ground glass; it is left out of the lung
    for everything below (:func:`slab_partial_volume`). On the real normal CTs at 8 mm these were
@@ -166,7 +166,7 @@ class PostProcessing:
     gan_gate_spares_extensive: bool = False
     gan_gate_quantile: float | None = 0.75
     gan_gate_extensive: float = 0.05
-    slab_tissue_hu: float | None = -300.0
+    slab_tissue_hu: float | None = -100.0
     min_contrast_hu: float | None = 100.0
     contrast_ring_mm: float = 6.0
     min_thick_fraction: float | None = 0.75
@@ -373,7 +373,7 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
     return seeds
 
 
-def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = -300.0) -> np.ndarray:
+def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = -100.0) -> np.ndarray:
     """Lung voxels of a canonical ``(x, y, z)`` CT directly above or below (previous or next slice)
     a non-lung voxel denser than ``tissue_hu``: where the diaphragm's dome, the apex or the heart
     cuts through a thick slice, the lung voxel shares its slab with soft tissue and reads as ground

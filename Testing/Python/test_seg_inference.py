@@ -137,6 +137,9 @@ def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
     assert kept[17:23, 17:23, 3].all()  # the opening rounds the square's corners
     assert (post_process(detections, hu, lung, spacing, PostProcessing(slab_tissue_hu=None)) & dome).sum() > 0.9 * dome.sum()
     assert not slab_partial_volume(hu, lung, tissue_hu=100.0).any()  # the liver (50 HU) is not denser than 100 HU
+    fringe = hu.copy()
+    fringe[~lung] = -200.0  # a mix of air and tissue just outside the lung mask is not the dome's soft tissue
+    assert not slab_partial_volume(fringe, lung).any()
 
 
 def test_thin_growth_stops_along_a_vessel_but_not_inside_a_lesion():
