@@ -12,6 +12,8 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    diaphragm's dome, the apex or the heart and reads as ground glass; it is left out of the lung
    for everything below (:func:`slab_partial_volume`). On the real normal CTs at 8 mm these were
    single-slice sheets of 4-19 mL at the lung's ends.
+   -100 HU counts soft tissue only, not the -300..-100 HU fringe just outside the lung mask ("The
+   slab rule's tissue level" in docs/ablation.md: chosen on validation data).
 1. **HU prior**: lesion voxels lie in ``hu_range`` (-800 .. +100 HU) on the input and inside the
    lung mask computed (or given) there. The faintest ground glass is about -750 HU and
    consolidation at most about +50 HU; aerated lung at the pleura (partial volume) and
