@@ -120,6 +120,8 @@ log = logging.getLogger(__name__)
 
 #: lesion voxels are at least this dense on the input CT (HU prior at inference; None disables it)
 LESION_HU_FLOOR = -800.0
+#: non-lung tissue denser than this above or below a lung voxel puts it in the slab rule (step 0)
+SLAB_TISSUE_HU = -100.0
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class PostProcessing:
     gan_gate_spares_extensive: bool = False
     gan_gate_quantile: float | None = 0.75
     gan_gate_extensive: float = 0.05
-    slab_tissue_hu: float | None = -100.0
+    slab_tissue_hu: float | None = SLAB_TISSUE_HU
     min_contrast_hu: float | None = 100.0
     contrast_ring_mm: float = 6.0
     min_thick_fraction: float | None = 0.75
@@ -375,7 +377,7 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
     return seeds
 
 
-def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = -100.0) -> np.ndarray:
+def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = SLAB_TISSUE_HU) -> np.ndarray:
     """Lung voxels of a canonical ``(x, y, z)`` CT directly above or below (previous or next slice)
     a non-lung voxel denser than ``tissue_hu``: where the diaphragm's dome, the apex or the heart
     cuts through a thick slice, the lung voxel shares its slab with soft tissue and reads as ground
