@@ -24,8 +24,6 @@ Prints a table and saves ``benchmarks/results/lung_mask_<plan>_<date>.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, save_result  # noqa: E402
 
 MILD_PERCENT = 5.0
 
@@ -74,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, folder in cohorts.items():
         result["cohorts"][name] = _score_cohort(folder, model)
     print(_table(result))
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = ROOT / "benchmarks" / "results" / f"lung_mask_{args.plan}_{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"saved {path}")
+    save_result(f"lung_mask_{args.plan}", result)
     return 0
 
 

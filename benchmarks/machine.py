@@ -1,4 +1,4 @@
-"""What machine a benchmark ran on: one description shared by every script in ``benchmarks/``.
+"""What machine a benchmark ran on, and where its result goes: shared by the scripts in ``benchmarks/``.
 
 Figures from this project's CPUs differ by more than the levers they measure (the same 2-core cloud
 machine was once an AMD EPYC with AVX-512 and native bfloat16, once one without), so each result
@@ -9,6 +9,8 @@ its version, thread count and GPU.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import platform
 import sys
@@ -64,3 +66,13 @@ def describe(info: dict[str, Any]) -> str:
     if "torch" in info:
         parts.append(f"torch {info['torch']}, {info['torch_threads']} thread(s), {info['gpu'] or 'no GPU'}")
     return ", ".join(parts)
+
+
+def save_result(stem: str, result: dict[str, Any]) -> Path:
+    """Write ``result`` to ``benchmarks/results/<stem>_<date-time>.json``, say so, and return the path."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(__file__).resolve().parent / "results" / f"{stem}_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"saved {path}")
+    return path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -95,16 +93,3 @@ def test_argument_checks():
         fractal_noise_3d((4, 4, 4), 1, octaves=0, rng=rng)
     with pytest.raises(ValueError):
         fractal_noise_3d((4, 4, 4), 1, lacunarity=0.5, rng=rng)
-
-
-def test_speed():
-    rng = np.random.default_rng(0)
-    fractal_noise_3d((32, 128, 128), (2, 4, 4), octaves=4, rng=rng)  # warm-up
-    best = min(_timed(lambda: fractal_noise_3d((32, 128, 128), (2, 4, 4), octaves=4, rng=rng)) for _ in range(3))
-    assert best < 0.1, f"32x128x128 fractal noise took {best:.3f} s"
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
