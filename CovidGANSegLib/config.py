@@ -43,8 +43,9 @@ class PreprocessConfig:
     Attributes:
         hu_window: HU clip window mapped linearly to [0, 1].
         target_spacing: resampling spacing in mm, (x, y, z).
-        grid: model grid size in voxels, (x, y, z). 256 x 256 in-plane is a sensible choice for
-            mild (small) lesions.
+        grid: model grid size in voxels, (x, y, z). For mild (small) lesions a 256 x 256 grid
+            needs a finer ``target_spacing`` too (e.g. 1.2 mm): at 2 mm an adult lung box of
+            about 300 mm fills only 150 of its 256 pixels.
         lung_margin_mm: margin kept around the lung bounding box when cropping.
         min_slices: training volumes with fewer slices are skipped (paper section 3.1).
     """

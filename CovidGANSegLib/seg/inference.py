@@ -45,7 +45,9 @@ synthetic validation lesions) and applies :class:`PostProcessing` on the input g
    the density around them, dark noise dips inside broad faint ground glass are filled. Seeds
    (``density_filter_seeds``) are kept only where this density is lesion-range too (at least
    ``grow_hu_range[0]``): the segmenters' detections on vessels around the hila of real normal
-   CTs go, lesions are broad and stay.
+   CTs go, lesions are broad and stay. Pixels finer than ``density_filter_resolution_mm`` (1.5 mm,
+   e.g. MosMed's 0.7 mm) are first smoothed inside the lung to about that resolution, the finest the
+   filter was chosen on.
 5. **Growth**: the model's detections are seeds; the connected regions of lesion-range density
    (``grow_hu_range``, of the filtered density; opened the same way, so that vessels do not
    bridge) that touch a seed join the mask. On phantoms at 8 mm slices the raw density's region
@@ -98,6 +100,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,6 +125,8 @@ log = logging.getLogger(__name__)
 LESION_HU_FLOOR = -800.0
 #: non-lung tissue denser than this above or below a lung voxel puts it in the slab rule (step 0)
 SLAB_TISSUE_HU = -100.0
+#: the density filter (step 4) judges the CT at no finer in-plane resolution than this (mm)
+DENSITY_FILTER_RESOLUTION_MM = 1.5
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,9 @@ class PostProcessing:
             region is thresholded on the filtered density.
         density_filter_seeds: seeds are also kept only where the filtered density is at least
             ``grow_hu_range[0]`` (no effect when ``density_filter_mm`` is 0).
+        density_filter_resolution_mm: the density filter sees the CT at no finer in-plane
+            resolution than this: finer pixels are first smoothed inside the lung
+            (:func:`filtered_density`; 0: never).
         gan_gate_sigmas: k of the GAN-agreement gate (None: no gate even with a difference map).
         gan_gate_spares_extensive: keep extensive components (more than ``gan_gate_extensive`` of
             the lung) whatever their GAN difference.
@@ -166,6 +174,7 @@ class PostProcessing:
     grow_connectivity: int = 26
     density_filter_mm: float = 3.0
     density_filter_seeds: bool = True
+    density_filter_resolution_mm: float = DENSITY_FILTER_RESOLUTION_MM
     gan_gate_sigmas: float | None = None
     gan_gate_spares_extensive: bool = False
     gan_gate_quantile: float | None = 0.75
@@ -193,6 +202,8 @@ class PostProcessing:
             raise ValueError(f"grow_hu_range must be (low, high) with low < high, got {self.grow_hu_range}")
         if not (self.density_filter_mm >= 0 and np.isfinite(self.density_filter_mm)):
             raise ValueError(f"density_filter_mm must be a finite value >= 0, got {self.density_filter_mm}")
+        if not (self.density_filter_resolution_mm >= 0 and np.isfinite(self.density_filter_resolution_mm)):
+            raise ValueError(f"density_filter_resolution_mm must be a finite value >= 0, got {self.density_filter_resolution_mm}")
         if self.grow_connectivity not in (6, 26):
             raise ValueError(f"grow_connectivity must be 6 or 26, got {self.grow_connectivity}")
         if self.gan_gate_quantile is not None and not 0.0 <= self.gan_gate_quantile <= 1.0:
@@ -352,7 +363,8 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
         seeds = keep[lab]
     filter_seeds = rule.density_filter_seeds and rule.density_filter_mm > 0
     if seeds.any() and (rule.grow or filter_seeds):
-        dense = _lesion_range_after_filter(hu, lung, spacing, rule.density_filter_mm, rule.grow_hu_range[0])
+        dense = _lesion_range_after_filter(hu, lung, spacing, rule.density_filter_mm, rule.grow_hu_range[0],
+                                           rule.density_filter_resolution_mm)
         if filter_seeds:
             seeds &= dense
         if rule.grow and seeds.any():
@@ -389,7 +401,8 @@ def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = SLA
     return lung & near
 
 
-def filtered_density(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float) -> np.ndarray:
+def filtered_density(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float,
+                     resolution_mm: float = DENSITY_FILTER_RESOLUTION_MM) -> np.ndarray:
     """The density seeds and growth are judged on: ``hu`` inside the lung (-1024 HU outside) after
     an in-plane grey opening then closing with a square of half-width ``half_width_mm`` (an
     alternating sequential filter), computed in the lung's bounding box; -1024 HU outside the lung;
@@ -398,38 +411,59 @@ def filtered_density(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, flo
     The opening removes bright structures narrower than the square (vessels and their
     partial-volume halos, septal lines: the bridges along which growth from one seed flooded the
     vessel tree), the closing then fills dark noise dips inside broad faint ground glass.
+
+    Pixels finer than ``resolution_mm`` are first brought to about that resolution: the lung's
+    density is smoothed in-plane with a Gaussian of FWHM ``sqrt(resolution_mm**2 - pixel**2)``,
+    normalised over the lung alone (no chest wall bleeds in). Without it the opening's minimum over
+    the many pixels of a 7 mm square at 0.7 mm picks the darkest specks of textured ground glass, and
+    lesions the filter keeps at 1.5-3 mm fall below the growth floor at MosMed's 0.7 mm
+    (docs/ablation.md, "MosMedData's geometry"). Pixels of ``resolution_mm`` or coarser: unchanged.
     """
     if half_width_mm <= 0 or not lung.any():
         return hu
     out = np.full(hu.shape, -1024.0, dtype=np.float32)
-    for box, density in _filtered_blocks(hu, lung, spacing, half_width_mm):
+    for box, density in _filtered_blocks(hu, lung, spacing, half_width_mm, resolution_mm):
         out[box] = np.where(lung[box], density, np.float32(-1024.0))
     return out
 
 
 def _lesion_range_after_filter(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float,
-                               floor_hu: float) -> np.ndarray:
+                               floor_hu: float, resolution_mm: float = DENSITY_FILTER_RESOLUTION_MM) -> np.ndarray:
     """``lung & (filtered_density(...) >= floor_hu)`` without a full-size float copy of the CT."""
     if half_width_mm <= 0 or not lung.any():
         return lung & (hu >= floor_hu)
     out = np.zeros(hu.shape, dtype=bool)
-    for box, density in _filtered_blocks(hu, lung, spacing, half_width_mm):
+    for box, density in _filtered_blocks(hu, lung, spacing, half_width_mm, resolution_mm):
         out[box] = density >= floor_hu
     return out & lung
 
 
+def _smoothing_sigma(spacing: tuple[float, float, float], resolution_mm: float) -> tuple[float, float, float]:
+    """In-plane Gaussian sigmas (voxels) that bring pixels of ``spacing`` to about ``resolution_mm``
+    (FWHM = sqrt(resolution**2 - pixel**2); 0 for pixels of that size or coarser)."""
+    fwhm = 2.0 * math.sqrt(2.0 * math.log(2.0))
+    return tuple(math.sqrt(max(0.0, resolution_mm ** 2 - float(s) ** 2)) / fwhm / float(s) for s in spacing[:2]) + (0.0,)
+
+
 def _filtered_blocks(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], half_width_mm: float,
+                     resolution_mm: float = DENSITY_FILTER_RESOLUTION_MM,
                      slices_per_block: int = 16) -> Iterator[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """Yield ``(box, filtered density)`` over the lung's bounding box, a few slices at a time (the
-    filter is in-plane, so blocks along z are independent; this bounds the float32 temporaries)."""
+    filter and the smoothing are in-plane, so blocks along z are independent; this bounds the float32
+    temporaries)."""
     from scipy import ndimage as ndi
 
     size = tuple(2 * max(1, int(round(half_width_mm / s))) + 1 for s in spacing[:2]) + (1,)
+    sigma = _smoothing_sigma(spacing, resolution_mm)
     (bx, by, bz), = ndi.find_objects(lung.astype(np.uint8))
     bx, by = (slice(max(0, b.start - k), min(n, b.stop + k)) for b, k, n in zip((bx, by), size, lung.shape))
     for z0 in range(bz.start, bz.stop, slices_per_block):
         box = (bx, by, slice(z0, min(bz.stop, z0 + slices_per_block)))
         inside = np.where(lung[box], hu[box], -1024.0).astype(np.float32)  # (x, y, z) block of the lung's box
+        if max(sigma) > 0:
+            weight = ndi.gaussian_filter(lung[box].astype(np.float32), sigma)
+            smooth = ndi.gaussian_filter(np.where(lung[box], inside, np.float32(0.0)), sigma)
+            inside = np.where(lung[box], smooth / np.maximum(weight, np.float32(1e-3)), inside)  # float32 throughout
         yield box, ndi.grey_closing(ndi.grey_opening(inside, size=size), size=size)
 
 
