@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from CovidGANSegLib import metrics, progress
+from CovidGANSegLib import comparison, metrics, progress
 from CovidGANSegLib.atomic import atomic_files, atomic_path
 from CovidGANSegLib.errors import InputError
 
@@ -193,13 +193,17 @@ CONVENTIONS = {
 
 def evaluate_methods(predictions: dict[str, Sequence[np.ndarray]], truths: Sequence[np.ndarray], spacings: Sequence[Sequence[float]], *,
                      lungs: Sequence[np.ndarray] | None = None, ids: Sequence[str] | None = None, out: str | Path | None = None,
-                     threshold: float = 0.5, with_hd95: bool = True) -> dict[str, Any]:
+                     threshold: float = 0.5, with_hd95: bool = True, reference: str | None = None) -> dict[str, Any]:
     """Score several methods on the same cases (in-memory canonical arrays).
 
     Returns ``{"cases": N, "models": {method: {metric: {"mean", "std", "n"}}}, "per_slice": {...},
     "predecessor_protocol": {...}, "per_case": {method: [rows]}, "conventions": {...}}``; with
-    ``out``, also writes the tables, JSON and box plots there (see ``write_reports``).
+    ``reference`` (a method's name, e.g. the HU threshold), also ``"paired"``: every other method's
+    per-case Dice difference against it (:func:`comparison.compare_to_reference`). With ``out``, also
+    writes the tables, JSON and box plots there (see ``write_reports``).
     """
+    if reference is not None and reference not in predictions:
+        raise ValueError(f"reference method {reference!r} not among {sorted(predictions)}")
     n = len(truths)
     if n == 0:
         raise ValueError("no cases to evaluate")
@@ -217,6 +221,8 @@ def evaluate_methods(predictions: dict[str, Sequence[np.ndarray]], truths: Seque
         case["id"] = ids[i]
         results.setdefault(name, []).append(case)
     summary = _assemble(results, n)
+    if reference is not None:
+        summary["paired"] = comparison.compare_to_reference(summary["per_case"], reference, "dice")
     if out is not None:
         write_reports(summary, results, Path(out))
     return summary
@@ -306,6 +312,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"# Segmentation evaluation ({summary['cases']} cases)\n\n",
         "## Per volume (standard metrics over all voxels; mean and sample std over cases)\n\n",
         table1_markdown(summary["models"]),
+        paired_markdown(summary["paired"]) if "paired" in summary else "",
         "\n## Per slice (axial slices whose reference contains lesion)\n\n",
         table1_markdown(summary["per_slice"], SLICE_METRICS),
     ]
@@ -323,6 +330,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         parts.append("Skipped: lung masks were not given.\n")
     parts.append("\n## Conventions\n\n" + "\n".join(f"- {k}: {v}" for k, v in summary["conventions"].items()) + "\n")
     return "".join(parts)
+
+
+def paired_markdown(paired: dict[str, Any]) -> str:
+    """The ``"paired"`` block of a summary as a short Markdown section (one line per method)."""
+    ref = paired["reference"]
+    lines = [f"\n## Per-case differences against {ref} ({paired['metric']}; mean, 95 % bootstrap interval over cases, "
+             "Wilcoxon signed-rank p, cases won)\n"]
+    lines += [f"- {comparison.describe(r, name, ref, LABELS.get(paired['metric'], paired['metric']))}" for name, r in paired["methods"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def _csv_text(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

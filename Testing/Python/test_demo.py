@@ -79,6 +79,11 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, mode):
     assert cohort.get("lesion_model") == "independent"
     assert json.loads((out / "data" / "train" / "cohort.json").read_text()).get("lesion_model") == "independent"
     assert (out / "evaluation" / "summary.json").is_file()
+    # each segmenter's lead over the threshold is reported case by case, with its interval
+    paired = json.loads((out / "evaluation" / "summary.json").read_text())["paired"]
+    assert paired["reference"] == "hu_threshold" and set(paired["methods"]) == {"transunet", "unet"}
+    assert all(r["n"] == 2 for r in paired["methods"].values())
+    assert "Case by case against the HU threshold" in report and "transunet - hu_threshold: Dice" in report
 
     # predictions are on each held-out study's own grid (same shape and affine as the input)
     for method in ("transunet", "unet", "hu_threshold"):

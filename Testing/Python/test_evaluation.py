@@ -131,6 +131,23 @@ def test_evaluate_methods_in_memory(tmp_path):
     assert table.splitlines()[0].startswith("| Metric | transunet mean | transunet std | unet mean")
     with pytest.raises(ValueError):
         evaluation.evaluate_methods({"a": truths[:2]}, truths, [(1, 1, 1)] * 3)
+    assert "paired" not in s
+
+
+def test_evaluate_methods_compares_each_method_with_a_reference_case_by_case(tmp_path):
+    cases = [_case(i) for i in range(3)]
+    truths = [c[1] for c in cases]
+    preds = {"transunet": [c[1] for c in cases], "hu_threshold": [c[0] for c in cases]}
+    s = evaluation.evaluate_methods(preds, truths, [(0.8, 0.8, 5.0)] * 3, out=tmp_path / "ev", reference="hu_threshold")
+    r = s["paired"]["methods"]["transunet"]
+    ref = [row["dice"] for row in s["per_case"]["hu_threshold"]]
+    assert r["n"] == 3 and r["mean_difference"] == pytest.approx(1.0 - float(np.mean(ref)))
+    assert r["ci_low"] <= r["mean_difference"] <= r["ci_high"] and set(s["paired"]["methods"]) == {"transunet"}
+    md = (tmp_path / "ev" / "summary.md").read_text()
+    assert "Per-case differences against hu_threshold" in md and "transunet - hu_threshold: Dice +" in md
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["paired"]["reference"] == "hu_threshold"
+    with pytest.raises(ValueError, match="reference"):
+        evaluation.evaluate_methods(preds, truths, [(0.8, 0.8, 5.0)] * 3, reference="unet")
 
 
 def test_cli_evaluate(tmp_path, capsys):
