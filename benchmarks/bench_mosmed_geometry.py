@@ -20,7 +20,9 @@ The held-out test cohort (seed + 1) is never written or read.
     python benchmarks/bench_mosmed_geometry.py --out WORK --model demo-out/runs/transunet/model.pt \\
         --model demo-out/runs/unet/model.pt
 
-Prints a table and saves ``benchmarks/results/mosmed_geometry_<plan>_<date>.json``.
+Prints a table (with each model's per-case Dice difference against the HU threshold: mean and 95 %
+bootstrap interval, ``CovidGANSegLib.comparison``) and saves
+``benchmarks/results/mosmed_geometry_<plan>_<date>.json``.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def _summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         vals = [r[key] for r in subset if r.get(key) is not None and np.isfinite(r[key])]
         return round(float(np.mean(vals)), 4) if vals else None
 
+    from CovidGANSegLib.comparison import paired_difference
+
     lesioned = [r for r in rows if "percent" in r]
     mild = [r for r in lesioned if r["percent"] < MILD_PERCENT]
     out: dict[str, Any] = {}
@@ -157,6 +161,9 @@ def _summary(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
         if lesioned:
             out[name] = {"dice": mean(f"{name}_dice", lesioned), "dice_mild": mean(f"{name}_dice", mild),
                          "sensitivity": mean(f"{name}_sensitivity", lesioned), "precision": mean(f"{name}_precision", lesioned)}
+            if name != HU_THRESHOLD:  # case by case against the threshold
+                out[name]["dice_minus_hu_threshold"] = paired_difference([r[f"{name}_dice"] for r in lesioned],
+                                                                         [r[f"{HU_THRESHOLD}_dice"] for r in lesioned])
         else:
             out[name] = {"percent_of_lung": [r[f"{name}_percent_of_lung"] for r in rows]}
     return out
@@ -173,7 +180,10 @@ def _table(result: dict[str, Any], methods: list[str]) -> str:
                 if "percent_of_lung" in s:
                     cells.append(" / ".join(f"{v:.2f}" for v in s["percent_of_lung"]) + " % of lung")
                 else:
-                    cells.append(f"Dice {_f(s['dice'])} (mild {_f(s['dice_mild'])}), precision {_f(s['precision'])}")
+                    lead = s.get("dice_minus_hu_threshold")
+                    cells.append(f"Dice {_f(s['dice'])} (mild {_f(s['dice_mild'])}), precision {_f(s['precision'])}"
+                                 + (f"; vs threshold {lead['mean_difference']:+.3f} (95 % CI {lead['ci_low']:+.3f} to {lead['ci_high']:+.3f})"
+                                    if lead and lead["ci_low"] is not None else ""))
             lines.append(f"| {size} | {name} ({r['cases']}, {r['mild_cases']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
