@@ -242,18 +242,46 @@ def _assemble(results: dict[str, list[dict[str, Any]]], n: int) -> dict[str, Any
 
 
 def evaluate_paths(pred: str | Path, truth: str | Path, out: str | Path, *, lungs: str | Path | None = None, threshold: float = 0.5,
-                   method: str = "prediction", with_hd95: bool = True) -> dict[str, Any]:
+                   method: str = "prediction", with_hd95: bool = True, reference_pred: str | Path | None = None,
+                   reference_method: str = "reference") -> dict[str, Any]:
     """Evaluate prediction file(s) against reference mask file(s) and write the reports into ``out``.
 
     ``pred`` and ``truth`` are two NIfTI files or two folders (matched by study id); ``lungs``
-    (optional, same layout) enables the predecessor's slice protocol. Returns the summary dict.
+    (optional, same layout) enables the predecessor's slice protocol. ``reference_pred`` (same
+    layout as ``pred``, e.g. a HU threshold's masks) is scored too, as ``reference_method``, and
+    ``method`` is compared with it case by case (``summary["paired"]``). Returns the summary dict.
 
     Raises:
-        InputError: missing / unreadable files, no common study ids, grids that do not match.
+        InputError: missing / unreadable files, no common study ids, grids that do not match, or
+            the two prediction sets covering different studies.
     """
-    pairs = match_studies(pred, truth, lungs)
+    sets = {method: Path(pred)}
+    if reference_pred is not None:
+        if reference_method == method:
+            raise InputError(f"the two methods need different names, both are {method!r}")
+        sets[reference_method] = Path(reference_pred)
+    results = {name: _score_files(p, truth, lungs, threshold, with_hd95) for name, p in sets.items()}
+    if reference_pred is not None:
+        ids = {name: {c["id"] for c in cases} for name, cases in results.items()}
+        if ids[method] != ids[reference_method]:
+            only = sorted(ids[method] ^ ids[reference_method])
+            raise InputError(f"the two prediction sets cover different studies ({', '.join(only[:5])}"
+                             f"{' ...' if len(only) > 5 else ''} in one only); compare them on the same cases",
+                             sets[reference_method])
+    if lungs is not None and any(c["predecessor"] is None for c in results[method]):
+        missing = [c["id"] for c in results[method] if c["predecessor"] is None]
+        log.warning("no lung mask for %s: the predecessor protocol is skipped", ", ".join(missing[:5]))
+    summary = _assemble(results, len(results[method]))
+    if reference_pred is not None:
+        summary["paired"] = comparison.compare_to_reference(summary["per_case"], reference_method, "dice")
+    write_reports(summary, results, Path(out))
+    return summary
+
+
+def _score_files(pred: str | Path, truth: str | Path, lungs: str | Path | None, threshold: float, with_hd95: bool) -> list[dict[str, Any]]:
+    """:func:`evaluate_case` of every matched (prediction, reference[, lungs]) file pair."""
     cases = []
-    for sid, p_path, t_path, l_path in progress.track(pairs, desc="evaluating"):
+    for sid, p_path, t_path, l_path in progress.track(match_studies(pred, truth, lungs), desc="evaluating"):
         t_arr, t_aff, t_own = read_volume(t_path)
         p_arr, p_aff, p_own = read_volume(p_path)
         _check_same_grid(p_arr, p_own, p_path, t_arr, t_own, t_path)
@@ -265,12 +293,7 @@ def evaluate_paths(pred: str | Path, truth: str | Path, out: str | Path, *, lung
         case = evaluate_case(p_arr, t_arr > 0, _spacing(t_aff), lung_mask=lung, threshold=threshold, with_hd95=with_hd95)
         case.update(id=sid, prediction=str(p_path), reference=str(t_path))
         cases.append(case)
-    if lungs is not None and any(c["predecessor"] is None for c in cases):
-        missing = [c["id"] for c in cases if c["predecessor"] is None]
-        log.warning("no lung mask for %s: the predecessor protocol is skipped", ", ".join(missing[:5]))
-    summary = _assemble({method: cases}, len(cases))
-    write_reports(summary, {method: cases}, Path(out))
-    return summary
+    return cases
 
 
 # --------------------------------------------------------------------------------------------

@@ -161,6 +161,35 @@ def test_cli_evaluate(tmp_path, capsys):
     assert "does not match the grid" in capsys.readouterr().err
 
 
+def test_cli_evaluate_compares_two_prediction_folders_case_by_case(tmp_path, capsys):
+    for i in range(4):
+        pred, truth, _ = _case(i)
+        _save(truth, tmp_path / "truth" / f"study_{i:04d}_mask.nii.gz")
+        _save(truth, tmp_path / "model" / f"study_{i:04d}.nii.gz")  # perfect
+        _save(pred, tmp_path / "threshold" / f"study_{i:04d}.nii.gz")  # misses a part, one false voxel
+    base = ["--progress", "none", "evaluate", "--pred", str(tmp_path / "model"), "--method", "transunet", "--truth", str(tmp_path / "truth"),
+            "--no-hd95"]
+    args = base + ["--compare", str(tmp_path / "threshold"), "--compare-method", "hu_threshold"]
+    assert cli.main(args + ["--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "transunet mean" in out and "hu_threshold mean" in out and "transunet - hu_threshold: Dice +" in out and "wins 4 of 4" in out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    paired = summary["paired"]["methods"]["transunet"]
+    threshold_dice = [r["dice"] for r in summary["per_case"]["hu_threshold"]]
+    assert paired["n"] == 4 and paired["mean_difference"] == pytest.approx(1.0 - float(np.mean(threshold_dice)))
+    assert "Per-case differences against hu_threshold" in (tmp_path / "o" / "summary.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "o" / "per_volume.csv").open()))
+    assert sorted({r["method"] for r in rows}) == ["hu_threshold", "transunet"] and len(rows) == 8
+
+    # the two sets must cover the same studies, and the names must differ
+    (tmp_path / "threshold" / "study_0003.nii.gz").unlink()
+    assert cli.main(args + ["--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "cover different studies" in err and "study_0003" in err and not (tmp_path / "o2").exists()
+    assert cli.main(base + ["--compare", str(tmp_path / "model"), "--compare-method", "transunet", "--out", str(tmp_path / "o3")]) == 2
+    assert "must differ" in capsys.readouterr().err
+
+
 def test_gui_modules_do_not_import_torch():
     import subprocess
     import sys
