@@ -47,11 +47,6 @@ from CovidGANSegLib.components import components_touching
 
 log = logging.getLogger(__name__)
 
-#: length of the closing along z in mm: dense lesions with aerated lung up to three 8 mm slices above
-#: and below stay in the mask (16 mm, two slices, until the round of 2026-12-05: docs/ablation.md,
-#: "A longer closing along z, again")
-Z_CLOSING_MM = 24.0
-
 #: in-plane 2D connectivity inside a 3D (x, y, z) array: no links between slices
 _S2D = np.zeros((3, 3, 3), dtype=bool)
 _S2D[:, :, 1] = ndi.generate_binary_structure(2, 1)
@@ -70,7 +65,7 @@ def extract_lung_mask(
     grow_hu: float = -250.0,
     grow_mm: float = 20.0,
     closing_mm: float = 10.0,
-    z_closing_mm: float = Z_CLOSING_MM,
+    z_closing_mm: float = 16.0,
     min_lung_ml: float = 3.0,
     dense_grow_mm: float = 25.0,
     wall_mm: float = 20.0,
@@ -88,8 +83,7 @@ def extract_lung_mask(
         grow_hu, grow_mm: the lungs grow (in-plane, at most ``grow_mm``) into adjacent voxels below
             ``grow_hu`` (ground-glass opacities).
         closing_mm: radius of the 3D ball closing that keeps peripheral lesions inside the mask.
-        z_closing_mm: length of an extra closing along z (lesions with lung above and below):
-            three 8 mm slices each way by default (:data:`Z_CLOSING_MM`).
+        z_closing_mm: length of an extra closing along z (lesions with lung above and below).
         min_lung_ml: components smaller than this are never lungs.
 
     Returns:
