@@ -192,7 +192,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
 
     with progress.scope(0.95, 0.99):
         summary = evaluate_methods({m: cases["predictions"][m] for m in METHODS}, cases["truths"], cases["spacings"],
-                                   lungs=cases["lungs"], ids=cases["ids"], out=work / "evaluation", reference="hu_threshold")
+                                   lungs=cases["lungs"], ids=cases["ids"], out=work / "evaluation", reference=METHODS[-1])
     summary["lung_ml_by_case"] = {i: float(lung.sum()) * float(sp[0] * sp[1] * sp[2]) / 1000.0
                                   for i, lung, sp in zip(cases["ids"], cases["lungs"], cases["spacings"])}
     _save_examples(cases, work / "figures" / "held_out_examples.png")
@@ -479,16 +479,15 @@ def _paired_text(summary: dict[str, Any]) -> str:
     (mean, 95 % bootstrap interval, Wilcoxon p; :mod:`CovidGANSegLib.comparison`)."""
     from CovidGANSegLib.comparison import compare_to_reference, describe
 
-    ref = METHODS[-1]
+    ref = summary["paired"]["reference"]  # all cases: computed by evaluate_methods
     lines = ["Case by case against the HU threshold (a mean lead is a finding only where its 95 % interval excludes 0; "
              "over a few cases the interval is wide):\n"]
+    subsets = [("all cases", summary["paired"])]
     mild = set(mild_case_ids(summary, summary.get("lung_ml_by_case")))
-    subsets = [("all cases", summary["per_case"])]
     if len(mild) >= 2:
         subsets.append((f"mild cases (< {MILD_PERCENT:g} % of lung)",
-                        {m: [r for r in rows if r["id"] in mild] for m, rows in summary["per_case"].items()}))
-    for label, per_case in subsets:
-        paired = compare_to_reference(per_case, ref, "dice")
+                        compare_to_reference({m: [r for r in rows if r["id"] in mild] for m, rows in summary["per_case"].items()}, ref, "dice")))
+    for label, paired in subsets:
         lines += [f"- {label}: {describe(r, name, ref)}" for name, r in paired["methods"].items()]
     return "\n".join(lines) + "\n"
 

@@ -258,7 +258,7 @@ def evaluate_paths(pred: str | Path, truth: str | Path, out: str | Path, *, lung
     sets = {method: Path(pred)}
     if reference_pred is not None:
         if reference_method == method:
-            raise InputError(f"the two methods need different names, both are {method!r}")
+            raise InputError(f"the method and the reference method (--method, --compare-method) must differ: both are {method!r}")
         sets[reference_method] = Path(reference_pred)
     results = {name: _score_files(p, truth, lungs, threshold, with_hd95) for name, p in sets.items()}
     if reference_pred is not None:

@@ -42,11 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from CovidGANSegLib.comparison import describe
-    from CovidGANSegLib.errors import InputError
     from CovidGANSegLib.evaluation import evaluate_paths, table1_markdown
 
-    if args.compare is not None and args.compare_method == args.method:
-        raise InputError(f"--method and --compare-method must differ (both are {args.method!r})")
     summary = evaluate_paths(args.pred, args.truth, args.out, lungs=args.lungs, threshold=args.threshold, method=args.method,
                              with_hd95=not args.no_hd95, reference_pred=args.compare, reference_method=args.compare_method)
     print(f"{summary['cases']} case(s); tables and box plots in {args.out}")
