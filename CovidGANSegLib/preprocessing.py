@@ -1,6 +1,7 @@
 """Preprocessing of the paper (section 4.1) with an exact way back to the CT's own grid.
 
-Steps for one CT (``preprocess_ct``): lung mask (``lungmask``) -> crop box = lung bounding box +
+Steps for one CT (``preprocess_ct``): lung mask (``lungmask``; the training volumes' closes over a
+shorter length along z than the one used at inference) -> crop box = lung bounding box +
 ``lung_margin_mm``, clipped to the volume -> HU window clip and scale to [0, 1] -> resampling
 into the model grid ``(D, H, W)``.
 
@@ -350,7 +351,7 @@ def check_voxel_budget(ct: CTVolume, config: PreprocessConfig = DEFAULT_PREPROCE
 
 
 def preprocess_ct(ct: CTVolume, config: PreprocessConfig = DEFAULT_PREPROCESS, *,
-                  lung_mask: np.ndarray | None = None) -> PreprocessedVolume:
+                  lung_mask: np.ndarray | None = None, for_training: bool = False) -> PreprocessedVolume:
     """Lung mask, crop to the lungs with a margin, HU window to [0, 1], resample into the model grid.
 
     Args:
@@ -358,15 +359,18 @@ def preprocess_ct(ct: CTVolume, config: PreprocessConfig = DEFAULT_PREPROCESS, *
         config: preprocessing parameters.
         lung_mask: a lung mask on the canonical grid; computed with
             :func:`lungmask.extract_lung_mask` when None.
+        for_training: compute the training volumes' lung mask (closing along z over
+            ``lungmask.TRAINING_Z_CLOSING_MM``) instead of the inference one.
 
     Raises:
         InputError: no lungs are found, or a grid exceeds the voxel budget (naming the file).
     """
-    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.lungmask import INFERENCE_Z_CLOSING_MM, TRAINING_Z_CLOSING_MM, extract_lung_mask
 
     check_voxel_budget(ct, config)
     if lung_mask is None:
-        lung_mask = extract_lung_mask(ct.array, ct.spacing)
+        z_closing = TRAINING_Z_CLOSING_MM if for_training else INFERENCE_Z_CLOSING_MM
+        lung_mask = extract_lung_mask(ct.array, ct.spacing, z_closing_mm=z_closing)
     else:
         lung_mask = np.asarray(lung_mask).astype(bool, copy=False)
         if lung_mask.shape != ct.shape:
@@ -424,7 +428,7 @@ def preprocess_study(study: Any, config: PreprocessConfig) -> tuple[np.ndarray, 
 
     try:
         ct = load_ct(study.path, min_slices=config.min_slices)
-        vol = preprocess_ct(ct, config)
+        vol = preprocess_ct(ct, config, for_training=True)
     except InputError:
         raise
     except Exception:

@@ -70,7 +70,9 @@ def lesioned_real_cts(real_dir: Path, coverages: Sequence[float], draws: int, se
         if thickness_mm > 0:
             ct = thick_slices(ct, thickness_mm) or ct
         name = path.name.split(".nii")[0]
-        lung = extract_lung_mask(ct.array, ct.spacing)
+        # where lesions may be drawn: the 16 mm z closing of every earlier draw (the pipeline's own mask
+        # at inference closes over 24 mm since 2026-12-05), so a seed draws the same lesions as before
+        lung = extract_lung_mask(ct.array, ct.spacing, z_closing_mm=16.0)
         for j, coverage in enumerate(coverages):
             for d in range(draws):
                 rng = np.random.default_rng([seed, k, j, d])

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +17,8 @@ from CovidGANSegLib import cli
 from CovidGANSegLib import preprocessing as pp
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import InputError
-from CovidGANSegLib.nifti import CTVolume, load_ct
+from CovidGANSegLib.lungmask import extract_lung_mask
+from CovidGANSegLib.nifti import CTVolume, load_ct, save_like
 from CovidGANSegLib.preprocessing import (
     GridMapping,
     ensure_preprocessed,
@@ -339,3 +341,21 @@ def test_thick_slices_average_groups_of_slices_and_keep_the_geometry():
     # slab centre = world z of the middle slice of its group
     assert np.allclose(thick.affine @ [0, 0, 1, 1], affine @ [0, 0, 7, 1])
     assert thick_slices(CTVolume.from_array(hu, np.diag([0.8, 0.8, 7.0, 1.0])), 8.0) is None  # already thick
+
+
+def test_training_volumes_and_inference_get_their_own_lung_mask(real_ct_dir, tmp_path):
+    """The training volumes' lung masks close over 16 mm along z, every mask at inference (``preprocess_ct``'s
+    default, so ``segment_ct``, ``segment_file`` and the GAN) over 24 mm: on a real CT at 7.5 mm slices the
+    inference mask holds the training one and more (tissue between lung above and below)."""
+    ct = pp.thick_slices(load_ct(real_ct_dir / "pulmonary_report_ct_cropped.nii.gz"), 8.0)
+    train = preprocess_ct(ct, TINY, for_training=True).lung_mask_canonical
+    infer = preprocess_ct(ct, TINY).lung_mask_canonical
+    assert np.array_equal(train, extract_lung_mask(ct.array, ct.spacing, z_closing_mm=16.0))
+    assert np.array_equal(infer, extract_lung_mask(ct.array, ct.spacing, z_closing_mm=24.0))
+    assert not (train & ~infer).any()
+    assert (infer & ~train).sum() * ct.voxel_volume_ml > 5.0  # mL
+    # a data set's studies are preprocessed as training volumes
+    path = save_like(ct.array, ct, tmp_path / "study.nii.gz")
+    thick = PreprocessConfig(grid=TINY.grid, min_slices=8)
+    _, _, geometry = pp.preprocess_study(SimpleNamespace(id="study", path=path), thick)
+    assert geometry["lung_ml"] == round(float(train.sum()) * ct.voxel_volume_ml, 3)
