@@ -22,9 +22,10 @@ anti-alias) for speed; at full resolution only the boundary blocks are re-thresh
 7. Lesions: the lungs grow in-plane (up to ``grow_mm``) into adjacent voxels below ``grow_hu``
    (ground glass), minus thin rims (an opening removes the partial-volume layer at the pleura);
    each lung is closed with a 3D ball of ``closing_mm`` and along z over ``z_closing_mm`` (dense
-   lesions with lung above and below; 24 mm at inference, 16 mm for the training volumes), restricted to the body and to voxels below 200 HU; holes
-   are filled slice by slice. Vessels and consolidation at the pleura (about -100..+50 HU) thus
-   stay inside the mask, while the heart and mediastinum (wider than the ball) stay outside.
+   lesions with lung above and below; 24 mm at inference, 16 mm for the training volumes),
+   restricted to the body and to voxels below 200 HU; holes are filled slice by slice. Vessels and
+   consolidation at the pleura (about -100..+50 HU) thus stay inside the mask, while the heart and
+   mediastinum (wider than the ball) stay outside.
    Inside the thoracic cavity (per slice, the convex hull of the bones, minus a midline mediastinal
    band) ground glass grows up to twice ``grow_mm``, and dense tissue (< 120 HU) within ``wall_mm``
    of the chest wall grows (up to ``dense_grow_mm``) from thick ground glass in the lung (dense
