@@ -679,6 +679,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
     """
     from CovidGANSegLib.atomic import atomic_path
     from CovidGANSegLib.nifti import load_ct, load_mask, save_like
+    from CovidGANSegLib.lungmask import INFERENCE_Z_CLOSING_MM
     from CovidGANSegLib.preprocessing import preprocess_ct
     from CovidGANSegLib.quantify import quantify
 
@@ -740,6 +741,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                          f"below {q['ct0_max_percent']} % counts as CT-0",
         "threshold": thr,
         "post_processing": {**dataclasses.asdict(rule), "gan_gate_hu": gate},
+        "lung_mask": ({"source": "computed", "z_closing_mm": INFERENCE_Z_CLOSING_MM} if lung_in is None else
+                      {"source": str(input_lungs), "z_closing_mm": None}),
         "segmenter": {"checkpoint": str(seg), "arch": payload.get("arch"), "config": payload.get("config", {}).get("name"),
                       "demo": bool((seg_card or {}).get("demo", payload.get("metadata", {}).get("demo", False)))},
         "gan": None if gan is None else {"checkpoint": str(gan), "demo": bool((gan_card or {}).get("demo", False))},

@@ -511,6 +511,7 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["mosmed_category"] in ("CT-0", "CT-1", "CT-2", "CT-3", "CT-4") and rep["lung_ml"] > 500
     assert rep["post_processing"]["grow"] is True
+    assert rep["lung_mask"] == {"source": "computed", "z_closing_mm": 24.0}  # the inference mask, said in the report
     # --no-growth: the detections alone, a subset of the grown mask, said in the report
     seeds = tmp_path / "seeds.nii.gz"
     assert run("segment", "--input", study, "--gan", tmp_path / "gan" / "model.pt", "--seg", tmp_path / "transunet" / "model.pt",

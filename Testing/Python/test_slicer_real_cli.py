@@ -121,6 +121,7 @@ def test_real_cli_segments_with_the_edited_lungs(harness, logic, randomModels, p
     assert not np.any(segmentations.segmentMask(result["segmentation"], "Lesion", ct) & ~truth)
     voxelMl = abs(np.linalg.det(volumeio.ijkToRasArray(ct)[:3, :3])) / 1000.0
     assert result["report"]["lung_ml"] == pytest.approx(float(truth.sum()) * voxelMl, rel=1e-6)
+    assert result["report"]["lung_mask"]["source"].endswith("input_lungs.nii")  # the edited lungs, said in the report
 
 
 def test_real_cli_cancel_leaves_nothing(harness, logic, randomModels, phantomFiles):
