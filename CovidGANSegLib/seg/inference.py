@@ -678,8 +678,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
             names; nothing is written then.
     """
     from CovidGANSegLib.atomic import atomic_path
-    from CovidGANSegLib.nifti import load_ct, load_mask, save_like
     from CovidGANSegLib.lungmask import INFERENCE_Z_CLOSING_MM
+    from CovidGANSegLib.nifti import load_ct, load_mask, save_like
     from CovidGANSegLib.preprocessing import preprocess_ct
     from CovidGANSegLib.quantify import quantify
 
