@@ -88,16 +88,21 @@ def default_real_normal_dir() -> Path | None:
 
 
 def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overwrite: bool = False,
-             plan: DemoPlan | None = None, split: str = "test", real_normal: str | Path | None = None) -> dict[str, Any]:
+             plan: DemoPlan | None = None, split: str = "test", real_normal: str | Path | None = None,
+             seed: int | None = None) -> dict[str, Any]:
     """Run the whole pipeline into ``out`` (written atomically) and return the ``metrics.json`` content.
 
     ``split``: score on the held-out ``test`` cohort or on the ``validation`` cohort (for
     development choices). ``real_normal``: a folder of real normal chest CTs (NIfTI, HU) for the
     specificity check (default :func:`default_real_normal_dir`; skipped when there is none).
+    ``seed``: replaces the plan's seed (a replicate: other phantoms, other training draws; the
+    held-out cohort is drawn with ``seed + 1``, the validation cohort with ``seed + 2``).
     """
     from CovidGANSegLib.atomic import atomic_directory
 
     plan = plan or (QUICK if quick else FULL)
+    if seed is not None:
+        plan = dataclasses.replace(plan, seed=seed)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     real_dir = Path(real_normal) if real_normal is not None else default_real_normal_dir()

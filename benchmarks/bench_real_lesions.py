@@ -17,9 +17,15 @@ crops hold the medial lungs around the hila, where vessels are thickest, so thes
 
     python benchmarks/bench_real_lesions.py demo-out
     python benchmarks/bench_real_lesions.py demo-out --coverage 0.01 --draws 4
+    python benchmarks/bench_real_lesions.py demo-out --noise-hu 25   # a noisier (lower-dose) scan of the same cases
     python benchmarks/bench_real_lesions.py demo-out --no-thin-growth   # the default before the thin-growth round
     python benchmarks/bench_real_lesions.py demo-out --grow-hu-range -750 100   # the growth floor before the night round
     python benchmarks/bench_real_lesions.py demo-out --gan demo-out/runs/gan/model.pt --gan-gate 4 --keep-slab-partial-volume --no-local-contrast --no-thin-growth   # three rounds ago
+
+``--noise-hu SIGMA`` adds CT noise of that standard deviation (HU) to each lesioned case
+(``bench_real_normal.with_ct_noise``, a random stream of its own: the lesions drawn are the same as
+without it). The real CTs at 8 mm have little noise of their own (a local standard deviation of
+7-16 HU in soft tissue, anatomy included); low-dose scans have several times that.
 
 The segmenters run as plain ``segment``; the GAN (``--gan``) is loaded and run only for ``--gan-gate``.
 
@@ -49,14 +55,16 @@ DEFAULT_COVERAGE = (0.003, 0.01, 0.03)
 
 
 def lesioned_real_cts(real_dir: Path, coverages: Sequence[float], draws: int, seed: int,
-                      thickness_mm: float = 8.0) -> Iterator[tuple[str, float, object, object]]:
+                      thickness_mm: float = 8.0, noise_hu: float = 0.0) -> Iterator[tuple[str, float, object, object]]:
     """``(case, coverage, CTVolume with lesions, truth mask)`` for every real CT, coverage and draw.
 
     The CT is resampled to ``thickness_mm`` slices first (0: as acquired); lesions are inserted in
-    the lung mask of the clean volume with a random stream per (CT, coverage, draw).
+    the lung mask of the clean volume with a random stream per (CT, coverage, draw); with
+    ``noise_hu`` CT noise is added last, from a stream of its own (``bench_real_normal.with_ct_noise``).
     """
     import numpy as np
 
+    from bench_real_normal import with_ct_noise
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.nifti import CTVolume, load_ct
     from CovidGANSegLib.preprocessing import thick_slices
@@ -79,11 +87,12 @@ def lesioned_real_cts(real_dir: Path, coverages: Sequence[float], draws: int, se
                 # canonical arrays are RAS-like: axis 1 runs posterior -> anterior
                 hu, truth = synthesize_eval_lesions(ct.array, lung, rng, spacing=ct.spacing, coverage=coverage,
                                                     posterior_axis=1, posterior_direction=-1)
-                yield f"{name} {100 * coverage:g}% #{d}", coverage, CTVolume.from_array(hu, ct.affine, path), truth
+                lesioned = with_ct_noise(CTVolume.from_array(hu, ct.affine, path), noise_hu, np.random.default_rng([seed, k, j, d, 1]))
+                yield f"{name} {100 * coverage:g}% #{d}", coverage, lesioned, truth
 
 
 def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequence[float], draws: int, seed: int,
-                       thickness_mm: float = 8.0, min_ml: float = 0.5, generator=None, payload=None,
+                       thickness_mm: float = 8.0, noise_hu: float = 0.0, min_ml: float = 0.5, generator=None, payload=None,
                        verbose: bool = True) -> tuple[list[dict], list[str]]:
     """Each lesioned case of :func:`lesioned_real_cts` run through ``segment_ct`` for every model in
     ``models`` (name -> segmenter) and through the HU threshold; returns ``(rows, skipped)``: one row per
@@ -98,7 +107,7 @@ def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequenc
     methods = [*models, "hu_threshold"]
     rows: list[dict] = []
     skipped: list[str] = []
-    for case, coverage, ct, truth in lesioned_real_cts(real_dir, coverages, draws, seed, thickness_mm):
+    for case, coverage, ct, truth in lesioned_real_cts(real_dir, coverages, draws, seed, thickness_mm, noise_hu):
         truth_ml = float(truth.sum() * np.prod(ct.spacing) / 1000.0)
         if truth_ml < min_ml:  # an empty truth would score Dice 1 for an empty prediction
             skipped.append(f"{case} ({truth_ml:.2f} mL)")
@@ -140,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=2, help="lesion draws per CT and coverage")
     ap.add_argument("--thickness", type=float, default=8.0, help="slice thickness in mm (0: as acquired)")
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--noise-hu", type=float, default=0.0, metavar="SIGMA",
+                    help="add CT noise of this standard deviation in HU to every case (a lower-dose scan; default 0)")
     ap.add_argument("--min-ml", type=float, default=0.5,
                     help="skip draws whose inserted lesions are smaller than this (a lung crop too small for the coverage)")
     ap.add_argument("--no-growth", action="store_true", help="segmenters without the growth step (`segment --no-growth`)")
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.draws < 1 or not all(0.0 < c < 1.0 for c in args.coverage):
         ap.error("--draws must be >= 1 and every --coverage in (0, 1)")
+    if not args.noise_hu >= 0:
+        ap.error("--noise-hu must be >= 0")
 
     import torch
 
@@ -182,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [*loaded, "hu_threshold"]
     t0 = time.perf_counter()
     cases, skipped = score_real_lesions(loaded, args.real_ct, post, coverages=args.coverage, draws=args.draws, seed=args.seed,
-                                        thickness_mm=args.thickness, min_ml=args.min_ml, generator=generator, payload=payload)
+                                        thickness_mm=args.thickness, noise_hu=args.noise_hu, min_ml=args.min_ml, generator=generator, payload=payload)
 
     if skipped:
         print(f"skipped (lesions under {args.min_ml:g} mL): " + ", ".join(skipped))
@@ -190,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no case left to score", file=sys.stderr)
         return 2
     groups = {"all": cases, **{f"{100 * c:g} %": [r for r in cases if r["coverage"] == c] for c in args.coverage}}
-    print(f"\nmild lesions in real anatomy ({len(cases)} cases, {args.thickness:g} mm slices; mean Dice / precision / sensitivity)")
+    noise = f", {args.noise_hu:g} HU of noise added" if args.noise_hu else ""
+    print(f"\nmild lesions in real anatomy ({len(cases)} cases, {args.thickness:g} mm slices{noise}; mean Dice / precision / sensitivity)")
     print("| method | " + " | ".join(groups) + " |")
     print("|---|" + "---|" * len(groups))
     summary: dict[str, dict[str, dict[str, float]]] = {}
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "args": {
         "models": list(loaded), "gan": str(args.gan), "coverage": args.coverage, "draws": args.draws,
-        "thickness_mm": args.thickness, "seed": args.seed, "min_ml": args.min_ml, "post_processing": dataclasses.asdict(post)},
+        "thickness_mm": args.thickness, "noise_hu": args.noise_hu, "seed": args.seed, "min_ml": args.min_ml, "post_processing": dataclasses.asdict(post)},
         "seconds": time.perf_counter() - t0, "skipped": skipped, "summary": summary, "paired": paired, "cases": cases}, indent=1) + "\n")
     print(f"saved {out}")
     return 0

@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="score on the held-out test cohort (default) or on the validation cohort used for development choices")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="a replicate with other phantoms and training draws: training cohort and training seed S, "
+                        "held-out cohort S + 1, validation cohort S + 2 (default 2026, the README's figures)")
     p.add_argument("--real-normal", type=Path, default=None, metavar="DIR",
                    help="folder of real normal chest CTs (NIfTI, HU) for the specificity check "
                         "(default: shared/data/real_ct beside the checkout when present; skipped otherwise)")
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         from CovidGANSegLib.errors import InputError
 
         raise InputError("--real-normal: folder not found", args.real_normal)
-    metrics = run_demo(args.out, quick=args.quick, device=device, overwrite=args.overwrite, split=args.split, real_normal=args.real_normal)
+    metrics = run_demo(args.out, quick=args.quick, device=device, overwrite=args.overwrite, split=args.split, real_normal=args.real_normal,
+                       seed=args.seed)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'metrics.json'} ({metrics['cases']} held-out cases)")
     return 0

@@ -119,3 +119,21 @@ def test_demo_refuses_a_non_empty_out(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         demo.run_demo(tmp_path, plan=TINY_PLAN)
     assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_demo_seed_gives_a_replicate_of_the_plan(tmp_path, monkeypatch):
+    from CovidGANSegLib import cli
+
+    plans = []
+
+    def fake_run(work, plan, device, start, split, real_dir):
+        plans.append(plan)
+        return {"cases": 0, "models": {}, "runtime_s": 0.0}
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    demo.run_demo(tmp_path / "a", plan=TINY_PLAN, seed=3026)
+    assert cli.main(["--progress", "none", "demo", "--out", str(tmp_path / "b"), "--quick", "--seed", "11"]) == 0
+    assert cli.main(["--progress", "none", "demo", "--out", str(tmp_path / "c"), "--quick"]) == 0
+    # only the seed changes (training cohort and training draws S, held-out cohort S + 1); the default stays 2026
+    assert plans == [dataclasses.replace(TINY_PLAN, seed=3026), dataclasses.replace(demo.QUICK, seed=11), demo.QUICK]
+    assert demo.QUICK.seed == 2026
