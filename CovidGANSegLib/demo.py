@@ -96,7 +96,8 @@ def run_demo(out: str | Path, *, quick: bool = False, device: str = "cpu", overw
     development choices). ``real_normal``: a folder of real normal chest CTs (NIfTI, HU) for the
     specificity check (default :func:`default_real_normal_dir`; skipped when there is none).
     ``seed``: replaces the plan's seed (a replicate: other phantoms, other training draws; the
-    held-out cohort is drawn with ``seed + 1``, the validation cohort with ``seed + 2``).
+    held-out cohort is drawn with ``seed + 1``, the validation cohort with ``seed + 2``: replicates
+    need seeds at least 3 apart, or one's training cohort is another's held-out one).
     """
     from CovidGANSegLib.atomic import atomic_directory
 

@@ -67,7 +67,8 @@ def read_replicate(demo_dir: Path) -> dict:
     held_out = held_out_folder(demo_dir)
     cohort = json.loads((held_out / "cohort.json").read_text())
     real = {m: max(metrics["models"][m].get("real_normal_8mm_percent_involved") or [float("nan")]) for m in SEGMENTERS}
-    return {"folder": str(demo_dir), "held_out_seed": cohort.get("seed"), "cases": metrics["cases"],
+    offset = 1 if held_out.name == "test" else 2  # demo: held-out cohort seed + 1, validation seed + 2
+    return {"folder": str(demo_dir), "held_out_seed": cohort["seed"], "training_seed": cohort["seed"] - offset, "cases": metrics["cases"],
             "runtime_s": metrics["runtime_s"], "dice": {m: metrics["models"][m]["dice"]["mean"] for m in per_case},
             "real_normal_8mm_max_percent": real, "per_case": per_case, "mild": sorted(mild_ids(held_out, per_case))}
 
@@ -121,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         for part, results in rep["paired"].items():
             for m, r in results.items():
                 print(f"  {part}: " + describe(r, m, REFERENCE))
+    held_out = [r["held_out_seed"] for r in replicates]
+    shared = {r["training_seed"] for r in replicates} & set(held_out)
+    if shared or len(set(held_out)) < len(held_out):
+        print(f"warning: replicates share cohorts (held-out seeds {held_out}; also a training cohort: {sorted(shared)}): "
+              "the pooled cases are not independent", file=sys.stderr)
     pooled_cases = {m: [dict(r, id=f"{k}:{r['id']}") for k, rep in enumerate(replicates) for r in rep["per_case"][m]]
                     for m in (*SEGMENTERS, REFERENCE)}
     pooled_mild = {f"{k}:{i}" for k, rep in enumerate(replicates) for i in rep["mild"]}

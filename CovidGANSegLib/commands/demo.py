@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="score on the held-out test cohort (default) or on the validation cohort used for development choices")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="a replicate with other phantoms and training draws: training cohort and training seed S, "
-                        "held-out cohort S + 1, validation cohort S + 2 (default 2026, the README's figures)")
+                        "held-out cohort S + 1, validation cohort S + 2 (default 2026, the README's figures); replicates "
+                        "need seeds at least 3 apart, or one's training cohort is another's held-out one")
     p.add_argument("--real-normal", type=Path, default=None, metavar="DIR",
                    help="folder of real normal chest CTs (NIfTI, HU) for the specificity check "
                         "(default: shared/data/real_ct beside the checkout when present; skipped otherwise)")
