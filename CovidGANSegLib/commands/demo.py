@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from CovidGANSegLib import protocol
+from CovidGANSegLib.commands import whole_number
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="score on the held-out test cohort (default) or on the validation cohort used for development choices")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
+    p.add_argument("--seed", type=whole_number, default=None, metavar="S",
                    help="a replicate with other phantoms and training draws: training cohort and training seed S, "
                         "held-out cohort S + 1, validation cohort S + 2 (default 2026, the README's figures); replicates "
                         "need seeds at least 3 apart, or one's training cohort is another's held-out one")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from CovidGANSegLib import protocol
+from CovidGANSegLib.commands import whole_number
 
 _DEVICE_HELP = ("auto (CUDA when available, else CPU), cpu or cuda[:N] (default auto); cuda without a GPU exits with "
                 f"code {protocol.EXIT_CUDA_MISSING}, a GPU out of memory with code {protocol.EXIT_GPU_OUT_OF_MEMORY}")
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="total iterations of the run (default: the configuration's; with --resume, continue up to N)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt exactly where it stopped")
     p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of a fresh run (default 0)")
+    p.add_argument("--seed", type=whole_number, default=0, metavar="S", help="random seed of a fresh run (default 0)")
     p.add_argument("--grid", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="model grid in voxels, x y z (default: the configuration's, paper 128 128 32); each divisible by 2**depth")
     p.set_defaults(handler=run_train)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from CovidGANSegLib.commands import whole_number
+
 _DESCRIPTION = """\
 Generate synthetic chest CT phantoms (HU, int16 NIfTI, LAS orientation) with lungs, airways,
 branching vessels down to sub-voxel calibre, heart, great vessels, bones and body wall, dependent
@@ -31,35 +33,25 @@ examples:
   covidganseg phantoms data/held_out --healthy 0 --covid 10 --seed 7 --lesion-model independent"""
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "phantoms", help="write a synthetic chest-CT phantom cohort (MosMedData layout)",
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("out", type=Path, metavar="OUT", help="output folder (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--healthy", type=_count, required=True, metavar="N", help="number of healthy studies (CT-0)")
-    p.add_argument("--covid", type=_count, required=True, metavar="M", help="number of COVID studies (CT-1..CT-4)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--healthy", type=whole_number, required=True, metavar="N", help="number of healthy studies (CT-0)")
+    p.add_argument("--covid", type=whole_number, required=True, metavar="M", help="number of COVID studies (CT-1..CT-4)")
+    p.add_argument("--seed", type=whole_number, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--size", choices=("small", "mosmed"), default="small",
                    help="small: 128 x 128 at ~2.8 mm, 32-40 slices of 8 mm, about 0.5 s per study (default); "
                         "mosmed: 512 x 512 at 0.6-0.8 mm, 32-48 slices of 8 mm, like MosMedData, a few s per study")
     p.add_argument("--lesion-model", choices=("perlin", "independent"), default="perlin",
                    help="lesions of COVID studies: perlin (the training lesion model, default) or independent "
                         "(the evaluation model, for held-out phantoms)")
-    p.add_argument("--first-id", type=_count, default=1, metavar="K", help="number of the first study (default 1)")
+    p.add_argument("--first-id", type=whole_number, default=1, metavar="K", help="number of the first study (default 1)")
     p.add_argument("--categories", nargs="+", choices=("CT-1", "CT-2", "CT-3", "CT-4"), default=None, metavar="CT-k",
                    help="categories the COVID studies cycle through (default: a MosMed-like mix; e.g. CT-1 for mild cases only)")
-    p.add_argument("--workers", type=_count, default=1, metavar="W",
+    p.add_argument("--workers", type=whole_number, default=1, metavar="W",
                    help="studies generated at a time, in separate processes (default 1; the files are the same)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     p.set_defaults(handler=run, parser=p)

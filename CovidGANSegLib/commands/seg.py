@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from CovidGANSegLib import protocol
+from CovidGANSegLib.commands import whole_number
 
 _DEVICE_HELP = ("auto (CUDA when available, else CPU), cpu or cuda[:N] (default auto); cuda without a GPU exits with "
                 f"code {protocol.EXIT_CUDA_MISSING}, a GPU out of memory with code {protocol.EXIT_GPU_OUT_OF_MEMORY}")
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=None, metavar="N", help="total iterations of both phases (default: the configuration's)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last.pt exactly where it stopped")
     p.add_argument("--device", default="auto", type=protocol.device_argument, help=_DEVICE_HELP)
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of a fresh run (default 0)")
+    p.add_argument("--seed", type=whole_number, default=0, metavar="S", help="random seed of a fresh run (default 0)")
     p.add_argument("--synthetic-fraction", type=float, default=1.0, metavar="F",
                    help="share of each end-to-end batch from synthetic lesions in the pseudo-masks folder's healthy volumes "
                         "(default 1: the pseudo-masks then serve only the contrastive phase, if the configuration has one; "

@@ -237,6 +237,20 @@ def test_unknown_device_is_a_usage_error(capsys):
     assert "invalid device value: 'tpu'" in capsys.readouterr().err
 
 
+SEED_COMMANDS = {**{name: DEVICE_COMMANDS[name] for name in ("train-gan", "train-seg", "demo")},
+                 "phantoms": ["phantoms", "out", "--healthy", "1", "--covid", "0"]}
+
+
+@pytest.mark.parametrize("command", sorted(SEED_COMMANDS))
+def test_a_negative_seed_is_a_usage_error_before_any_work(command, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main([*SEED_COMMANDS[command], "--seed", "-5"])
+    assert info.value.code == protocol.EXIT_INPUT_ERROR
+    assert "argument --seed: must be >= 0, got -5" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was read or written
+
+
 @pytest.fixture
 def inWorkFolder(monkeypatch, tmp_path):
     """Run the CLI in an empty folder with the checkpoints' checksum check switched off (the
