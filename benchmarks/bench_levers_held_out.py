@@ -1,0 +1,410 @@
+"""Each lever of the default inference pipeline taken out one at a time, on the held-out cases of
+finished demos: the README's ablation table (issue 8, deliverable 4).
+
+The levers were chosen one by one on validation cohorts (docs/ablation.md); this script chooses
+nothing. It loads each demo's two segmenters, computes each model's probability once per case, and
+scores the default post-processing (``PostProcessing()``) and every variant that leaves one rule out
+(or puts back the value it replaced) on:
+
+* the demo's held-out phantoms (independent lesion model; Dice, sensitivity, precision per case; the
+  mild cases, under ``demo.MILD_PERCENT`` of the lung as the demo's report counts them, apart);
+* the real normal CTs of ``--real-ct``, as acquired and at 8 mm slices (percent of the lung marked);
+* with ``--real-lesions``, the reporting draw of ``bench_real_lesions.py`` (mild lesions of the
+  independent model inserted into the real CTs at 8 mm: seed 2026, 0.3 / 1 / 3 % of the lung, two
+  draws each).
+
+Cases of several demos (replicates: ``covidganseg demo --seed S``) are pooled. The "default" row
+must reproduce each demo's own held-out Dice case by case: the script checks it and prints the
+largest difference. The lung mask closed over 16 mm along z (the inference default before the
+2026-12-05 round) changes the model's crop, so that row runs the segmenter again. Every row keeps the
+trained models; levers of training (synthetic-lesion supervision, the segmenter's grid, the loss,
+sub-slice lesions) need retraining and are in docs/ablation.md. The post-processing seconds are the
+mean per case and model on this machine (the segmenter's forward pass, the same for every row, is
+reported apart).
+
+    python benchmarks/bench_levers_held_out.py demo-out                    # one demo
+    python benchmarks/bench_levers_held_out.py demo-out rep3026 rep4026 --real-lesions --retrain /tmp/levers
+    python benchmarks/bench_levers_held_out.py --tables benchmarks/results/levers_held_out_<date>.json   # print again
+
+Saves ``benchmarks/results/levers_held_out_<date>.json`` (every case's figures per row and model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import describe, machine_info, save_result  # noqa: E402
+
+SEGMENTERS = ("transunet", "unet")
+DEFAULT_ROW = "the default pipeline"
+LUNG_16MM = "lung_16mm"
+
+#: row name -> PostProcessing overrides ("plain": PLAIN; LUNG_16MM: the default rules on the 16 mm lung mask)
+VARIANTS: dict[str, Any] = {
+    DEFAULT_ROW: {},
+    "without the HU prior (-800..+100 HU)": {"hu_range": None},
+    "without the 2.5 mm opening": {"open_mm": 0.0},
+    "without growth into connected lesion-range density": {"grow": False},
+    "without the density filter (seeds and growth on the raw density)": {"density_filter_mm": 0.0},
+    "without the slab rule": {"slab_tissue_hu": None},
+    "slab rule's tissue level -300 HU (before: -100)": {"slab_tissue_hu": -300.0},
+    "without the local contrast rule": {"min_contrast_hu": None},
+    "without the thin-growth limit": {"min_thick_fraction": None},
+    "growth floor -750 HU (before: -725)": {"grow_hu_range": (-750.0, 100.0)},
+    "lung mask closed over 16 mm along z (before: 24)": LUNG_16MM,
+    "none of these rules (p > threshold in the lung)": "plain",
+}
+
+#: row name -> how the TransUNet is retrained without that lever of training (``--retrain``): synthetic
+#: supervision overrides, segmenter configuration overrides, labels from the GAN's pseudo-masks folder
+#: (needed by the contrastive phase too), the segmenter's grid
+TRAINING_VARIANTS: dict[str, dict[str, Any]] = {
+    "trained on synthetic lesions drawn at the slice's own thickness (before: 2 mm sub-slices averaged)":
+        {"synthetic": {"sub_slice_mm": 0.0}},
+    "trained on the GAN's pseudo-masks instead of synthetic lesions (the paper's labels)":
+        {"synthetic": {"fraction": 0.0}, "pseudo_masks": True},
+    "trained with the paper's loss (contrastive phase 1, eq. 5 with beta 1, MSE)":
+        {"seg": {"pretrain_fraction": 0.2, "beta": 1.0, "weight_mse": 1.0}, "pseudo_masks": True},
+    "trained on the GAN's 64 x 64 x 16 grid (before: 128 x 128 x 32)": {"grid": (64, 64, 16)},
+}
+CONTROL = "retrained as the demo trained it (control)"
+
+
+def rules(names) -> dict[str, Any]:
+    """Row name -> ``PostProcessing`` for ``names`` of :data:`VARIANTS` (the 16 mm row: the default
+    rules, its lung mask is the row's)."""
+    from CovidGANSegLib.seg.inference import PLAIN, PostProcessing
+
+    out = {}
+    for name in names:
+        spec = VARIANTS[name]
+        if spec == "plain":
+            out[name] = PLAIN
+        elif spec == LUNG_16MM:
+            out[name] = PostProcessing()
+        else:
+            out[name] = dataclasses.replace(PostProcessing(), **spec)
+    return out
+
+
+def score(mask, truth) -> dict[str, float]:
+    from CovidGANSegLib.metrics import confusion, from_confusion
+
+    tp, fp, fn, tn = confusion(mask, truth)
+    return {**from_confusion(tp, fp, fn, tn), "tp": tp, "fp": fp, "fn": fn}
+
+
+class CaseScorer:
+    """Each CT through every model once (once more on the 16 mm lung mask when that row is asked
+    for), then through each row's post-processing."""
+
+    def __init__(self, models: dict[str, Any], rows=tuple(VARIANTS)) -> None:
+        self.models = models
+        self.rules = rules(rows)
+        self.post_seconds: dict[str, list[float]] = {name: [] for name in self.rules}
+        self.forward_seconds: list[float] = []
+
+    def masks(self, ct) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """``({row: {model: lesion mask}}, {"default" / LUNG_16MM: lung mask})`` for one CT."""
+        import numpy as np
+
+        from CovidGANSegLib.lungmask import TRAINING_Z_CLOSING_MM, extract_lung_mask
+        from CovidGANSegLib.seg.inference import PLAIN, post_process, segment_ct
+
+        hu = np.asarray(ct.array)
+        spacing = tuple(ct.spacing)
+        lungs = {"default": extract_lung_mask(ct.array, ct.spacing)}
+        if any(VARIANTS[row] == LUNG_16MM for row in self.rules):
+            lungs[LUNG_16MM] = extract_lung_mask(ct.array, ct.spacing, z_closing_mm=TRAINING_Z_CLOSING_MM)
+        out: dict[str, dict[str, Any]] = {name: {} for name in self.rules}
+        for model_name, model in self.models.items():
+            candidates = {}
+            for key, lung in lungs.items():
+                t = time.perf_counter()
+                res = segment_ct(ct, model, lung_mask=lung, post=PLAIN)
+                self.forward_seconds.append(time.perf_counter() - t)
+                candidates[key] = res.probability > res.threshold
+            for row, rule in self.rules.items():
+                key = LUNG_16MM if VARIANTS[row] == LUNG_16MM else "default"
+                t = time.perf_counter()
+                out[row][model_name] = post_process(candidates[key], hu, lungs[key], spacing, rule)
+                self.post_seconds[row].append(time.perf_counter() - t)
+        return out, lungs
+
+
+def held_out_rows(demo: Path, scorer: CaseScorer) -> list[dict]:
+    """Per held-out case: truth and lung volume, mild or not, each row's scores per model, the HU threshold's."""
+    import numpy as np
+
+    from CovidGANSegLib.datasets import discover_studies, lesion_mask_path
+    from CovidGANSegLib.demo import MILD_PERCENT
+    from CovidGANSegLib.nifti import load_ct, load_mask
+    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
+    from bench_demo_replicates import held_out_folder
+
+    folder = held_out_folder(demo)
+    rows = []
+    for study in discover_studies(folder, min_slices=1):
+        ct = load_ct(study.path)
+        truth = load_mask(lesion_mask_path(folder, study.id), reference=ct)  # evaluation only
+        masks, lungs = scorer.masks(ct)
+        ml = float(np.prod(ct.spacing)) / 1000.0
+        lung_ml = float(lungs["default"].sum()) * ml
+        row = {"demo": str(demo), "id": study.id, "truth_ml": float(truth.sum()) * ml, "lung_ml": lung_ml,
+               "hu_threshold": score(hu_threshold_segment(ct.array, lungs["default"]), truth),
+               "rows": {name: {m: score(masks[name][m], truth) for m in masks[name]} for name in masks}}
+        row["mild"] = 100.0 * row["truth_ml"] / max(lung_ml, 1e-9) < MILD_PERCENT
+        rows.append(row)
+        print(f"{demo.name} {study.id}: {row['truth_ml']:.0f} mL" + (" (mild)" if row["mild"] else "") + ", Dice "
+              + ", ".join(f"{m} {s['dice']:.3f}" for m, s in row["rows"][next(iter(masks))].items()), flush=True)
+    return rows
+
+
+def own_dice_difference(demo: Path, rows: list[dict]) -> float:
+    """Largest difference between the default row's Dice and the demo's own held-out Dice (0: reproduced)."""
+    summary = json.loads((demo / "evaluation" / "summary.json").read_text())
+    own = {m: {r["id"]: r["dice"] for r in summary["per_case"][m]} for m in SEGMENTERS}
+    return max(abs(r["rows"][DEFAULT_ROW][m]["dice"] - own[m][r["id"]]) for r in rows for m in SEGMENTERS)
+
+
+def real_normal_rows(real_dir: Path, scorer: CaseScorer, demo: Path) -> list[dict]:
+    """Per real normal CT (as acquired and at 8 mm): percent of the lung each row marks, per model."""
+    from CovidGANSegLib.demo import real_normal_volumes
+
+    rows = []
+    for name, at_8mm, ct in real_normal_volumes(real_dir):
+        masks, lungs = scorer.masks(ct)
+        percent = {}
+        for row in masks:
+            lung = lungs[LUNG_16MM if VARIANTS[row] == LUNG_16MM else "default"]
+            percent[row] = {m: 100.0 * float(masks[row][m].sum()) / max(1, int(lung.sum())) for m in masks[row]}
+        rows.append({"demo": str(demo), "ct": name, "at_8mm": at_8mm, "key": f"{name}{'_8mm' if at_8mm else ''}", "percent": percent})
+    return rows
+
+
+def real_lesion_rows(real_dir: Path, scorer: CaseScorer, demo: Path) -> list[dict]:
+    """The reporting draw of ``bench_real_lesions.py``: each row's scores per model and case."""
+    import numpy as np
+
+    from bench_real_lesions import DEFAULT_COVERAGE, lesioned_real_cts
+
+    rows = []
+    for case, _, ct, truth in lesioned_real_cts(real_dir, DEFAULT_COVERAGE, 2, 2026, 8.0, 0.0):
+        if truth.sum() * np.prod(ct.spacing) / 1000.0 < 0.5:  # as bench_real_lesions' --min-ml default
+            continue
+        masks, _ = scorer.masks(ct)
+        rows.append({"demo": str(demo), "case": case, "rows": {name: {m: score(masks[name][m], truth) for m in masks[name]}
+                                                               for name in masks}})
+    return rows
+
+
+def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
+    """The demo's TransUNet retrained under each of ``names`` (:data:`TRAINING_VARIANTS` or
+    :data:`CONTROL`) with the demo's data, seed and settings otherwise, two at a time, one torch
+    thread each as the demo trains; models already in ``work`` are kept (the script can be resumed)."""
+    from CovidGANSegLib.checkpoints import read_model_card
+    from CovidGANSegLib.config import PreprocessConfig
+    from CovidGANSegLib.cpu_jobs import run_side_by_side
+    from CovidGANSegLib.preprocessing import ensure_preprocessed
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
+    from CovidGANSegLib.seg.training import train_segmenter
+    from CovidGANSegLib.seg.transunet import get_seg_config
+
+    card = read_model_card(demo / "runs" / "transunet" / "model.pt")
+    seed = json.loads((demo / "data" / "train" / "cohort.json").read_text())["seed"]  # the demo trains with its plan's seed
+    synthetic = {k: tuple(v) if isinstance(v, list) else v for k, v in card["synthetic"].items()}
+    config = get_seg_config(card["config_name"])
+    grid = tuple(card["preprocess"]["grid"])
+    jobs, models = {}, {}
+    for i, name in enumerate(names):
+        spec = TRAINING_VARIANTS.get(name, {})
+        run = work / demo.name / f"variant-{i}"
+        models[name] = run / "model.pt"
+        if models[name].is_file():
+            continue
+        g = tuple(spec.get("grid", grid))
+        data = ensure_preprocessed(demo / "data" / "train", work / demo.name / f"seg_preprocessed-{'x'.join(map(str, g))}",
+                                   PreprocessConfig(grid=g)).folder
+        jobs[name] = (train_segmenter, dict(
+            pseudo_masks=demo / "pseudo_masks" if spec.get("pseudo_masks") else data, run_dir=run, model="transunet",
+            config=dataclasses.replace(config, **spec.get("seg", {})), iterations=card["iterations"], device="cpu", seed=seed,
+            data=demo / "data" / "train", synthetic=SyntheticSupervision(**{**synthetic, **spec.get("synthetic", {})})))
+    pending = list(jobs)
+    for k in range(0, len(pending), 2):
+        batch = {name: jobs[name] for name in pending[k:k + 2]}
+        t = time.perf_counter()
+        run_side_by_side(batch, threads=1)
+        print(f"{demo.name}: trained {' and '.join(batch)} side by side in {time.perf_counter() - t:.0f} s", flush=True)
+    return models
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """True when two segmenter checkpoints hold the same weights, tensor for tensor."""
+    import torch
+
+    from CovidGANSegLib.seg.inference import load_segmenter
+
+    sa, sb = (load_segmenter(p, "cpu")[0].state_dict() for p in (a, b))
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def mean(values) -> float:
+    import numpy as np
+
+    v = [x for x in values if x == x]  # NaN (no prediction: precision) left out
+    return float(np.mean(v)) if v else float("nan")
+
+
+def table(held: list[dict], normal: list[dict], lesions: list[dict], post_seconds: dict[str, list[float]], model: str,
+          row_names: list[str]) -> tuple[str, dict]:
+    """A markdown table of ``row_names`` for ``model`` (a training row's model is the one retrained
+    without that lever, under the default post-processing) and its numbers."""
+    n_mild = sum(r["mild"] for r in held)
+    from CovidGANSegLib.comparison import paired_difference
+
+    header = (f"| row ({model}) | Dice, all ({len(held)}) | default - row, case by case (95 % interval) | Dice, mild ({n_mild}) | sensitivity | precision | "
+              "real normal at 8 mm, max % of lung | real normal as acquired, max % |"
+              + (f" mild lesions in real anatomy, Dice ({len(lesions)}) |" if lesions else "") + " post-processing s per case |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    numbers = {}
+    for row in row_names:
+        s = [r["rows"][row][model] for r in held]
+        d = {"dice": mean(x["dice"] for x in s), "dice_mild": mean(x["dice"] for x, r in zip(s, held) if r["mild"]),
+             "sensitivity": mean(x["sensitivity"] for x in s), "precision": mean(x["precision"] for x in s),
+             "real_normal_8mm_max": max(r["percent"][row][model] for r in normal if r["at_8mm"]),
+             "real_normal_max": max(r["percent"][row][model] for r in normal if not r["at_8mm"]),
+             "real_lesions_dice": mean(r["rows"][row][model]["dice"] for r in lesions) if lesions else None,
+             "post_seconds": mean(post_seconds[row]) if row in post_seconds else None,
+             "default_minus_row": paired_difference([r["rows"][DEFAULT_ROW][model]["dice"] for r in held], [x["dice"] for x in s])}
+        numbers[row] = d
+        p = d["default_minus_row"]
+        effect = "-" if row == DEFAULT_ROW else f"{p['mean_difference']:+.3f} ({p['ci_low']:+.3f}..{p['ci_high']:+.3f})"
+        lines.append(f"| {row} | {d['dice']:.3f} | {effect} | {d['dice_mild']:.3f} | {d['sensitivity']:.3f} | {d['precision']:.3f} | "
+                     f"{d['real_normal_8mm_max']:.2f} | {d['real_normal_max']:.2f} |"
+                     + (f" {d['real_lesions_dice']:.3f} |" if lesions else "")
+                     + (f" {d['post_seconds']:.2f} |" if row in post_seconds else " - (retrained; the default rules) |"))
+    t = [r["hu_threshold"] for r in held]
+    p = paired_difference([r["rows"][DEFAULT_ROW][model]["dice"] for r in held], [x["dice"] for x in t])
+    lines.append(f"| HU threshold (-750..0 HU in the lung) | {mean(x['dice'] for x in t):.3f} | "
+                 f"{p['mean_difference']:+.3f} ({p['ci_low']:+.3f}..{p['ci_high']:+.3f}) | "
+                 f"{mean(x['dice'] for x, r in zip(t, held) if r['mild']):.3f} | {mean(x['sensitivity'] for x in t):.3f} | "
+                 f"{mean(x['precision'] for x in t):.3f} | - | - |" + (" - |" if lesions else "") + " - |")
+    return "\n".join(lines), numbers
+
+
+def merge(into: list[dict], extra: list[dict], key: str) -> None:
+    """Add the rows of ``extra`` (the retrained models' records) to the records of ``into`` with the same demo and ``key``."""
+    by = {(r["demo"], r[key]): r for r in extra}
+    for r in into:
+        other = by[(r["demo"], r[key])]
+        for name, scores in other.get("rows", other.get("percent", {})).items():
+            r["rows" if "rows" in r else "percent"].setdefault(name, {}).update(scores)
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    """The tables of a saved result, from its per-case records (the post-processing seconds from its tables)."""
+    for model in SEGMENTERS:
+        saved = result["tables"][model]
+        post = {row: [saved[row]["post_seconds"]] for row in VARIANTS if row in saved}
+        names = [row for row in (*VARIANTS, *TRAINING_VARIANTS) if row in saved]
+        print("\n" + table(result["held_out"], result["real_normal"], result["real_lesions"], post, model, names)[0])
+
+
+def as_training_rows(records: list[dict], field: str) -> list[dict]:
+    """Records scored with ``{variant: retrained model}`` under the default row, turned into records
+    whose row is the training variant and whose model is the TransUNet."""
+    for r in records:
+        default = r[field].pop(DEFAULT_ROW)
+        r[field].update({variant: {"transunet": value} for variant, value in default.items()})
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("demos", nargs="*", type=Path, help="finished demo output folders (their runs/transunet, runs/unet)")
+    ap.add_argument("--real-ct", type=Path, default=ROOT.parent / "shared" / "data" / "real_ct", help="folder of real normal CTs")
+    ap.add_argument("--real-lesions", action="store_true", help="also score the real-lesion reporting draw (16 cases per demo)")
+    ap.add_argument("--retrain", type=Path, default=None, metavar="WORK",
+                    help="also retrain each demo's TransUNet without each lever of training, in WORK (resumable), and score it; "
+                         "the first demo's is also retrained unchanged, as a control")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for scoring")
+    ap.add_argument("--tables", type=Path, default=None, metavar="RESULT",
+                    help="only print the tables of a saved result (benchmarks/results/levers_held_out_*.json) again")
+    args = ap.parse_args(argv)
+    if args.tables is not None:
+        print_tables(json.loads(args.tables.read_text()))
+        return 0
+    if not args.demos:
+        ap.error("give finished demo folders (or --tables RESULT)")
+
+    import torch
+
+    from CovidGANSegLib import progress
+    from CovidGANSegLib.seg.inference import load_segmenter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress.set_mode("none")
+    info = machine_info()
+    print(describe(info))
+    t0 = time.perf_counter()
+    held, normal, lesions, checks, controls = [], [], [], {}, {}
+    post_seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    forward: list[float] = []
+    for k, demo in enumerate(args.demos):
+        models = {m: load_segmenter(demo / "runs" / m / "model.pt", "cpu")[0] for m in SEGMENTERS}
+        scorer = CaseScorer(models)
+        rows = held_out_rows(demo, scorer)
+        checks[str(demo)] = own_dice_difference(demo, rows)
+        normal_rows = real_normal_rows(args.real_ct, scorer, demo)
+        lesion_rows = real_lesion_rows(args.real_ct, scorer, demo) if args.real_lesions else []
+        for name in VARIANTS:
+            post_seconds[name] += scorer.post_seconds[name]
+        forward += scorer.forward_seconds
+        print(f"{demo}: the default row against the demo's own held-out Dice, largest difference {checks[str(demo)]:.2e}", flush=True)
+        if args.retrain is not None:
+            names = list(TRAINING_VARIANTS) + ([CONTROL] if k == 0 else [])
+            paths = retrain(demo, args.retrain, names)
+            if k == 0:
+                same = same_weights(paths.pop(CONTROL), demo / "runs" / "transunet" / "model.pt")
+                controls[str(demo)] = same
+                print(f"{demo}: the control retraining {'reproduces' if same else 'does NOT reproduce'} the demo's TransUNet weight for weight",
+                      flush=True)
+            retrained = CaseScorer({name: load_segmenter(path, "cpu")[0] for name, path in paths.items()}, rows=(DEFAULT_ROW,))
+            merge(rows, as_training_rows(held_out_rows(demo, retrained), "rows"), "id")
+            merge(normal_rows, as_training_rows(real_normal_rows(args.real_ct, retrained, demo), "percent"), "key")
+            if args.real_lesions:
+                merge(lesion_rows, as_training_rows(real_lesion_rows(args.real_ct, retrained, demo), "rows"), "case")
+        held += rows
+        normal += normal_rows
+        lesions += lesion_rows
+    result: dict[str, Any] = {"machine": info, "demos": [str(d) for d in args.demos], "default_row_check": checks,
+                              "control_reproduced": controls, "forward_seconds_mean": mean(forward),
+                              "variants": {k: v if isinstance(v, str) else {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()}
+                                           for k, v in VARIANTS.items()},
+                              "training_variants": TRAINING_VARIANTS if args.retrain is not None else {}, "tables": {},
+                              "held_out": held, "real_normal": normal, "real_lesions": lesions}
+    for model in SEGMENTERS:
+        names = list(VARIANTS) + (list(TRAINING_VARIANTS) if args.retrain is not None and model == "transunet" else [])
+        text, numbers = table(held, normal, lesions, post_seconds, model, names)
+        print("\n" + text)
+        result["tables"][model] = numbers
+    result["seconds"] = time.perf_counter() - t0
+    print(f"\nthe segmenter's forward pass (probability on the CT's grid): {mean(forward):.2f} s per case and model; "
+          f"{result['seconds']:.0f} s in all")
+    save_result("levers_held_out", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
