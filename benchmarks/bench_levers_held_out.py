@@ -1,4 +1,4 @@
-"""Each lever of the default inference pipeline taken out one at a time, on the held-out cases of
+"""Each lever of the default pipeline taken out one at a time, on the held-out cases of
 finished demos: the README's ablation table (issue 8, deliverable 4).
 
 The levers were chosen one by one on validation cohorts (docs/ablation.md); this script chooses
@@ -18,9 +18,13 @@ must reproduce each demo's own held-out Dice case by case: the script checks it 
 largest difference. The lung mask closed over 16 mm along z (the inference default before the
 2026-12-05 round) changes the model's crop, so that row runs the segmenter again. Every row keeps the
 trained models; levers of training (synthetic-lesion supervision, the segmenter's grid, the loss,
-sub-slice lesions) need retraining and are in docs/ablation.md. The post-processing seconds are the
-mean per case and model on this machine (the segmenter's forward pass, the same for every row, is
-reported apart).
+sub-slice lesions) need retraining: ``--retrain WORK`` retrains the TransUNet of each demo without
+each of them (two at a time, one torch thread each, as the demo trains it) and scores it with the
+default post-processing; the first demo's is also retrained unchanged, a control that must give the
+demo's weights back tensor for tensor (saved as ``control_reproduced``), and each run's training
+seconds are saved (``training_seconds``: its loop, from its losses.csv). The post-processing seconds
+are the mean per case and model on this machine (the segmenter's forward pass, the same for every
+row, is reported apart).
 
     python benchmarks/bench_levers_held_out.py demo-out                    # one demo
     python benchmarks/bench_levers_held_out.py demo-out rep3026 rep4026 --real-lesions --retrain /tmp/levers
@@ -248,6 +252,14 @@ def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
     return models
 
 
+def training_seconds(run: Path) -> float:
+    """Seconds of a training run's loop (the sum of its losses.csv ``seconds`` column)."""
+    import csv
+
+    with open(run / "losses.csv", newline="") as fh:
+        return float(sum(float(r["seconds"] or 0.0) for r in csv.DictReader(fh)))
+
+
 def same_weights(a: Path, b: Path) -> bool:
     """True when two segmenter checkpoints hold the same weights, tensor for tensor."""
     import torch
@@ -358,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print(describe(info))
     t0 = time.perf_counter()
-    held, normal, lesions, checks, controls = [], [], [], {}, {}
+    held, normal, lesions, checks, controls, seconds = [], [], [], {}, {}, {}
     post_seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     forward: list[float] = []
     for k, demo in enumerate(args.demos):
@@ -375,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.retrain is not None:
             names = list(TRAINING_VARIANTS) + ([CONTROL] if k == 0 else [])
             paths = retrain(demo, args.retrain, names)
+            seconds[str(demo)] = {name: training_seconds(path.parent) for name, path in paths.items()}
             if k == 0:
                 same = same_weights(paths.pop(CONTROL), demo / "runs" / "transunet" / "model.pt")
                 controls[str(demo)] = same
@@ -389,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         normal += normal_rows
         lesions += lesion_rows
     result: dict[str, Any] = {"machine": info, "demos": [str(d) for d in args.demos], "default_row_check": checks,
-                              "control_reproduced": controls, "forward_seconds_mean": mean(forward),
+                              "control_reproduced": controls, "training_seconds": seconds, "forward_seconds_mean": mean(forward),
                               "variants": {k: v if isinstance(v, str) else {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()}
                                            for k, v in VARIANTS.items()},
                               "training_variants": TRAINING_VARIANTS if args.retrain is not None else {}, "tables": {},
