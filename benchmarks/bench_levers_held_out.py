@@ -40,6 +40,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ TRAINING_VARIANTS: dict[str, dict[str, Any]] = {
 CONTROL = "retrained as the demo trained it (control)"
 
 
-def rules(names) -> dict[str, Any]:
+def rules(names: Iterable[str]) -> dict[str, Any]:
     """Row name -> ``PostProcessing`` for ``names`` of :data:`VARIANTS` (the 16 mm row: the default
     rules, its lung mask is the row's)."""
     from CovidGANSegLib.seg.inference import PLAIN, PostProcessing
@@ -112,7 +113,7 @@ class CaseScorer:
     """Each CT through every model once (once more on the 16 mm lung mask when that row is asked
     for), then through each row's post-processing."""
 
-    def __init__(self, models: dict[str, Any], rows=tuple(VARIANTS)) -> None:
+    def __init__(self, models: dict[str, Any], rows: Iterable[str] = tuple(VARIANTS)) -> None:
         self.models = models
         self.rules = rules(rows)
         self.post_seconds: dict[str, list[float]] = {name: [] for name in self.rules}
@@ -270,7 +271,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def mean(values) -> float:
+def mean(values: Iterable[float]) -> float:
     import numpy as np
 
     v = [x for x in values if x == x]  # NaN (no prediction: precision) left out
