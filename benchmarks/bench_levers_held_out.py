@@ -16,15 +16,16 @@ scores the default post-processing (``PostProcessing()``) and every variant that
 Cases of several demos (replicates: ``covidganseg demo --seed S``) are pooled. The "default" row
 must reproduce each demo's own held-out Dice case by case: the script checks it and prints the
 largest difference. The lung mask closed over 16 mm along z (the inference default before the
-2026-12-05 round) changes the model's crop, so that row runs the segmenter again. Every row keeps the
-trained models; levers of training (synthetic-lesion supervision, the segmenter's grid, the loss,
-sub-slice lesions) need retraining: ``--retrain WORK`` retrains the TransUNet of each demo without
-each of them (two at a time, one torch thread each, as the demo trains it) and scores it with the
-default post-processing; the first demo's is also retrained unchanged, a control that must give the
-demo's weights back tensor for tensor (saved as ``control_reproduced``), and each run's training
-seconds are saved (``training_seconds``: its loop, from its losses.csv). The post-processing seconds
-are the mean per case and model on this machine (the segmenter's forward pass, the same for every
-row, is reported apart).
+2026-12-05 round) changes the model's crop, so that row runs the segmenter again. The rule rows keep
+the trained models; levers of training (synthetic-lesion supervision, the segmenter's grid, the
+loss, sub-slice lesions) need retraining: ``--retrain WORK`` retrains the TransUNet of each demo
+without each of them (two at a time, one torch thread each, as the demo trains it) and scores it
+with the default post-processing. The first demo's is also retrained unchanged, a control whose
+weights are compared with the demo's tensor for tensor (``control_reproduced``; the quick demo's
+came back exactly, so a retrained row differs from the default row by its lever alone). Each run's
+training seconds are saved (``training_seconds``: its loop, from its losses.csv). The
+post-processing seconds are the mean per case and model on this machine (the segmenter's forward
+pass, the same for every row, is reported apart).
 
     python benchmarks/bench_levers_held_out.py demo-out                    # one demo
     python benchmarks/bench_levers_held_out.py demo-out rep3026 rep4026 --real-lesions --retrain /tmp/levers
