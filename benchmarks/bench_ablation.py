@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         row = _score(model, cases, real_dir, gan_model if st.get("gate") else None, st["post"], st.get("gate"))
         if mild_cases:
             _add_mild_cohort(row, _score(model, mild_cases, None, gan_model if st.get("gate") else None, st["post"], st.get("gate")))
-        row["train_s"] = round(train_s if trained else _logged_seconds(model.parent), 1)
+        row["train_s"] = round(train_s if trained else logged_seconds(model.parent), 1)
         row["model"] = str(model.parent.name)
         row["settings"] = {**st, "gan_gate_hu": GATE_HU if st.get("gate") else None}
         result["variants"][name] = row
@@ -364,7 +364,7 @@ def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir:
                            data=train_dir, synthetic=syn), True
 
 
-def _logged_seconds(run: Path) -> float:
+def logged_seconds(run: Path) -> float:
     """Training seconds of an earlier run (sum of its losses.csv ``seconds`` column)."""
     import csv
 

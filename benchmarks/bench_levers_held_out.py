@@ -254,14 +254,6 @@ def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
     return models
 
 
-def training_seconds(run: Path) -> float:
-    """Seconds of a training run's loop (the sum of its losses.csv ``seconds`` column)."""
-    import csv
-
-    with open(run / "losses.csv", newline="") as fh:
-        return float(sum(float(r["seconds"] or 0.0) for r in csv.DictReader(fh)))
-
-
 def same_weights(a: Path, b: Path) -> bool:
     """True when two segmenter checkpoints hold the same weights, tensor for tensor."""
     import torch
@@ -363,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from bench_ablation import logged_seconds
     from CovidGANSegLib import progress
     from CovidGANSegLib.seg.inference import load_segmenter
 
@@ -389,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.retrain is not None:
             names = list(TRAINING_VARIANTS) + ([CONTROL] if k == 0 else [])
             paths = retrain(demo, args.retrain, names)
-            seconds[str(demo)] = {name: training_seconds(path.parent) for name, path in paths.items()}
+            seconds[str(demo)] = {name: logged_seconds(path.parent) for name, path in paths.items()}
             if k == 0:
                 same = same_weights(paths.pop(CONTROL), demo / "runs" / "transunet" / "model.pt")
                 controls[str(demo)] = same
