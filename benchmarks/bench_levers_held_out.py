@@ -31,6 +31,12 @@ pass, the same for every row, is reported apart).
     python benchmarks/bench_levers_held_out.py demo-out rep3026 rep4026 --real-lesions --retrain /tmp/levers
     python benchmarks/bench_levers_held_out.py --tables benchmarks/results/levers_held_out_<date>.json   # print again
 
+``--max-threshold T`` scores each segmenter at the lower of its own probability threshold and T
+(``threshold_used`` in the result): for models trained before training chose among
+``seg.training.THRESHOLDS`` alone (0.3 or 0.4 since the round of 2026-12-05 midday), ``0.4`` gives
+the threshold they would get now wherever their own Dice on the synthetic pairs at 0.4 is at
+least that at 0.3 (check it; this script does not retrain).
+
 Saves ``benchmarks/results/levers_held_out_<date>.json`` (every case's figures per row and model).
 """
 
@@ -344,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also retrain each demo's TransUNet without each lever of training, in WORK (resumable), and score it; "
                          "the first demo's is also retrained unchanged, as a control")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for scoring")
+    ap.add_argument("--max-threshold", type=float, default=None, metavar="T",
+                    help="score each segmenter at min(its own threshold, T) (models trained before the thresholds of training "
+                         "were limited)")
     ap.add_argument("--tables", type=Path, default=None, metavar="RESULT",
                     help="only print the tables of a saved result (benchmarks/results/levers_held_out_*.json) again")
     args = ap.parse_args(argv)
@@ -366,10 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     print(describe(info))
     t0 = time.perf_counter()
     held, normal, lesions, checks, controls, seconds = [], [], [], {}, {}, {}
+    thresholds: dict[str, dict[str, list[float]]] = {}
     post_seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     forward: list[float] = []
     for k, demo in enumerate(args.demos):
         models = {m: load_segmenter(demo / "runs" / m / "model.pt", "cpu")[0] for m in SEGMENTERS}
+        thresholds[str(demo)] = {}
+        for m, model in models.items():
+            own = float(model.threshold)
+            if args.max_threshold is not None:
+                model.threshold = min(own, args.max_threshold)
+            thresholds[str(demo)][m] = [own, float(model.threshold)]
+        print(f"{demo}: thresholds (own, used): {thresholds[str(demo)]}", flush=True)
         scorer = CaseScorer(models)
         rows = held_out_rows(demo, scorer)
         checks[str(demo)] = own_dice_difference(demo, rows)
@@ -398,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         lesions += lesion_rows
     result: dict[str, Any] = {"machine": info, "demos": [str(d) for d in args.demos], "default_row_check": checks,
                               "control_reproduced": controls, "training_seconds": seconds, "forward_seconds_mean": mean(forward),
+                              "max_threshold": args.max_threshold, "threshold_used": thresholds,
                               "variants": {k: v if isinstance(v, str) else {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()}
                                            for k, v in VARIANTS.items()},
                               "training_variants": TRAINING_VARIANTS if args.retrain is not None else {}, "tables": {},

@@ -12,16 +12,17 @@ alike):
 
 Batch 8 x 1 x 128 x 128, ``torch.set_num_threads(1)`` (and ``OMP_NUM_THREADS=1`` set before torch
 is imported). Ours are built from the named configurations (``paper``, ``small``, or a JSON file
-accepted by ``get_seg_config``); ``paper-v1`` is the ``paper`` configuration before the stride-2
-stem (full-resolution residual stem, decoder 512/256/128/64), kept here for the before/after
-figure. The seed's model is loaded AT RUN TIME from a checkout given with ``--seed-repo`` (its
+accepted by ``get_seg_config``); ``paper-v1`` is the first ``paper`` configuration (64-wide
+full-resolution residual stem, decoder 512/256/128/64) and ``paper-v2`` the second (7 x 7 stride-2
+stem, a 32-wide full-resolution block beside it as the 1/1 skip), kept here for the before/after
+figures. The seed's model is loaded AT RUN TIME from a checkout given with ``--seed-repo`` (its
 ``utils/transunet.py``; nothing of it is copied into this project), built as its README builds it
 for 128 x 128: ``TransUNet(img_dim=128, in_channels=1, out_channels=128, head_num=4, mlp_dim=512,
 block_num=8, patch_dim=16, class_num=1)``.
 
     git --git-dir=<mirror of mkara44/transunet_pytorch> archive HEAD | tar -x -C /tmp/seedrepo
     OMP_NUM_THREADS=1 python benchmarks/bench_transunet.py --seed-repo /tmp/seedrepo
-    python benchmarks/bench_transunet.py --configs paper,paper-v1,small --rounds 5 --tag after
+    python benchmarks/bench_transunet.py --configs paper,paper-v2,paper-v1,small --rounds 5 --tag after
 
 Results are printed as a table and saved as ``benchmarks/results/transunet_<tag>.json`` with the
 machine (CPU model, core count, load average at start, torch version).
@@ -32,10 +33,18 @@ iterations, BCE + soft Dice on the phantoms' TRUE lesion masks, which the pipeli
 on 2D slices of ``small`` phantoms (128 x 128, about 2.8 mm, HU window [-1000, 400]) and reports
 the pooled Dice on held-out phantoms. ``paper`` is too slow to train for long on 1 CPU thread, so
 the check compares ``small`` (full-resolution stem) with ``small`` given the stride-2 stem
-(``small-s2``: same widths, ``stem_stride=2``, the input image as the 1/1 skip) and with the
-stride-2 stem plus a light full-resolution block for the 1/1 skip (``small-s2-fr8``):
+(``small-s2``: same widths, ``stem_stride=2``, the input image as the 1/1 skip), with the
+stride-2 stem plus a light full-resolution block for the 1/1 skip (``small-s2-fr8``) and with a
+narrower full-resolution stem (``small-stem4``):
 
     python benchmarks/bench_transunet.py --dice-check --configs small,small-s2,small-s2-fr8 --tag dice_check
+    python benchmarks/bench_transunet.py --dice-check --configs small,small-s2-fr8,small-stem4 --lr 1e-3 \
+        --iterations 600 --train-seed S --tag dice_check_600it_seedS
+
+The second form is the one to use: at 300 iterations and ``small``'s learning rate (3e-4) two of
+four training seeds had not started to mark lesions (Dice 0 with the loss still falling), so the
+first form compares how soon a model starts rather than what it learns. Seeds move the Dice by
+about 0.05: compare several.
 """
 
 from __future__ import annotations
@@ -66,23 +75,31 @@ from torch import nn  # noqa: E402
 from CovidGANSegLib.seg.transunet import TransUNet, count_parameters, get_seg_config  # noqa: E402
 from machine import describe, machine_info  # noqa: E402
 
-#: the ``paper`` configuration as it was before the stride-2 stem (for the before/after figure)
+#: the first ``paper`` configuration: 64-wide full-resolution stem, decoder 512/256/128/64
 PAPER_V1 = dict(stem_stride=1, full_res_channels=0, encoder_channels=(64, 128, 256, 512, 1024), encoder_blocks=(1, 1, 2, 1, 1),
                 decoder_channels=(512, 256, 128, 64))
+#: the second: 7 x 7 stride-2 stem, 64 wide at 1/2, and a 32-wide full-resolution block for the 1/1 skip
+PAPER_V2 = dict(stem_stride=2, full_res_channels=32, encoder_channels=(64, 64, 128, 256, 1472), encoder_blocks=(1, 1, 2, 1, 1),
+                decoder_channels=(256, 128, 64, 16))
 
 
 def build_ours(name: str) -> nn.Module:
-    """Our TransUNet for a configuration name, a JSON file, ``paper-v1`` (before the stride-2 stem),
-    ``<name>-s2`` (that configuration with the stride-2 stem, the input as the 1/1 skip) or
-    ``<name>-s2-fr<N>`` (stride-2 stem and an N-wide full-resolution block for the 1/1 skip)."""
+    """Our TransUNet for a configuration name, a JSON file, ``paper-v1`` / ``paper-v2`` (earlier ``paper``),
+    ``<name>-s2`` (that configuration with the stride-2 stem, the input as the 1/1 skip),
+    ``<name>-s2-fr<N>`` (stride-2 stem and an N-wide full-resolution block for the 1/1 skip) or
+    ``<name>-stem<N>`` (its full-resolution stem N wide, the rest unchanged)."""
     match = re.fullmatch(r"(.+)-s2(?:-fr(\d+))?", name)
     if match and not Path(name).is_file():
         return TransUNet(get_seg_config(match.group(1)).replace(stem_stride=2, full_res_channels=int(match.group(2) or 0)))
-    if name == "paper-v1":
+    match = re.fullmatch(r"(.+)-stem(\d+)", name)
+    if match and not Path(name).is_file():
+        cfg = get_seg_config(match.group(1))
+        return TransUNet(cfg.replace(encoder_channels=(int(match.group(2)), *cfg.encoder_channels[1:])))
+    if name in ("paper-v1", "paper-v2"):
         cfg = get_seg_config("paper")
-        if not hasattr(cfg, "stem_stride"):  # the code before the change: ``paper`` IS v1
+        if not hasattr(cfg, "stem_stride"):  # the code before the stride-2 stem: ``paper`` IS v1
             return TransUNet(cfg)
-        return TransUNet(cfg.replace(**PAPER_V1))
+        return TransUNet(cfg.replace(**(PAPER_V1 if name == "paper-v1" else PAPER_V2)))
     return TransUNet(get_seg_config(name))
 
 
@@ -230,7 +247,8 @@ def dice_check(args: argparse.Namespace, info: Dict[str, Any]) -> Dict[str, Any]
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="paper,small",
-                   help="ours, comma-separated: paper, small, tiny, paper-v1, <name>-s2, <name>-s2-fr<N> or JSON files")
+                   help="ours, comma-separated: paper, small, tiny, paper-v1, paper-v2, <name>-s2, <name>-s2-fr<N>, <name>-stem<N> "
+                        "or JSON files")
     p.add_argument("--seed-repo", type=Path, default=None, help="checkout of mkara44/transunet_pytorch (omit to skip the seed)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)

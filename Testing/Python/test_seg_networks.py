@@ -121,20 +121,29 @@ def _stem_conv(model: TransUNet) -> torch.nn.Conv2d:
     return next(m for m in model.encoder.stages[0].modules() if isinstance(m, torch.nn.Conv2d))
 
 
-def test_paper_stem_is_7x7_stride_2_and_small_keeps_full_resolution_stem():
-    with torch.device("meta"):
-        paper = TransUNet(SEG_CONFIGS["paper"])
-        small = TransUNet(SEG_CONFIGS["small"])
-    assert SEG_CONFIGS["paper"].stem_stride == 2
-    conv = _stem_conv(paper)
-    assert conv.kernel_size == (7, 7) and conv.stride == (2, 2) and conv.padding == (3, 3)
-    # skips at 1/2, 1/4, 1/8 from the stages; at 1/1 a narrow full-resolution block (32 wide)
+def test_paper_encoder_has_one_narrow_full_resolution_block_and_small_is_unchanged():
+    """``paper``: a 32-wide residual stem at 1/1 feeds the encoder; its first stride-2 block makes 1/2."""
     c = SEG_CONFIGS["paper"]
-    assert c.full_res_channels == 32 and paper.encoder.skip_channels == [32, *c.encoder_channels[1:4]]
+    assert c.stem_stride == 1 and c.full_res_channels == 0
+    with torch.device("meta"):
+        paper = TransUNet(c)
+        small = TransUNet(SEG_CONFIGS["small"])
+        full_res = []
+        hooks = [m.register_forward_hook(lambda m, _i, out: full_res.append(m.out_channels) if out.shape[-1] == 128 else None)
+                 for m in paper.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert paper(torch.empty(2, 1, 128, 128)).shape == (2, 1, 128, 128)
+    for h in hooks:
+        h.remove()
+    assert full_res == [32, 32, 32]  # the stem block's two 3 x 3 convolutions and its 1 x 1 shortcut: nothing wider
+    assert paper.encoder.stages[1][0].conv1.stride == (2, 2)
+    assert paper.encoder.skip_channels == [32, 64, 128, 256]
     assert paper.decoder[-1].conv1[0].in_channels == c.decoder_channels[-2] + 32
     # small is unchanged (its speed and its checkpoints)
     assert SEG_CONFIGS["small"].stem_stride == 1 and _stem_conv(small).stride == (1, 1)
     assert len(small.encoder.skip_channels) == 4
+    # the stride-2 stem stays available as an option
+    conv = _stem_conv(TransUNet(TINY_S2))
+    assert conv.kernel_size == (7, 7) and conv.stride == (2, 2) and conv.padding == (3, 3)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 64)])
