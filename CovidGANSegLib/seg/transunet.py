@@ -194,7 +194,7 @@ class SegConfig:
 #: The parameters sit where they cost least, at 1/16 (a 1472-wide last stage). 7.6 GMAC per
 #: 128 x 128 slice, against 17.4 for the first version (64-wide full-resolution stem, decoder
 #: 512/256/128/64), 7.7 for the second (7 x 7 stride-2 stem with a 32-wide full-resolution block
-#: beside it as the 1/1 skip) and 8.2 for the seed's implementation. ``benchmarks/bench_transunet.py``
+#: beside it as the 1/1 skip) and 8.1 for the seed's implementation. ``benchmarks/bench_transunet.py``
 #: times them (``paper-v1``, ``paper-v2``) and compares the stem layouts at equal training
 #: (``--dice-check``; :class:`CNNEncoder`).
 #: ``small``: CPU-sized (about 2.2 M parameters TransUNet, 0.4 M U-Net), Adam 3e-4 so that a few
