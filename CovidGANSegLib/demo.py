@@ -458,10 +458,15 @@ def _write_report(work: Path, plan: DemoPlan, device: str, summary: dict[str, An
 MILD_PERCENT = 5.0
 
 
+def is_mild(truth_ml: float, lung_ml: float) -> bool:
+    """True when a true lesion volume is under :data:`MILD_PERCENT` of the lung volume (both in mL)."""
+    return 100.0 * truth_ml / max(lung_ml, 1e-9) < MILD_PERCENT
+
+
 def mild_case_ids(summary: dict[str, Any], lungs_ml: dict[str, float] | None = None) -> list[str]:
     """Ids of the cases whose true lesion volume is under :data:`MILD_PERCENT` of the lung (needs ``lung_ml`` per case)."""
     rows = summary["per_case"][METHODS[-1]]
-    return [r["id"] for r in rows if lungs_ml and r["id"] in lungs_ml and 100.0 * r["truth_ml"] / max(lungs_ml[r["id"]], 1e-9) < MILD_PERCENT]
+    return [r["id"] for r in rows if lungs_ml and r["id"] in lungs_ml and is_mild(r["truth_ml"], lungs_ml[r["id"]])]
 
 
 def _mild_table(summary: dict[str, Any]) -> str:

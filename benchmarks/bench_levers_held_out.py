@@ -159,7 +159,7 @@ def held_out_rows(demo: Path, scorer: CaseScorer) -> list[dict]:
     import numpy as np
 
     from CovidGANSegLib.datasets import discover_studies, lesion_mask_path
-    from CovidGANSegLib.demo import MILD_PERCENT
+    from CovidGANSegLib.demo import is_mild
     from CovidGANSegLib.nifti import load_ct, load_mask
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
     from bench_demo_replicates import held_out_folder
@@ -175,7 +175,7 @@ def held_out_rows(demo: Path, scorer: CaseScorer) -> list[dict]:
         row = {"demo": str(demo), "id": study.id, "truth_ml": float(truth.sum()) * ml, "lung_ml": lung_ml,
                "hu_threshold": score(hu_threshold_segment(ct.array, lungs["default"]), truth),
                "rows": {name: {m: score(masks[name][m], truth) for m in masks[name]} for name in masks}}
-        row["mild"] = 100.0 * row["truth_ml"] / max(lung_ml, 1e-9) < MILD_PERCENT
+        row["mild"] = is_mild(row["truth_ml"], lung_ml)
         rows.append(row)
         print(f"{demo.name} {study.id}: {row['truth_ml']:.0f} mL" + (" (mild)" if row["mild"] else "") + ", Dice "
               + ", ".join(f"{m} {s['dice']:.3f}" for m, s in row["rows"][next(iter(masks))].items()), flush=True)
