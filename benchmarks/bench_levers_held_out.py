@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.demos:
         ap.error("give finished demo folders (or --tables RESULT)")
+    if args.max_threshold is not None and not 0.0 < args.max_threshold < 1.0:
+        ap.error(f"--max-threshold must be a probability in (0, 1), got {args.max_threshold}")
 
     import torch
 
