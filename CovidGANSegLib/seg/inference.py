@@ -115,7 +115,7 @@ from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card
 from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.seg import ARCHS, resolve_device
-from CovidGANSegLib.seg.training import pad_to_multiple, slice_stacks
+from CovidGANSegLib.seg.training import THRESHOLDS, pad_to_multiple, slice_stacks
 from CovidGANSegLib.seg.transunet import SegConfig
 from CovidGANSegLib.seg.unet import build_segmenter
 
@@ -531,6 +531,17 @@ def load_segmenter(checkpoint: str | Path, device: str = "cpu") -> tuple[torch.n
     return model, payload
 
 
+def chose_threshold_among_old_range(payload: dict[str, Any]) -> bool:
+    """True for a segmenter checkpoint whose threshold training chose on synthetic pairs above
+    :data:`~CovidGANSegLib.seg.training.THRESHOLDS` (versions before 2026-12-05 tried up to 0.9). A
+    threshold of 0.5 without that choice (no synthetic validation pairs: the paper's pseudo-masks
+    alone) is the plain default and is not flagged."""
+    meta = payload.get("metadata") or {}
+    stored = payload.get("threshold")
+    return (stored is not None and meta.get("threshold_val_dice_synthetic") is not None
+            and float(stored) > max(THRESHOLDS) + 1e-9)
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -702,6 +713,10 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
     thr = float(payload.get("threshold", 0.5) if threshold is None else threshold)
     if not 0.0 < thr < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {thr}")
+    if threshold is None and chose_threshold_among_old_range(payload):
+        log.warning("%s: its probability threshold %.2g was chosen above 0.4 by an earlier version; training now "
+                    "chooses 0.3 or 0.4, which keeps the seeds of faint mild lesions (docs/ablation.md, \"The segmenters' "
+                    "threshold: 0.3 or 0.4\"): --threshold 0.4 follows it", seg, thr)
     generator = None
     if gan is not None:
         from CovidGANSegLib.gan.inference import load_generator, preprocess_config_of

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +19,7 @@ from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
 from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, limit_thin_growth, load_segmenter, local_contrast, post_process,
-                                          segment_ct, segment_file, slab_partial_volume)
+                                          segment_ct, segment_file, slab_partial_volume, chose_threshold_among_old_range)
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
@@ -45,7 +45,8 @@ def _write(hu: np.ndarray, affine: np.ndarray, path: Path, axcodes: tuple[str, s
     return path
 
 
-def _seg_checkpoint(path: Path, *, bias: float | None = None, seed: int = 0, pp: PreprocessConfig = PP) -> Path:
+def _seg_checkpoint(path: Path, *, bias: float | None = None, seed: int = 0, pp: PreprocessConfig = PP, threshold: float = 0.5,
+                    metadata: dict | None = None) -> Path:
     torch.manual_seed(seed)
     cfg = SEG_CONFIGS["tiny"]
     model = TransUNet(cfg)
@@ -53,8 +54,8 @@ def _seg_checkpoint(path: Path, *, bias: float | None = None, seed: int = 0, pp:
         with torch.no_grad():
             model.head.weight.zero_()
             model.head.bias.fill_(bias)
-    save_checkpoint(path, kind="seg", arch="transunet", config=cfg.to_dict(), metadata={"demo": True}, preprocess=pp.to_dict(),
-                    model=model.state_dict(), threshold=0.5)
+    save_checkpoint(path, kind="seg", arch="transunet", config=cfg.to_dict(), metadata={"demo": True, **(metadata or {})},
+                    preprocess=pp.to_dict(), model=model.state_dict(), threshold=threshold)
     write_model_card(path, name="test", kind="seg", arch="transunet", config_name="tiny", config=cfg.to_dict(),
                      trained_on="nothing (random weights)", demo=True)
     return path
@@ -83,6 +84,31 @@ def test_output_grid_equals_input_for_odd_geometries(phantom, tmp_path, axcodes,
     assert on_disk["percent_involved"] == pytest.approx(100.0 * lesion.sum() / lung.sum(), rel=1e-4)
     assert on_disk["lung_ml"] == pytest.approx(lung.sum() * np.prod(src.header.get_zooms()[:3]) / 1000, rel=1e-5)
     assert rep["demo_models"] is True
+
+
+def test_segment_warns_of_a_threshold_an_earlier_version_chose_above_0_4(phantom, tmp_path, caplog):
+    """Training chose among 0.3-0.9 before; a checkpoint with such a choice still segments at its own threshold
+    but says how to follow today's (docs/ablation.md, "The segmenters' threshold: 0.3 or 0.4")."""
+    chosen = {"threshold_val_dice_synthetic": 0.41}
+    old = _seg_checkpoint(tmp_path / "old.pt", seed=3, threshold=0.6, metadata=chosen)
+    ct_path = _write(phantom.hu, phantom.affine, tmp_path / "ct.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="CovidGANSegLib.seg.inference"):
+        rep = segment_file(ct_path, seg=old, output=tmp_path / "a.nii.gz", device="cpu")
+    assert rep["threshold"] == pytest.approx(0.6)  # the checkpoint's own, unchanged
+    assert "old.pt" in caplog.text and "--threshold 0.4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="CovidGANSegLib.seg.inference"):
+        segment_file(ct_path, seg=old, output=tmp_path / "b.nii.gz", device="cpu", threshold=0.4)
+    assert "--threshold" not in caplog.text  # the user chose
+    # today's choices and the plain 0.5 of a model without synthetic validation pairs are not flagged
+    def payload(t: float, meta: dict) -> dict:
+        return {"threshold": t, "metadata": meta}
+
+    assert chose_threshold_among_old_range(payload(0.5, chosen))
+    assert not chose_threshold_among_old_range(payload(0.4, chosen))
+    assert not chose_threshold_among_old_range(payload(0.3, chosen))
+    assert not chose_threshold_among_old_range(payload(0.5, {"threshold_val_dice_synthetic": None}))
+    assert not chose_threshold_among_old_range(payload(0.5, {}))
 
 
 def test_same_result_in_any_orientation(phantom, tmp_path):
