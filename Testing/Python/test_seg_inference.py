@@ -18,8 +18,8 @@ from CovidGANSegLib.config import PreprocessConfig
 from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
-from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, filtered_density, limit_thin_growth, load_segmenter, local_contrast, post_process,
-                                          segment_ct, segment_file, slab_partial_volume, chose_threshold_among_old_range)
+from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, chose_threshold_among_old_range, filtered_density, limit_thin_growth,
+                                          load_segmenter, local_contrast, post_process, segment_ct, segment_file, slab_partial_volume)
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
@@ -100,11 +100,12 @@ def test_segment_warns_of_a_threshold_an_earlier_version_chose_above_0_4(phantom
     with caplog.at_level(logging.WARNING, logger="CovidGANSegLib.seg.inference"):
         segment_file(ct_path, seg=old, output=tmp_path / "b.nii.gz", device="cpu", threshold=0.4)
     assert "--threshold" not in caplog.text  # the user chose
-    # today's choices and the plain 0.5 of a model without synthetic validation pairs are not flagged
+
     def payload(t: float, meta: dict) -> dict:
         return {"threshold": t, "metadata": meta}
 
-    assert chose_threshold_among_old_range(payload(0.5, chosen))
+    assert chose_threshold_among_old_range(payload(0.5, chosen))  # as three of the demo models of 2026-12-05 chose
+    # today's choices and the plain 0.5 of a model without synthetic validation pairs are not flagged
     assert not chose_threshold_among_old_range(payload(0.4, chosen))
     assert not chose_threshold_among_old_range(payload(0.3, chosen))
     assert not chose_threshold_among_old_range(payload(0.5, {"threshold_val_dice_synthetic": None}))
