@@ -93,6 +93,8 @@ from machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from CovidGANSegLib.demo import MILD_PERCENT  # noqa: E402  (the demo report's mild rule)
+
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
             "bce-no-growth", "bce-lr-1e-3", "bce-2.5d", "+spare-extensive", "+face-growth", "face-growth-only",
@@ -175,7 +177,6 @@ SETTINGS = {
 }
 GATE_LEVELS_HU = (0.0, 15.0, 25.0, 40.0, 60.0, 90.0)
 GATE_HU = 30.0
-MILD_PERCENT = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
