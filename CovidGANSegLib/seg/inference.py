@@ -714,9 +714,10 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
     if not 0.0 < thr < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {thr}")
     if threshold is None and chose_threshold_among_old_range(payload):
-        log.warning("%s: its probability threshold %.2g was chosen above 0.4 by an earlier version; training now "
-                    "chooses 0.3 or 0.4, which keeps the seeds of faint mild lesions (docs/ablation.md, \"The segmenters' "
-                    "threshold: 0.3 or 0.4\"): --threshold 0.4 follows it", seg, thr)
+        choices = " or ".join(f"{t:g}" for t in THRESHOLDS)
+        log.warning("%s: its probability threshold %.2g was chosen above %g by an earlier version; training now chooses %s, "
+                    "which keeps the seeds of faint mild lesions (docs/ablation.md, \"The segmenters' threshold\"): "
+                    "--threshold %g follows it", seg, thr, max(THRESHOLDS), choices, max(THRESHOLDS))
     generator = None
     if gan is not None:
         from CovidGANSegLib.gan.inference import load_generator, preprocess_config_of
