@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
-from CovidGANSegLib import __version__, atomic, progress, protocol
-from CovidGANSegLib.errors import CovidGANSegError
+from CovidGANSegLib import __version__, atomic, distributed, progress, protocol
+from CovidGANSegLib.errors import CovidGANSegError, exception_chain
 
 #: command modules, in the order of the pipeline
 COMMAND_MODULES = ("phantoms", "preprocess", "gan", "seg", "train", "evaluate", "demo", "models")
@@ -46,10 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     atomic.install_signal_handlers()  # SIGTERM / SIGHUP raise KeyboardInterrupt, so temporary files are removed
     try:
         result = args.handler(args)
-    except KeyboardInterrupt:
-        print(protocol.format_interrupted(args.command), file=sys.stderr)
-        return protocol.EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        _hold_signals_if_broken()
+        # torchrun stops the surviving ranks of a failed job with SIGTERM: one that came while this
+        # rank was reporting the failure must not hide it
+        failure = distributed.broken_by() or next((e for e in exception_chain(exc)[1:] if isinstance(e, distributed.DistributedError)), None)
+        if failure is None:
+            print(protocol.format_interrupted(args.command), file=sys.stderr)
+            return _leave(protocol.EXIT_INTERRUPTED)
+        print(protocol.format_error(args.command, str(failure)), file=sys.stderr)
+        return _leave(protocol.EXIT_INPUT_ERROR)
     except Exception as exc:
+        _hold_signals_if_broken()
         code = exit_code_for(exc)
         if code is None:
             raise  # a bug: the traceback is the message (exit code 1)
@@ -58,10 +68,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             first = message.splitlines()[0][:300] if message else type(exc).__name__
             message = f"the GPU ran out of memory ({first}); run again with --device cpu"
         else:  # a device error wrapped in another error: its own message
-            message = next((str(e) for e in _causes(exc) if isinstance(e, protocol.DeviceError)), message)
+            message = next((str(e) for e in exception_chain(exc) if isinstance(e, protocol.DeviceError)), message)
         print(protocol.format_error(args.command, message), file=sys.stderr)
-        return code
+        return _leave(code)
     return int(result or 0)
+
+
+def _hold_signals_if_broken() -> None:
+    """After another rank's death, keep SIGINT / SIGTERM / SIGHUP pending: the error is reported whole."""
+    if distributed.broken_by() is not None and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, atomic.STOP_SIGNALS)
+
+
+def _leave(code: int) -> int:
+    """``code``; after another rank's death the process ends here with it, without the interpreter's
+    teardown, which can deadlock freeing DDP's state on the broken group (:func:`distributed.broken_by`)."""
+    if distributed.broken_by() is not None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def exit_code_for(exc: BaseException) -> int | None:
@@ -70,7 +97,7 @@ def exit_code_for(exc: BaseException) -> int | None:
     A device problem counts wherever it is in the chain of causes (an ``InputError`` raised from a
     :class:`~CovidGANSegLib.protocol.CudaMissingError` still means "CUDA missing").
     """
-    chain = _causes(exc)
+    chain = exception_chain(exc)
     for current in chain:
         if _torch_out_of_memory(current):
             return protocol.EXIT_GPU_OUT_OF_MEMORY
@@ -79,15 +106,6 @@ def exit_code_for(exc: BaseException) -> int | None:
     if isinstance(exc, (CovidGANSegError, FileExistsError)):
         return protocol.EXIT_INPUT_ERROR
     return None
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(chain) < 10 and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 def _torch_out_of_memory(exc: BaseException) -> bool:

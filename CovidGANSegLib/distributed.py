@@ -2,8 +2,9 @@
 
 ``torchrun --nproc_per_node N -m CovidGANSegLib train ...`` starts N processes with ``WORLD_SIZE``,
 ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set. :func:`session` then joins the
-process group (NCCL on CUDA, gloo on CPU; each process on GPU ``LOCAL_RANK``) and always leaves it
-again (``destroy_process_group`` in a ``finally``: errors, Ctrl-C and SIGTERM included). Without
+process group (NCCL on CUDA, gloo on CPU; each process on GPU ``LOCAL_RANK``) and leaves it again
+(``destroy_process_group`` in a ``finally``: errors, Ctrl-C and SIGTERM included), except a group that
+another rank's death broke: that process reports the failure and exits at once (:func:`broken_by`). Without
 torchrun, or with a world of one process, nothing here creates a process group and every helper
 answers as a single process would (rank 0 of 1), so single-process runs are unchanged.
 
@@ -36,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from CovidGANSegLib.errors import CovidGANSegError, InputError
+from CovidGANSegLib.errors import CovidGANSegError, InputError, exception_chain
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ TIMEOUT_ENV = "COVIDGANSEG_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 HEARTBEAT_S = 1.0
 
-_state: dict[str, Any] = {"store": None, "calls": 0, "beat": None, "prefix": ""}
+_state: dict[str, Any] = {"store": None, "calls": 0, "beat": None, "prefix": "", "broken": None}
 
 
 class DistributedError(CovidGANSegError):
@@ -168,8 +169,8 @@ def session(device: str = "cpu") -> Iterator[str]:
     seconds = timeout_s()
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, timeout=_dt.timedelta(seconds=seconds))
-    _state.update(calls=0, prefix=f"covidganseg/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
-                                  f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
+    _state.update(calls=0, broken=None, prefix=f"covidganseg/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/"
+                                                f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/")
     try:
         _state["store"] = _connect_store(seconds)
         if is_main():
@@ -183,23 +184,41 @@ def session(device: str = "cpu") -> Iterator[str]:
         log.info("distributed training: %d processes, backend %s, collective timeout %.0f s", world_size(), backend, seconds)
         try:
             yield device
-        except Exception as exc:
-            if isinstance(exc, CovidGANSegError) or not is_peer_failure(exc):
+        except BaseException as exc:
+            # a peer failure itself, or a signal (torchrun's SIGTERM to the surviving ranks) that came
+            # while one unwound: the dead peer is what to report
+            failure = None if isinstance(exc, CovidGANSegError) else next((e for e in exception_chain(exc) if is_peer_failure(e)), None)
+            if failure is None:
                 raise
-            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-            raise DistributedError(f"rank {rank()}: another process of the job failed or was killed ({first}); the job stops. "
-                                   "Run the same command again with --resume to continue from the last checkpoint") from exc
+            first = (str(failure).splitlines() or [type(failure).__name__])[0][:300]
+            _state["broken"] = DistributedError(f"rank {rank()}: another process of the job failed or was killed ({first}); the job stops. "
+                                                "Run the same command again with --resume to continue from the last checkpoint")
+            raise _state["broken"] from exc
         # DDP wrappers and autograd graphs that still hold the group (reference cycles) go while the
         # group is whole and the interpreter too: a gloo group left to interpreter finalisation can
         # abort a process whose work is done. Not after a peer failure: freeing DDP state on a broken
-        # group can abort before the error is reported.
+        # group can deadlock or abort (broken_by).
         gc.collect()
         barrier()  # leave together: no rank tears the group down while another still runs a collective
     finally:
-        _stop_heartbeat()
+        broken = _state["broken"] is not None
+        _stop_heartbeat(wait=not broken)
         _state["store"] = None
-        with contextlib.suppress(Exception):  # the group may already be broken (a dead peer)
-            dist.destroy_process_group()
+        if not broken:  # a group broken by a dead peer stays as it is: see broken_by()
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def broken_by() -> DistributedError | None:
+    """The error the last :func:`session` ended on when another rank's failure broke its process group
+    (the group is then left as it was), else None.
+
+    Freeing DDP's reducer on such a group can deadlock in torch's gloo backend (the group's destructor
+    joins its worker thread while holding the GIL, and that thread needs the GIL to free a finished
+    collective: seen under load, the process then waits for torchrun's SIGKILL). Such a process
+    reports its error and leaves without the interpreter's teardown (:func:`CovidGANSegLib.cli.main`).
+    """
+    return _state["broken"]
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -242,12 +261,13 @@ def _start_heartbeat(seconds: float) -> None:
     _state["beat"] = (stop, thread)
 
 
-def _stop_heartbeat() -> None:
+def _stop_heartbeat(wait: bool = True) -> None:
     beat = _state.get("beat")
     _state["beat"] = None
     if beat:
         beat[0].set()
-        beat[1].join(timeout=5)
+        if wait:  # (a daemon thread: one not waited for ends with the process)
+            beat[1].join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------

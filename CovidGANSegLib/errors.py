@@ -36,3 +36,13 @@ class OutputError(CovidGANSegError):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
+
+
+def exception_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, newest first (at most ``limit``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < limit and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from CovidGANSegLib import cli, distributed, progress
+from CovidGANSegLib import cli, distributed, progress, protocol
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # float rounding of the sharded sums, amplified by Adam's first steps where a gradient is near eps:
@@ -131,6 +131,63 @@ def test_single_process_helpers_create_no_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     assert not distributed.requested()  # torchrun --nproc_per_node 1: a plain single-process run
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_signal_while_a_dead_peer_is_reported_still_reports_the_dead_peer(monkeypatch, capsys):
+    """torchrun's SIGTERM to the surviving ranks can come while one of them unwinds a collective that
+    failed: the session still names the dead peer and leaves the broken group alone, and the command
+    line reports that error (not "interrupted")."""
+    import torch.distributed as dist
+
+    from CovidGANSegLib.commands import gan
+
+    monkeypatch.setattr(distributed, "requested", lambda: True)  # a gloo group of one process, in this one
+    for name, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+        monkeypatch.setenv(name, value)
+    try:
+        with pytest.raises(distributed.DistributedError, match="another process of the job failed or was killed") as info:
+            with distributed.session("cpu"):
+                assert distributed.is_initialized()
+                try:
+                    raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:4519: Connection reset by peer")
+                except RuntimeError:
+                    raise KeyboardInterrupt("signal SIGTERM") from None  # the signal, while the failure unwinds
+        assert "Connection reset by peer" in str(info.value) and "--resume" in str(info.value)
+        assert distributed.broken_by() is info.value
+        assert distributed.is_initialized()  # the broken group is left as it is (freeing it can deadlock)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # (whole here: this test's own clean-up)
+        distributed._state["broken"] = None  # else the command line below would end this process (os._exit)
+
+    error = info.value
+
+    def report_interrupted(args):  # the same signal, while the error reaches the command line
+        try:
+            raise error
+        except distributed.DistributedError:
+            raise KeyboardInterrupt("signal SIGTERM")
+
+    monkeypatch.setattr(gan, "run_train", report_interrupted)
+    capsys.readouterr()
+    assert cli.main(["train-gan", "--data", "d", "--out", "r"]) == protocol.EXIT_INPUT_ERROR
+    err = capsys.readouterr().err
+    assert protocol.parse_error(err.strip().splitlines()[-1]) == str(error) and "interrupted" not in err
+
+    def interrupted(args):  # a plain Ctrl-C stays an interruption
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gan, "run_train", interrupted)
+    assert cli.main(["train-gan", "--data", "d", "--out", "r"]) == protocol.EXIT_INTERRUPTED
+    assert protocol.parse_error(capsys.readouterr().err.strip().splitlines()[-1]) == "interrupted"
 
 
 def test_a_batch_the_processes_cannot_share_is_refused_before_anything_is_written(cohort, tmp_path, monkeypatch, capsys):
@@ -288,9 +345,12 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_from_the_last_checkpoi
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0, out[-3000:]
-    assert stopped_after < 60, stopped_after
+    assert stopped_after < 15, stopped_after  # (torchrun gives a rank that does not stop 30 s after its SIGTERM)
     assert "exitcode  : -9" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]  # torchrun names the killed rank
     assert "another process of the job failed or was killed" in out and "--resume" in out, out[-3000:]  # and the survivor says so
+    # ... and leaves on its own with the input-error code, not on torchrun's SIGTERM or SIGKILL (its teardown
+    # on the broken group, skipped now, could deadlock until the SIGKILL: seen about once in 70 runs under load)
+    assert re.search(rf"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: {protocol.EXIT_INPUT_ERROR} ", out), out[-3000:]
     done = torch.load(run / "gan" / "checkpoints" / "last.pt", weights_only=False)["iteration"]
     assert 2 <= done < iterations
 
