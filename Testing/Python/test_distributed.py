@@ -349,7 +349,7 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_from_the_last_checkpoi
     assert "exitcode  : -9" in out and "Signal 9 (SIGKILL)" in out, out[-3000:]  # torchrun names the killed rank
     assert "another process of the job failed or was killed" in out and "--resume" in out, out[-3000:]  # and the survivor says so
     # ... and leaves on its own with the input-error code, not on torchrun's SIGTERM or SIGKILL (its teardown
-    # on the broken group, skipped now, could deadlock until the SIGKILL: seen about once in 70 runs under load)
+    # on the broken group, skipped now, could deadlock until the SIGKILL: 2 of 80 runs under load, 2026-12-05)
     assert re.search(rf"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: {protocol.EXIT_INPUT_ERROR} ", out), out[-3000:]
     done = torch.load(run / "gan" / "checkpoints" / "last.pt", weights_only=False)["iteration"]
     assert 2 <= done < iterations
