@@ -56,22 +56,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failure is None:
             print(protocol.format_interrupted(args.command), file=sys.stderr)
             return _leave(protocol.EXIT_INTERRUPTED)
-        print(protocol.format_error(args.command, str(failure)), file=sys.stderr)
-        return _leave(protocol.EXIT_INPUT_ERROR)
+        return _leave(_report(args.command, failure))
     except Exception as exc:
         _hold_signals_if_broken()
-        code = exit_code_for(exc)
-        if code is None:
+        if exit_code_for(exc) is None:
             raise  # a bug: the traceback is the message (exit code 1)
-        message = str(exc)
-        if code == protocol.EXIT_GPU_OUT_OF_MEMORY and not isinstance(exc, protocol.GpuOutOfMemoryError):
-            first = message.splitlines()[0][:300] if message else type(exc).__name__
-            message = f"the GPU ran out of memory ({first}); run again with --device cpu"
-        else:  # a device error wrapped in another error: its own message
-            message = next((str(e) for e in exception_chain(exc) if isinstance(e, protocol.DeviceError)), message)
-        print(protocol.format_error(args.command, message), file=sys.stderr)
-        return _leave(code)
+        return _leave(_report(args.command, exc))
     return int(result or 0)
+
+
+def _report(command: str, exc: BaseException) -> int:
+    """Print the one error line of ``exc`` (a known error: :func:`exit_code_for` is not None); its exit code."""
+    code = exit_code_for(exc)
+    assert code is not None
+    message = str(exc)
+    if code == protocol.EXIT_GPU_OUT_OF_MEMORY and not isinstance(exc, protocol.GpuOutOfMemoryError):
+        first = message.splitlines()[0][:300] if message else type(exc).__name__
+        message = f"the GPU ran out of memory ({first}); run again with --device cpu"
+    else:  # a device error wrapped in another error: its own message
+        message = next((str(e) for e in exception_chain(exc) if isinstance(e, protocol.DeviceError)), message)
+    print(protocol.format_error(command, message), file=sys.stderr)
+    return code
 
 
 def _hold_signals_if_broken() -> None:
