@@ -60,8 +60,10 @@ from machine import describe, machine_info, save_result  # noqa: E402
 SEGMENTERS = ("transunet", "unet")
 DEFAULT_ROW = "the default pipeline"
 LUNG_16MM = "lung_16mm"
+RULES_ALONE = "rules_alone"
 
-#: row name -> PostProcessing overrides ("plain": PLAIN; LUNG_16MM: the default rules on the 16 mm lung mask)
+#: row name -> PostProcessing overrides ("plain": PLAIN; LUNG_16MM: the default rules on the 16 mm lung mask;
+#: RULES_ALONE: the default rules with every lung voxel as a seed, no segmenter)
 VARIANTS: dict[str, Any] = {
     DEFAULT_ROW: {},
     "without the HU prior (-800..+100 HU)": {"hu_range": None},
@@ -74,6 +76,7 @@ VARIANTS: dict[str, Any] = {
     "without the thin-growth limit": {"min_thick_fraction": None},
     "growth floor -750 HU (before: -725)": {"grow_hu_range": (-750.0, 100.0)},
     "lung mask closed over 16 mm along z (before: 24)": LUNG_16MM,
+    "the segmenter (every lung voxel a seed: the rules alone)": RULES_ALONE,
     "none of these rules (p > threshold in the lung)": "plain",
 }
 
@@ -93,8 +96,8 @@ CONTROL = "retrained as the demo trained it (control)"
 
 
 def rules(names: Iterable[str]) -> dict[str, Any]:
-    """Row name -> ``PostProcessing`` for ``names`` of :data:`VARIANTS` (the 16 mm row: the default
-    rules, its lung mask is the row's)."""
+    """Row name -> ``PostProcessing`` for ``names`` of :data:`VARIANTS` (the 16 mm row and the rules
+    alone: the default rules; the lung mask, or the seeds, are the row's)."""
     from CovidGANSegLib.seg.inference import PLAIN, PostProcessing
 
     out = {}
@@ -102,7 +105,7 @@ def rules(names: Iterable[str]) -> dict[str, Any]:
         spec = VARIANTS[name]
         if spec == "plain":
             out[name] = PLAIN
-        elif spec == LUNG_16MM:
+        elif spec in (LUNG_16MM, RULES_ALONE):
             out[name] = PostProcessing()
         else:
             out[name] = dataclasses.replace(PostProcessing(), **spec)
@@ -118,7 +121,7 @@ def score(mask, truth) -> dict[str, float]:
 
 class CaseScorer:
     """Each CT through every model once (once more on the 16 mm lung mask when that row is asked
-    for), then through each row's post-processing."""
+    for), then through each row's post-processing (the rules-alone row once per CT: it reads no model)."""
 
     def __init__(self, models: dict[str, Any], rows: Iterable[str] = tuple(VARIANTS)) -> None:
         self.models = models
@@ -139,6 +142,7 @@ class CaseScorer:
         if any(VARIANTS[row] == LUNG_16MM for row in self.rules):
             lungs[LUNG_16MM] = extract_lung_mask(ct.array, ct.spacing, z_closing_mm=TRAINING_Z_CLOSING_MM)
         out: dict[str, dict[str, Any]] = {name: {} for name in self.rules}
+        alone = None
         for model_name, model in self.models.items():
             candidates = {}
             for key, lung in lungs.items():
@@ -148,9 +152,15 @@ class CaseScorer:
                 candidates[key] = res.probability > res.threshold
             for row, rule in self.rules.items():
                 key = LUNG_16MM if VARIANTS[row] == LUNG_16MM else "default"
+                if VARIANTS[row] == RULES_ALONE and alone is not None:
+                    out[row][model_name] = alone
+                    continue
+                seeds = lungs[key].copy() if VARIANTS[row] == RULES_ALONE else candidates[key]
                 t = time.perf_counter()
-                out[row][model_name] = post_process(candidates[key], hu, lungs[key], spacing, rule)
+                out[row][model_name] = post_process(seeds, hu, lungs[key], spacing, rule)
                 self.post_seconds[row].append(time.perf_counter() - t)
+                if VARIANTS[row] == RULES_ALONE:
+                    alone = out[row][model_name]
         return out, lungs
 
 
@@ -226,7 +236,6 @@ def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
     thread each as the demo trains; models already in ``work`` are kept (the script can be resumed)."""
     from CovidGANSegLib.checkpoints import read_model_card
     from CovidGANSegLib.config import PreprocessConfig
-    from CovidGANSegLib.cpu_jobs import run_side_by_side
     from CovidGANSegLib.preprocessing import ensure_preprocessed
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
@@ -251,13 +260,21 @@ def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
             pseudo_masks=demo / "pseudo_masks" if spec.get("pseudo_masks") else data, run_dir=run, model="transunet",
             config=dataclasses.replace(config, **spec.get("seg", {})), iterations=card["iterations"], device="cpu", seed=seed,
             data=demo / "data" / "train", synthetic=SyntheticSupervision(**{**synthetic, **spec.get("synthetic", {})})))
+    train_in_pairs(jobs, f"{demo.name}: ")
+    return models
+
+
+def train_in_pairs(jobs: dict[str, tuple[Any, dict[str, Any]]], label: str = "") -> None:
+    """Run ``{name: (function, keyword arguments)}`` two at a time, one torch thread each (as the demo
+    trains its segmenters), and print each pair's wall time."""
+    from CovidGANSegLib.cpu_jobs import run_side_by_side
+
     pending = list(jobs)
     for k in range(0, len(pending), 2):
         batch = {name: jobs[name] for name in pending[k:k + 2]}
         t = time.perf_counter()
         run_side_by_side(batch, threads=1)
-        print(f"{demo.name}: trained {' and '.join(batch)} side by side in {time.perf_counter() - t:.0f} s", flush=True)
-    return models
+        print(f"{label}trained {' and '.join(batch)} side by side in {time.perf_counter() - t:.0f} s", flush=True)
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -350,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also retrain each demo's TransUNet without each lever of training, in WORK (resumable), and score it; "
                          "the first demo's is also retrained unchanged, as a control")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for scoring")
+    ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
+                    help="score only the rule rows whose name contains one of these texts (and the default row)")
     ap.add_argument("--max-threshold", type=float, default=None, metavar="T",
                     help="score each segmenter at min(its own threshold, T) (models trained before the thresholds of training "
                          "were limited)")
@@ -378,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     held, normal, lesions, checks, controls, seconds = [], [], [], {}, {}, {}
     thresholds: dict[str, dict[str, list[float]]] = {}
-    post_seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    selected = [name for name in VARIANTS if name == DEFAULT_ROW or args.rows is None or any(text in name for text in args.rows)]
+    post_seconds: dict[str, list[float]] = {name: [] for name in selected}
     forward: list[float] = []
     for k, demo in enumerate(args.demos):
         models = {m: load_segmenter(demo / "runs" / m / "model.pt", "cpu")[0] for m in SEGMENTERS}
@@ -389,12 +409,12 @@ def main(argv: list[str] | None = None) -> int:
                 model.threshold = min(own, args.max_threshold)
             thresholds[str(demo)][m] = [own, float(model.threshold)]
         print(f"{demo}: thresholds (own, used): {thresholds[str(demo)]}", flush=True)
-        scorer = CaseScorer(models)
+        scorer = CaseScorer(models, rows=selected)
         rows = held_out_rows(demo, scorer)
         checks[str(demo)] = own_dice_difference(demo, rows)
         normal_rows = real_normal_rows(args.real_ct, scorer, demo)
         lesion_rows = real_lesion_rows(args.real_ct, scorer, demo) if args.real_lesions else []
-        for name in VARIANTS:
+        for name in selected:
             post_seconds[name] += scorer.post_seconds[name]
         forward += scorer.forward_seconds
         print(f"{demo}: the default row against the demo's own held-out Dice, largest difference {checks[str(demo)]:.2e}", flush=True)
@@ -423,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                               "training_variants": TRAINING_VARIANTS if args.retrain is not None else {}, "tables": {},
                               "held_out": held, "real_normal": normal, "real_lesions": lesions}
     for model in SEGMENTERS:
-        names = list(VARIANTS) + (list(TRAINING_VARIANTS) if args.retrain is not None and model == "transunet" else [])
+        names = selected + (list(TRAINING_VARIANTS) if args.retrain is not None and model == "transunet" else [])
         text, numbers = table(held, normal, lesions, post_seconds, model, names)
         print("\n" + text)
         result["tables"][model] = numbers
