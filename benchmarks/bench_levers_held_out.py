@@ -3,8 +3,9 @@ finished demos: the README's ablation table (issue 8, deliverable 4).
 
 The levers were chosen one by one on validation cohorts (docs/ablation.md); this script chooses
 nothing. It loads each demo's two segmenters, computes each model's probability once per case, and
-scores the default post-processing (``PostProcessing()``) and every variant that leaves one rule out
-(or puts back the value it replaced) on:
+scores the default post-processing (``PostProcessing()``), every variant that leaves one rule out
+(or puts back the value it replaced), and the rules alone (every lung voxel a seed, no segmenter:
+what the segmenter itself adds) on:
 
 * the demo's held-out phantoms (independent lesion model; Dice, sensitivity, precision per case; the
   mild cases, under ``demo.MILD_PERCENT`` of the lung as the demo's report counts them, apart);
@@ -30,6 +31,9 @@ pass, the same for every row, is reported apart).
     python benchmarks/bench_levers_held_out.py demo-out                    # one demo
     python benchmarks/bench_levers_held_out.py demo-out rep3026 rep4026 --real-lesions --retrain /tmp/levers
     python benchmarks/bench_levers_held_out.py --tables benchmarks/results/levers_held_out_<date>.json   # print again
+
+``--rows TEXT ...`` scores only the rule rows whose name contains one of the texts (and the default
+row), e.g. ``--rows 'the segmenter'`` for the rules-alone row.
 
 ``--max-threshold T`` scores each segmenter at the lower of its own probability threshold and T
 (``threshold_used`` in the result): for models trained before training chose among
