@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.demos:
         ap.error("give finished demo folders (or --tables RESULT)")
+    if args.rows is not None and not any(text in name for name in VARIANTS if name != DEFAULT_ROW for text in args.rows):
+        ap.error(f"--rows: no rule row's name contains any of {args.rows}; the rows: {[n for n in VARIANTS if n != DEFAULT_ROW]}")
     if args.max_threshold is not None and not 0.0 < args.max_threshold < 1.0:
         ap.error(f"--max-threshold must be a probability in (0, 1), got {args.max_threshold}")
 
