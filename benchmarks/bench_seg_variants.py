@@ -213,13 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     from CovidGANSegLib import demo as demo_module
     from CovidGANSegLib import progress
 
+    from CovidGANSegLib.seg.transunet import SEG_CONFIGS
+
     progress.set_mode("none")
     variants = {DEFAULT: {}}
     for name, change in args.variant:
         if name == DEFAULT:
             ap.error(f"{DEFAULT!r} is the unchanged configuration's name")
-        variants[name] = json.loads(change)
-    seed = json.loads((args.demo / "data" / "train" / "cohort.json").read_text())["seed"]  # the demo's plan seed: its cohorts' seeds
+        try:
+            variants[name] = json.loads(change)
+            dataclasses.replace(SEG_CONFIGS["small"], **variants[name])  # unknown fields and bad values fail here
+        except (ValueError, TypeError) as exc:
+            ap.error(f"--variant {name}: {change!r} is not a JSON object of SegConfig fields ({exc})")
+    cohort_json = args.demo / "data" / "train" / "cohort.json"
+    if not cohort_json.is_file():
+        ap.error(f"{args.demo}: not a finished demo's output folder (no {cohort_json})")
+    seed = json.loads(cohort_json.read_text())["seed"]  # the demo's plan seed: its cohorts' seeds
     plan = dataclasses.replace(demo_module.QUICK if args.plan == "quick" else demo_module.FULL, seed=seed)
     info = machine_info()
     print(describe(info))
