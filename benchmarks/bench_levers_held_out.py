@@ -146,7 +146,13 @@ class CaseScorer:
         if any(VARIANTS[row] == LUNG_16MM for row in self.rules):
             lungs[LUNG_16MM] = extract_lung_mask(ct.array, ct.spacing, z_closing_mm=TRAINING_Z_CLOSING_MM)
         out: dict[str, dict[str, Any]] = {name: {} for name in self.rules}
-        alone = None
+        with_model = [row for row in self.rules if VARIANTS[row] != RULES_ALONE]
+        for row in self.rules:
+            if VARIANTS[row] == RULES_ALONE:  # no model: one mask, in every model's column
+                t = time.perf_counter()
+                alone = post_process(lungs["default"].copy(), hu, lungs["default"], spacing, self.rules[row])
+                self.post_seconds[row].append(time.perf_counter() - t)
+                out[row] = {model_name: alone for model_name in self.models}
         for model_name, model in self.models.items():
             candidates = {}
             for key, lung in lungs.items():
@@ -154,17 +160,11 @@ class CaseScorer:
                 res = segment_ct(ct, model, lung_mask=lung, post=PLAIN)
                 self.forward_seconds.append(time.perf_counter() - t)
                 candidates[key] = res.probability > res.threshold
-            for row, rule in self.rules.items():
+            for row in with_model:
                 key = LUNG_16MM if VARIANTS[row] == LUNG_16MM else "default"
-                if VARIANTS[row] == RULES_ALONE and alone is not None:
-                    out[row][model_name] = alone
-                    continue
-                seeds = lungs[key].copy() if VARIANTS[row] == RULES_ALONE else candidates[key]
                 t = time.perf_counter()
-                out[row][model_name] = post_process(seeds, hu, lungs[key], spacing, rule)
+                out[row][model_name] = post_process(candidates[key], hu, lungs[key], spacing, self.rules[row])
                 self.post_seconds[row].append(time.perf_counter() - t)
-                if VARIANTS[row] == RULES_ALONE:
-                    alone = out[row][model_name]
         return out, lungs
 
 
@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.demos:
         ap.error("give finished demo folders (or --tables RESULT)")
-    if args.rows is not None and not any(text in name for name in VARIANTS if name != DEFAULT_ROW for text in args.rows):
+    selected = [name for name in VARIANTS if name == DEFAULT_ROW or args.rows is None or any(text in name for text in args.rows)]
+    if len(selected) == 1 and args.rows is not None:
         ap.error(f"--rows: no rule row's name contains any of {args.rows}; the rows: {[n for n in VARIANTS if n != DEFAULT_ROW]}")
     if args.max_threshold is not None and not 0.0 < args.max_threshold < 1.0:
         ap.error(f"--max-threshold must be a probability in (0, 1), got {args.max_threshold}")
@@ -403,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     held, normal, lesions, checks, controls, seconds = [], [], [], {}, {}, {}
     thresholds: dict[str, dict[str, list[float]]] = {}
-    selected = [name for name in VARIANTS if name == DEFAULT_ROW or args.rows is None or any(text in name for text in args.rows)]
     post_seconds: dict[str, list[float]] = {name: [] for name in selected}
     forward: list[float] = []
     for k, demo in enumerate(args.demos):
