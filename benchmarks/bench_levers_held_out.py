@@ -238,17 +238,13 @@ def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
     """The demo's TransUNet retrained under each of ``names`` (:data:`TRAINING_VARIANTS` or
     :data:`CONTROL`) with the demo's data, seed and settings otherwise, two at a time, one torch
     thread each as the demo trains; models already in ``work`` are kept (the script can be resumed)."""
-    from CovidGANSegLib.checkpoints import read_model_card
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.preprocessing import ensure_preprocessed
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
-    from CovidGANSegLib.seg.transunet import get_seg_config
 
-    card = read_model_card(demo / "runs" / "transunet" / "model.pt")
+    card, synthetic, config = demo_training(demo)
     seed = json.loads((demo / "data" / "train" / "cohort.json").read_text())["seed"]  # the demo trains with its plan's seed
-    synthetic = {k: tuple(v) if isinstance(v, list) else v for k, v in card["synthetic"].items()}
-    config = get_seg_config(card["config_name"])
     grid = tuple(card["preprocess"]["grid"])
     jobs, models = {}, {}
     for i, name in enumerate(names):
@@ -266,6 +262,17 @@ def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
             data=demo / "data" / "train", synthetic=SyntheticSupervision(**{**synthetic, **spec.get("synthetic", {})})))
     train_in_pairs(jobs, f"{demo.name}: ")
     return models
+
+
+def demo_training(demo: Path) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """How a finished demo trained its segmenters: its TransUNet's model card, the synthetic-supervision
+    fields (``SyntheticSupervision`` keyword arguments) and the segmenter configuration."""
+    from CovidGANSegLib.checkpoints import read_model_card
+    from CovidGANSegLib.seg.transunet import get_seg_config
+
+    card = read_model_card(demo / "runs" / "transunet" / "model.pt")
+    synthetic = {k: tuple(v) if isinstance(v, list) else v for k, v in card["synthetic"].items()}
+    return card, synthetic, get_seg_config(card["config_name"])
 
 
 def train_in_pairs(jobs: dict[str, tuple[Any, dict[str, Any]]], label: str = "") -> None:

@@ -52,19 +52,16 @@ def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int
     """``{"variant/model/seed": model.pt}``, trained two at a time where missing."""
     import dataclasses
 
-    from bench_levers_held_out import train_in_pairs
-    from CovidGANSegLib.checkpoints import read_model_card
+    from bench_levers_held_out import demo_training, train_in_pairs
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
-    from CovidGANSegLib.seg.transunet import get_seg_config
 
-    card = read_model_card(demo / "runs" / "transunet" / "model.pt")
+    card, synthetic_fields, base = demo_training(demo)
     grid = "x".join(str(v) for v in card["preprocess"]["grid"])
     data = demo / "runs" / f"seg_preprocessed-{grid}"
     if not (data / "config.json").is_file():
         raise SystemExit(f"{data}: not the demo's preprocessed training cohort")
-    synthetic = SyntheticSupervision(**{k: tuple(v) if isinstance(v, list) else v for k, v in card["synthetic"].items()})
-    base = get_seg_config(card["config_name"])
+    synthetic = SyntheticSupervision(**synthetic_fields)
     paths, jobs = {}, {}
     for name, change in variants.items():
         for model in models:
