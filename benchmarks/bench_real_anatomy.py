@@ -8,6 +8,8 @@ iterations and grid) is trained twice: on the phantoms alone, and with the *othe
 healthy (CT-0) studies. Both are scored on the held-out CT only: at 8 mm slices with lesions of the
 independent evaluation model inserted (``bench_real_lesions.score_real_lesions``), and without lesions
 (percent of its lung marked). No lesion mask is read in training; the held-out CT is never trained on.
+Beside them, on the same cases, the rules alone (the default post-processing with every lung voxel as
+a seed, no segmenter): what the learned part adds where the segmenter has seen real anatomy.
 
     python benchmarks/bench_real_anatomy.py --out WORK
     python benchmarks/bench_real_anatomy.py --out WORK --folds aorta pulmonary --seeds 2026 1 --draw-seed 77 --draws 4
@@ -64,6 +66,11 @@ def training_set(work: Path, phantoms: Path, extra_healthy: list[Path], name: st
     return data
 
 
+def _percent(mask, lung) -> float:
+    """Share of the lung marked, in percent (3 decimals)."""
+    return round(100.0 * float((mask & lung).sum()) / max(1, int(lung.sum())), 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="work folder (phantoms, data sets, models; reused)")
@@ -78,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench_real_lesions import DEFAULT_COVERAGE, mean_metric, score_real_lesions
+    from bench_real_lesions import DEFAULT_COVERAGE, RULES_ALONE, mean_metric, score_real_lesions
     from CovidGANSegLib import progress
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.demo import QUICK, real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.preprocessing import ensure_preprocessed
-    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, segment_ct
+    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, post_process, segment_ct
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
     from CovidGANSegLib.synth.phantoms import write_cohort
@@ -133,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             _link(ct_path, one / ct_path.name)
         at_8mm = next(ct for _, thick, ct in real_normal_volumes(one) if thick)  # the same CT without lesions
         lung = extract_lung_mask(at_8mm.array, at_8mm.spacing)
+        # the rules alone (every lung voxel a seed, no segmenter) on the same cases: what the learned part adds
+        cases, skipped = score_real_lesions({}, one, post, coverages=DEFAULT_COVERAGE, draws=args.draws, seed=args.draw_seed,
+                                            verbose=False, rules_alone=True)
+        marked = post_process(lung.copy(), at_8mm.array, lung, at_8mm.spacing, post)
+        rules = {**{k: mean_metric(cases, RULES_ALONE, k) for k in ("dice", "precision", "sensitivity")},
+                 "cases": len(cases), "skipped": skipped, "normal_percent_of_lung_8mm": _percent(marked, lung)}
         for seed in args.seeds:
-            row = {"fold": fold, "held_out": ct_path.name, "seed": seed}
+            row = {"fold": fold, "held_out": ct_path.name, "seed": seed, RULES_ALONE: rules}
             for arm, extra in (("phantoms", []), ("with_real", [p for p in real if p != ct_path])):
                 name = "phantoms" if arm == "phantoms" else f"with_real_without_{fold}"
                 net = load_segmenter(model(name, extra, seed), "cpu")[0]
@@ -143,19 +156,26 @@ def main(argv: list[str] | None = None) -> int:
                 marked = segment_ct(at_8mm, net, lung_mask=lung, post=post).lesion_mask
                 row[arm] = {"dice": mean_metric(cases, arm, "dice"), "precision": mean_metric(cases, arm, "precision"),
                             "sensitivity": mean_metric(cases, arm, "sensitivity"), "cases": len(cases), "skipped": skipped,
-                            "normal_percent_of_lung_8mm": round(100.0 * float(marked.sum()) / max(1, int(lung.sum())), 3)}
+                            "normal_percent_of_lung_8mm": _percent(marked, lung)}
             row["hu_threshold_dice"] = mean_metric(cases, "hu_threshold", "dice")  # the same cases in both arms
             rows.append(row)
             print(f"{fold} seed {seed}: Dice {row['phantoms']['dice']:.3f} -> {row['with_real']['dice']:.3f}", flush=True)
 
     print(f"\nreal anatomy in training, leave-one-out ({iterations} iterations; lesion draw seed {args.draw_seed})")
-    print("| real CT held out | seed | cases | Dice: phantoms only / + the other real CTs | precision | its lung marked at 8 mm, % | HU threshold Dice |")
-    print("|---|---|---|---|---|---|---|")
+    print("| real CT held out | seed | cases | Dice: phantoms only / + the other real CTs / rules alone | precision | "
+          "sensitivity | its lung marked at 8 mm, % | HU threshold Dice |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        a, b = r["phantoms"], r["with_real"]
-        print(f"| {r['held_out']} | {r['seed']} | {a['cases']} | {a['dice']:.3f} / {b['dice']:.3f} | {a['precision']:.3f} / "
-              f"{b['precision']:.3f} | {a['normal_percent_of_lung_8mm']:.2f} / {b['normal_percent_of_lung_8mm']:.2f} | "
-              f"{r['hu_threshold_dice']:.3f} |")
+        arms = (r["phantoms"], r["with_real"], r[RULES_ALONE])
+
+        def cells(key: str, fmt: str = ".3f") -> str:
+            return " / ".join(f"{a[key]:{fmt}}" for a in arms)
+
+        print(f"| {r['held_out']} | {r['seed']} | {arms[0]['cases']} | {cells('dice')} | {cells('precision')} | "
+              f"{cells('sensitivity')} | {cells('normal_percent_of_lung_8mm', '.2f')} | {r['hu_threshold_dice']:.3f} |")
+    for arm in ("phantoms", "with_real"):
+        gains = [r[arm]["dice"] - r[RULES_ALONE]["dice"] for r in rows]
+        print(f"{arm}: Dice minus the rules alone's {sum(gains) / len(gains):+.3f} ({sum(g > 0 for g in gains)} of {len(gains)} above)")
     gains = [r["with_real"]["dice"] - r["phantoms"]["dice"] for r in rows]
     print(f"mean Dice change with real anatomy: {sum(gains) / len(gains):+.3f} ({sum(g > 0 for g in gains)} of {len(gains)} up)")
     out = ROOT / "benchmarks" / "results" / f"real_anatomy_{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"

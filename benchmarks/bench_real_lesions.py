@@ -52,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 
 DEFAULT_COVERAGE = (0.003, 0.01, 0.03)
+#: the post-processing with every lung voxel as a seed: the rules alone, no segmenter
+RULES_ALONE = "rules_alone"
 
 
 def lesioned_real_cts(real_dir: Path, coverages: Sequence[float], draws: int, seed: int,
@@ -93,18 +95,20 @@ def lesioned_real_cts(real_dir: Path, coverages: Sequence[float], draws: int, se
 
 def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequence[float], draws: int, seed: int,
                        thickness_mm: float = 8.0, noise_hu: float = 0.0, min_ml: float = 0.5, generator=None, payload=None,
-                       verbose: bool = True) -> tuple[list[dict], list[str]]:
+                       verbose: bool = True, rules_alone: bool = False) -> tuple[list[dict], list[str]]:
     """Each lesioned case of :func:`lesioned_real_cts` run through ``segment_ct`` for every model in
     ``models`` (name -> segmenter) and through the HU threshold; returns ``(rows, skipped)``: one row per
-    case with its confusion metrics per method, and the draws left out (lesions under ``min_ml``)."""
+    case with its confusion metrics per method, and the draws left out (lesions under ``min_ml``).
+    With ``rules_alone`` the method ``"rules_alone"`` is scored too: ``post`` with every lung voxel
+    as a seed, no segmenter (:data:`RULES_ALONE`)."""
     import numpy as np
 
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.metrics import confusion, from_confusion
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import gan_gate, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, post_process, segment_ct
 
-    methods = [*models, "hu_threshold"]
+    methods = [*models, "hu_threshold", *([RULES_ALONE] if rules_alone else [])]
     rows: list[dict] = []
     skipped: list[str] = []
     for case, coverage, ct, truth in lesioned_real_cts(real_dir, coverages, draws, seed, thickness_mm, noise_hu):
@@ -120,6 +124,8 @@ def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequenc
         preds = {name: segment_ct(ct, model, lung_mask=lung, post=post, difference_hu=diff, gate_hu=gate).lesion_mask
                  for name, model in models.items()}
         preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
+        if rules_alone:
+            preds[RULES_ALONE] = post_process(lung.copy(), ct.array, lung, ct.spacing, post)
         row = {"case": case, "coverage": coverage, "truth_ml": truth_ml,
                "truth_in_lung_mask": float((truth & lung).sum() / max(1, truth.sum()))}
         for m in methods:
