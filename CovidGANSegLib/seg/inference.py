@@ -787,3 +787,20 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
     progress.report(1.0, "done")
     log.info("%s: %.1f mL lesion in %.1f mL lung (%.2f %%, %s)", input.name, q["lesion_ml"], q["lung_ml"], q["percent_involved"], q["mosmed_category"])
     return rep
+
+
+def rules_alone_segment(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
+                        post: PostProcessing | None = None) -> np.ndarray:
+    """The post-processing with every lung voxel as a seed and no segmenter: a baseline without learning.
+
+    What :func:`segment_ct` would return if the segmenter marked the whole lung: the rules alone
+    decide (slab rule, HU prior, opening, density filter, growth, thin-growth limit, local contrast).
+    Scored beside the segmenters (the demo's ``rules_alone``), it measures what the learned seeds
+    add ("What the segmenter adds to the rules" in docs/ablation.md). ``hu`` and ``lung`` are
+    canonical ``(x, y, z)`` arrays of one CT, ``spacing`` its voxel size in mm.
+    """
+    lung = np.asarray(lung, dtype=bool)
+    hu = np.asarray(hu)
+    if hu.shape != lung.shape:
+        raise ValueError(f"lung mask {lung.shape} does not match the CT grid {hu.shape}")
+    return post_process(lung.copy(), hu, lung, tuple(spacing), post if post is not None else PostProcessing())

@@ -45,7 +45,7 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, mode):
     assert on_disk == metrics
     assert set(metrics) == {"cases", "models", "runtime_s"} | ({"real_normal_cases", "real_normal_8mm_cases"} if real else set())
     assert metrics["cases"] == 2
-    assert set(metrics["models"]) == {"transunet", "unet", "hu_threshold"}
+    assert set(metrics["models"]) == {"transunet", "unet", "rules_alone", "hu_threshold"}
     for stats in metrics["models"].values():
         assert set(stats) == {"dice", "sensitivity", "specificity"} | (
             {"real_normal_percent_involved", "real_normal_8mm_percent_involved"} if real else set())
@@ -64,6 +64,10 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, mode):
         # at 8 mm the partial volume of vessels makes it worse
         hu = metrics["models"]["hu_threshold"]
         assert min(b - a for a, b in zip(hu["real_normal_percent_involved"], hu["real_normal_8mm_percent_involved"])) > 0.0
+        # the rules alone (no model) mark far less of a normal lung than the threshold, on every CT and slice thickness
+        rules = metrics["models"]["rules_alone"]
+        for key in ("real_normal_percent_involved", "real_normal_8mm_percent_involved"):
+            assert all(r < 0.25 * t for r, t in zip(rules[key], hu[key]))
     assert metrics["runtime_s"] > 0
 
     # lesion masks are looked up only for the held-out studies, never for the training cohort (the
@@ -81,12 +85,15 @@ def test_demo_tiny_plan(tmp_path, monkeypatch, one_torch_thread, mode):
     assert (out / "evaluation" / "summary.json").is_file()
     # each segmenter's lead over the threshold is reported case by case, with its interval
     paired = json.loads((out / "evaluation" / "summary.json").read_text())["paired"]
-    assert paired["reference"] == "hu_threshold" and set(paired["methods"]) == {"transunet", "unet"}
+    assert paired["reference"] == "hu_threshold" and set(paired["methods"]) == {"transunet", "unet", "rules_alone"}
     assert all(r["n"] == 2 for r in paired["methods"].values())
     assert "Case by case against the HU threshold" in report and "transunet - hu_threshold: Dice" in report
+    # what the segmenters' seeds add to the same post-processing, case by case
+    assert "Case by case against the rules alone" in report and "unet - rules_alone: Dice" in report
+    assert "The rules alone (the post-processing with every lung voxel a seed, no model) score" in report
 
     # predictions are on each held-out study's own grid (same shape and affine as the input)
-    for method in ("transunet", "unet", "hu_threshold"):
+    for method in demo.METHODS:
         preds = sorted((out / "predictions" / method).glob("*.nii.gz"))
         assert len(preds) == 2
         for p in preds:

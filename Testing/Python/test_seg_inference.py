@@ -19,7 +19,8 @@ from CovidGANSegLib.errors import CheckpointError, InputError
 from CovidGANSegLib.nifti import CTVolume
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_classes, hu_threshold_segment
 from CovidGANSegLib.seg.inference import (PLAIN, PostProcessing, chose_threshold_among_old_range, filtered_density, limit_thin_growth,
-                                          load_segmenter, local_contrast, post_process, segment_ct, segment_file, slab_partial_volume)
+                                          load_segmenter, local_contrast, post_process, rules_alone_segment, segment_ct, segment_file,
+                                          slab_partial_volume)
 from CovidGANSegLib.seg.transunet import SEG_CONFIGS, TransUNet
 
 PP = PreprocessConfig(grid=(32, 32, 8), min_slices=1)
@@ -280,6 +281,35 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
     assert PostProcessing(gan_gate_sigmas=None).gate_hu(stats, 1400.0) is None and PostProcessing().gate_hu(None, 1400.0) is None
     with pytest.raises(ValueError):
         PostProcessing(open_mm=-1.0)
+
+
+def test_rules_alone_mark_the_lesion_not_the_vessel_nor_aerated_lung():
+    hu, lung, core, rim = _slab()
+    spacing = (1.0, 1.0, 8.0)
+    rules = rules_alone_segment(hu, lung, spacing)
+    assert np.array_equal(rules, post_process(lung.copy(), hu, lung, spacing, PostProcessing()))  # every lung voxel a seed
+    assert rules[rim].mean() > 0.9 and not rules[:, 10, :].any()  # the lesion and its faint rim; not the thin vessel
+    assert not (rules & (hu < -750)).any()  # nor aerated lung
+    assert not rules_alone_segment(hu, np.zeros_like(lung), spacing).any()
+    assert not rules_alone_segment(hu, lung, spacing, PostProcessing(hu_range=(-300.0, 100.0))).any()  # the rule given is used
+    with pytest.raises(ValueError, match="does not match"):
+        rules_alone_segment(hu[:, :, :2], lung, spacing)
+
+
+def test_rules_alone_on_real_normal_ct_at_8mm_mark_little_of_the_lung(real_ct_dir):
+    """Real vessels and partial volume at MosMed's 8 mm slices: the HU threshold marks a third of a normal
+    lung; the rules alone (the segmenters' post-processing without a model) stay under 2 % (issue 8's target)."""
+    from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.nifti import load_ct
+    from CovidGANSegLib.preprocessing import thick_slices
+
+    ct = thick_slices(load_ct(real_ct_dir / "aorta_report_ct_cropped.nii.gz", min_slices=1), 8.0)
+    lung = extract_lung_mask(ct.array, ct.spacing)
+    assert lung.sum() > 10000
+    rules = rules_alone_segment(ct.array, lung, ct.spacing)
+    threshold = hu_threshold_segment(ct.array, lung)
+    assert 100.0 * rules.sum() / lung.sum() < 2.0 < 20.0 < 100.0 * threshold.sum() / lung.sum()
+    assert not (rules & ~lung).any()
 
 
 def test_growth_connectivity_decides_whether_an_oblique_vessel_is_followed():
