@@ -59,12 +59,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_real_lesions import RULES_ALONE  # noqa: E402
 from machine import describe, machine_info, save_result  # noqa: E402
 
 SEGMENTERS = ("transunet", "unet")
 DEFAULT_ROW = "the default pipeline"
 LUNG_16MM = "lung_16mm"
-RULES_ALONE = "rules_alone"
 
 #: row name -> PostProcessing overrides ("plain": PLAIN; LUNG_16MM: the default rules on the 16 mm lung mask;
 #: RULES_ALONE: the default rules with every lung voxel as a seed, no segmenter)
@@ -138,7 +138,7 @@ class CaseScorer:
         import numpy as np
 
         from CovidGANSegLib.lungmask import TRAINING_Z_CLOSING_MM, extract_lung_mask
-        from CovidGANSegLib.seg.inference import PLAIN, post_process, segment_ct
+        from CovidGANSegLib.seg.inference import PLAIN, post_process, rules_alone_segment, segment_ct
 
         hu = np.asarray(ct.array)
         spacing = tuple(ct.spacing)
@@ -150,7 +150,7 @@ class CaseScorer:
         for row in self.rules:
             if VARIANTS[row] == RULES_ALONE:  # no model: one mask, in every model's column
                 t = time.perf_counter()
-                alone = post_process(lungs["default"].copy(), hu, lungs["default"], spacing, self.rules[row])
+                alone = rules_alone_segment(hu, lungs["default"], spacing, self.rules[row])
                 self.post_seconds[row].append(time.perf_counter() - t)
                 out[row] = {model_name: alone for model_name in self.models}
         for model_name, model in self.models.items():

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from CovidGANSegLib.demo import QUICK, real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.preprocessing import ensure_preprocessed
-    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, post_process, segment_ct
+    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, rules_alone_segment, segment_ct
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
     from CovidGANSegLib.synth.phantoms import write_cohort
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         # the rules alone (every lung voxel a seed, no segmenter) on the same cases: what the learned part adds
         cases, skipped = score_real_lesions({}, one, post, coverages=DEFAULT_COVERAGE, draws=args.draws, seed=args.draw_seed,
                                             verbose=False, rules_alone=True)
-        marked = post_process(lung.copy(), at_8mm.array, lung, at_8mm.spacing, post)
+        marked = rules_alone_segment(at_8mm.array, lung, at_8mm.spacing, post)
         rules = {**{k: mean_metric(cases, RULES_ALONE, k) for k in ("dice", "precision", "sensitivity")},
                  "cases": len(cases), "skipped": skipped, "normal_percent_of_lung_8mm": _percent(marked, lung)}
         for seed in args.seeds:

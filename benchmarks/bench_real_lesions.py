@@ -106,7 +106,7 @@ def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequenc
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.metrics import confusion, from_confusion
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import gan_gate, post_process, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, rules_alone_segment, segment_ct
 
     methods = [*models, "hu_threshold", *([RULES_ALONE] if rules_alone else [])]
     rows: list[dict] = []
@@ -125,7 +125,7 @@ def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequenc
                  for name, model in models.items()}
         preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
         if rules_alone:
-            preds[RULES_ALONE] = post_process(lung.copy(), ct.array, lung, ct.spacing, post)
+            preds[RULES_ALONE] = rules_alone_segment(ct.array, lung, ct.spacing, post)
         row = {"case": case, "coverage": coverage, "truth_ml": truth_ml,
                "truth_in_lung_mask": float((truth & lung).sum() / max(1, truth.sum()))}
         for m in methods:

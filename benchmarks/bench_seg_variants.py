@@ -38,12 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_real_lesions import RULES_ALONE  # noqa: E402
 from machine import describe, machine_info, save_result  # noqa: E402
 
 SEGMENTERS = ("transunet", "unet")
 DEFAULT = "default"
 CRITERION_SETS = ("validation", "mild", "real_lesions")
-RULES_ALONE = "rules_alone"  # the default post-processing with every lung voxel a seed: no segmenter
 _MODELS: dict[str, Any] = {}  # a scoring worker's segmenters
 
 
@@ -124,7 +124,7 @@ def score_case(case: tuple[str, str, str, str]) -> tuple[str, str, dict[str, flo
     from CovidGANSegLib.nifti import CTVolume, load_ct, load_mask
     from CovidGANSegLib.preprocessing import thick_slices
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import PostProcessing, post_process, segment_ct
+    from CovidGANSegLib.seg.inference import rules_alone_segment, segment_ct
 
     name, case_id, file, mask = case
     truth = None
@@ -140,7 +140,7 @@ def score_case(case: tuple[str, str, str, str]) -> tuple[str, str, dict[str, flo
     lung = extract_lung_mask(ct.array, ct.spacing)
     masks = {key: segment_ct(ct, model, lung_mask=lung).lesion_mask for key, model in _MODELS.items()}
     masks["hu_threshold"] = hu_threshold_segment(ct.array, lung)
-    masks[RULES_ALONE] = post_process(lung.copy(), ct.array, lung, ct.spacing, PostProcessing())  # no segmenter
+    masks[RULES_ALONE] = rules_alone_segment(ct.array, lung, ct.spacing)  # no segmenter
     if truth is None:
         return name, case_id, {k: float(100.0 * (m & lung).sum() / max(1, lung.sum())) for k, m in masks.items()}
     return name, case_id, {k: float(2.0 * (m & truth).sum() / max(1, m.sum() + truth.sum())) for k, m in masks.items()}
