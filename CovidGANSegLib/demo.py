@@ -298,8 +298,7 @@ def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Pat
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.nifti import load_ct, load_mask, save_like
     from CovidGANSegLib.preprocessing import preprocess_ct
-    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, rules_alone_segment, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
 
     models = {name: load_segmenter(path, device=device)[0] for name, path in seg_models.items()}
     generator, gan_payload = _load_gan(gan_model, device)
@@ -317,8 +316,7 @@ def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Pat
         diff = None if ph is None else ph.difference_hu
         preds = {name: segment_ct(ct, model, preprocess, lung_mask=lung, preprocessed=pv, difference_hu=diff, gate_hu=gate).lesion_mask
                  for name, model in models.items()}
-        preds["rules_alone"] = rules_alone_segment(ct.array, lung, ct.spacing)
-        preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
+        preds.update(_without_a_model(ct, lung))
         for name, mask in preds.items():
             save_like(mask.astype("uint8"), ct, pred_dir / name / f"{study.id}.nii.gz", dtype="uint8")
             cases["predictions"][name].append(mask)
@@ -331,6 +329,14 @@ def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Pat
         cases["lungs"].append(lung)
         cases["images"].append(ct.array)
     return cases
+
+
+def _without_a_model(ct: Any, lung: Any) -> dict[str, Any]:
+    """The masks of the two methods that read no model on one CT: the rules alone and the HU threshold."""
+    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
+    from CovidGANSegLib.seg.inference import rules_alone_segment
+
+    return {"rules_alone": rules_alone_segment(ct.array, lung, ct.spacing), "hu_threshold": hu_threshold_segment(ct.array, lung)}
 
 
 def _load_gan(gan_model: Path | None, device: str) -> tuple[Any, dict[str, Any]]:
@@ -362,8 +368,7 @@ def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str,
     as acquired and resampled to 8 mm thick slices (MosMed's geometry: vessels and the diaphragm in
     partial volume look denser, which is where thresholds and phantom-trained models fail)."""
     from CovidGANSegLib.lungmask import extract_lung_mask
-    from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, rules_alone_segment, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
 
     t = time.perf_counter()
     models = {name: load_segmenter(path, device=device)[0] for name, path in seg_models.items()}
@@ -377,8 +382,7 @@ def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str,
         ph, gate = gan_gate(ct, lung, generator, gan_payload) if generator is not None else (None, None)
         diff = None if ph is None else ph.difference_hu
         preds = {name: segment_ct(ct, model, lung_mask=lung, difference_hu=diff, gate_hu=gate).lesion_mask for name, model in models.items()}
-        preds["rules_alone"] = rules_alone_segment(ct.array, lung, ct.spacing)
-        preds["hu_threshold"] = hu_threshold_segment(ct.array, lung)
+        preds.update(_without_a_model(ct, lung))
         return {m: round(100.0 * float(preds[m].sum()) / n_lung, 3) for m in METHODS}
 
     for name, at_8mm, volume in progress.track(real_normal_volumes(real_dir), desc="real normal CTs"):
