@@ -140,24 +140,25 @@ def main(argv: list[str] | None = None) -> int:
             _link(ct_path, one / ct_path.name)
         at_8mm = next(ct for _, thick, ct in real_normal_volumes(one) if thick)  # the same CT without lesions
         lung = extract_lung_mask(at_8mm.array, at_8mm.spacing)
-        # the rules alone (every lung voxel a seed, no segmenter) on the same cases: what the learned part adds
-        cases, skipped = score_real_lesions({}, one, post, coverages=DEFAULT_COVERAGE, draws=args.draws, seed=args.draw_seed,
+        arms = {"phantoms": ("phantoms", []), "with_real": (f"with_real_without_{fold}", [p for p in real if p != ct_path])}
+        nets = {f"{arm}/{seed}": load_segmenter(model(name, extra, seed), "cpu")[0]
+                for seed in args.seeds for arm, (name, extra) in arms.items()}
+        # every model of the fold, the HU threshold and the rules alone (every lung voxel a seed, no segmenter:
+        # what the learned part adds) on the same lesioned cases, drawn once
+        cases, skipped = score_real_lesions(nets, one, post, coverages=DEFAULT_COVERAGE, draws=args.draws, seed=args.draw_seed,
                                             verbose=False, rules_alone=True)
-        marked = rules_alone_segment(at_8mm.array, lung, at_8mm.spacing, post)
-        rules = {**{k: mean_metric(cases, RULES_ALONE, k) for k in ("dice", "precision", "sensitivity")},
-                 "cases": len(cases), "skipped": skipped, "normal_percent_of_lung_8mm": _percent(marked, lung)}
+
+        def summary(method: str, normal_mask) -> dict:
+            return {**{k: mean_metric(cases, method, k) for k in ("dice", "precision", "sensitivity")},
+                    "cases": len(cases), "skipped": skipped, "normal_percent_of_lung_8mm": _percent(normal_mask, lung)}
+
+        rules = summary(RULES_ALONE, rules_alone_segment(at_8mm.array, lung, at_8mm.spacing, post))
         for seed in args.seeds:
             row = {"fold": fold, "held_out": ct_path.name, "seed": seed, RULES_ALONE: rules}
-            for arm, extra in (("phantoms", []), ("with_real", [p for p in real if p != ct_path])):
-                name = "phantoms" if arm == "phantoms" else f"with_real_without_{fold}"
-                net = load_segmenter(model(name, extra, seed), "cpu")[0]
-                cases, skipped = score_real_lesions({arm: net}, one, post, coverages=DEFAULT_COVERAGE, draws=args.draws,
-                                                    seed=args.draw_seed, verbose=False)
-                marked = segment_ct(at_8mm, net, lung_mask=lung, post=post).lesion_mask
-                row[arm] = {"dice": mean_metric(cases, arm, "dice"), "precision": mean_metric(cases, arm, "precision"),
-                            "sensitivity": mean_metric(cases, arm, "sensitivity"), "cases": len(cases), "skipped": skipped,
-                            "normal_percent_of_lung_8mm": _percent(marked, lung)}
-            row["hu_threshold_dice"] = mean_metric(cases, "hu_threshold", "dice")  # the same cases in both arms
+            for arm in arms:
+                key = f"{arm}/{seed}"
+                row[arm] = summary(key, segment_ct(at_8mm, nets[key], lung_mask=lung, post=post).lesion_mask)
+            row["hu_threshold_dice"] = mean_metric(cases, "hu_threshold", "dice")  # the same cases for every model
             rows.append(row)
             print(f"{fold} seed {seed}: Dice {row['phantoms']['dice']:.3f} -> {row['with_real']['dice']:.3f}", flush=True)
 
