@@ -121,6 +121,7 @@ def score_case(case: tuple[str, str, str, str]) -> tuple[str, str, dict[str, flo
     import numpy as np
 
     from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.metrics import confusion, from_confusion
     from CovidGANSegLib.nifti import CTVolume, load_ct, load_mask
     from CovidGANSegLib.preprocessing import thick_slices
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
@@ -143,7 +144,7 @@ def score_case(case: tuple[str, str, str, str]) -> tuple[str, str, dict[str, flo
     masks[RULES_ALONE] = rules_alone_segment(ct.array, lung, ct.spacing)  # no segmenter
     if truth is None:
         return name, case_id, {k: float(100.0 * (m & lung).sum() / max(1, lung.sum())) for k, m in masks.items()}
-    return name, case_id, {k: float(2.0 * (m & truth).sum() / max(1, m.sum() + truth.sum())) for k, m in masks.items()}
+    return name, case_id, {k: from_confusion(*confusion(m, truth))["dice"] for k, m in masks.items()}
 
 
 def summarise(rows: list[tuple[str, str, dict[str, float]]], keys: list[str]) -> dict[str, dict[str, float]]:
