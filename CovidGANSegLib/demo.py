@@ -368,6 +368,7 @@ def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str,
     as acquired and resampled to 8 mm thick slices (MosMed's geometry: vessels and the diaphragm in
     partial volume look denser, which is where thresholds and phantom-trained models fail)."""
     from CovidGANSegLib.lungmask import extract_lung_mask
+    from CovidGANSegLib.quantify import percent_of_lung
     from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
 
     t = time.perf_counter()
@@ -378,12 +379,11 @@ def _real_normal_check(real_dir: Path, seg_models: dict[str, Path], device: str,
 
     def percent_marked(ct) -> dict[str, float]:
         lung = extract_lung_mask(ct.array, ct.spacing)
-        n_lung = max(1, int(lung.sum()))
         ph, gate = gan_gate(ct, lung, generator, gan_payload) if generator is not None else (None, None)
         diff = None if ph is None else ph.difference_hu
         preds = {name: segment_ct(ct, model, lung_mask=lung, difference_hu=diff, gate_hu=gate).lesion_mask for name, model in models.items()}
         preds.update(_without_a_model(ct, lung))
-        return {m: round(100.0 * float(preds[m].sum()) / n_lung, 3) for m in METHODS}
+        return {m: round(percent_of_lung(preds[m], lung), 3) for m in METHODS}
 
     for name, at_8mm, volume in progress.track(real_normal_volumes(real_dir), desc="real normal CTs"):
         key = "_8mm" if at_8mm else ""

@@ -42,6 +42,16 @@ def mosmed_category(percent_involved: float, *, ct0_max_percent: float = CT0_MAX
     return category
 
 
+def percent_of_lung(mask: np.ndarray, lung_mask: np.ndarray) -> float:
+    """Percent of the lung's voxels that ``mask`` marks (voxels outside the lung not counted; 0 for an empty lung)."""
+    marked = np.asarray(mask) > 0
+    lung = np.asarray(lung_mask) > 0
+    if marked.shape != lung.shape:
+        raise ValueError(f"mask {marked.shape} and lung mask {lung.shape} differ in shape")
+    lung_voxels = int(np.count_nonzero(lung))
+    return 100.0 * int(np.count_nonzero(marked & lung)) / lung_voxels if lung_voxels else 0.0
+
+
 def quantify(lesion_mask: np.ndarray, lung_mask: np.ndarray, spacing: tuple[float, float, float], *,
              ct0_max_percent: float = CT0_MAX_PERCENT) -> dict[str, Any]:
     """Lesion volume (mL, lesion voxels inside the lung), lung volume (mL), percent involved, category.
@@ -59,7 +69,7 @@ def quantify(lesion_mask: np.ndarray, lung_mask: np.ndarray, spacing: tuple[floa
     voxel_ml = float(np.prod(s)) / 1000.0
     lesion_voxels = int(np.count_nonzero(lesion & lung))
     lung_voxels = int(np.count_nonzero(lung))
-    percent = 100.0 * lesion_voxels / lung_voxels if lung_voxels else 0.0
+    percent = percent_of_lung(lesion, lung)
     return {
         "lesion_ml": lesion_voxels * voxel_ml,
         "lung_ml": lung_voxels * voxel_ml,

@@ -94,6 +94,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from CovidGANSegLib.demo import MILD_PERCENT  # noqa: E402  (the demo report's mild rule)
+from CovidGANSegLib.quantify import percent_of_lung  # noqa: E402
 
 VARIANTS = ("paper", "+grid", "+rule", "+synthetic-half", "synthetic-prior", "synthetic-only", "+hu-range", "+opening", "+growth",
             "+gan-gate", "gan-gate-voxel", "+gate-quartile", "+no-contrastive", "+bce", "bce-with-contrastive", "bce-coverage-30",
@@ -442,7 +443,7 @@ def _real_normal(real_dir: Path | None, predict) -> tuple[list[float] | None, li
     thick: list[float] = []
     for _, at_8mm, ct in real_normal_volumes(real_dir):
         lung = extract_lung_mask(ct.array, ct.spacing)
-        (thick if at_8mm else thin).append(round(100.0 * float(predict(ct, lung).sum()) / max(1, int(lung.sum())), 3))
+        (thick if at_8mm else thin).append(round(percent_of_lung(predict(ct, lung), lung), 3))
     return thin, thick
 
 

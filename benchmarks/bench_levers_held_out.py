@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_real_lesions import RULES_ALONE  # noqa: E402
 from machine import describe, machine_info, save_result  # noqa: E402
+from CovidGANSegLib.quantify import percent_of_lung  # noqa: E402
 
 SEGMENTERS = ("transunet", "unet")
 DEFAULT_ROW = "the default pipeline"
@@ -213,7 +214,7 @@ def real_normal_rows(real_dir: Path, scorer: CaseScorer, demo: Path) -> list[dic
         percent = {}
         for row in masks:
             lung = lungs[LUNG_16MM if VARIANTS[row] == LUNG_16MM else "default"]
-            percent[row] = {m: 100.0 * float(masks[row][m].sum()) / max(1, int(lung.sum())) for m in masks[row]}
+            percent[row] = {m: percent_of_lung(masks[row][m], lung) for m in masks[row]}
         rows.append({"demo": str(demo), "ct": name, "at_8mm": at_8mm, "key": f"{name}{'_8mm' if at_8mm else ''}", "percent": percent})
     return rows
 
@@ -222,11 +223,11 @@ def real_lesion_rows(real_dir: Path, scorer: CaseScorer, demo: Path) -> list[dic
     """The reporting draw of ``bench_real_lesions.py``: each row's scores per model and case."""
     import numpy as np
 
-    from bench_real_lesions import DEFAULT_COVERAGE, lesioned_real_cts
+    from bench_real_lesions import DEFAULT_COVERAGE, MIN_LESION_ML, lesioned_real_cts
 
     rows = []
     for case, _, ct, truth in lesioned_real_cts(real_dir, DEFAULT_COVERAGE, 2, 2026, 8.0, 0.0):
-        if truth.sum() * np.prod(ct.spacing) / 1000.0 < 0.5:  # as bench_real_lesions' --min-ml default
+        if truth.sum() * np.prod(ct.spacing) / 1000.0 < MIN_LESION_ML:
             continue
         masks, _ = scorer.masks(ct)
         rows.append({"demo": str(demo), "case": case, "rows": {name: {m: score(masks[name][m], truth) for m in masks[name]}

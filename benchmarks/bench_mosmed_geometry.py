@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info, save_result  # noqa: E402
 
 from CovidGANSegLib.demo import MILD_PERCENT  # noqa: E402  (the demo report's mild rule)
+from CovidGANSegLib.quantify import percent_of_lung  # noqa: E402
 HU_THRESHOLD = "hu_threshold"
 
 
@@ -135,7 +136,7 @@ def _score_cohort(folder: Path, models: dict[str, Any]) -> dict[str, Any]:
             row[f"{name}_s"] = round(time.perf_counter() - t, 2)
         for name, pred in masks.items():
             if truth is None:
-                row[f"{name}_percent_of_lung"] = round(100.0 * float((pred & lung).sum()) / max(1, int(lung.sum())), 3)
+                row[f"{name}_percent_of_lung"] = round(percent_of_lung(pred, lung), 3)
             else:
                 m = from_confusion(*confusion(pred, truth))
                 for key in ("dice", "sensitivity", "precision"):

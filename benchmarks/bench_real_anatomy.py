@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine_info  # noqa: E402
+from CovidGANSegLib.quantify import percent_of_lung  # noqa: E402
 
 DEFAULT_FOLDS = ("aorta", "pulmonary")  # the abdominal crop's sliver of lung scores 0 for every model
 
@@ -68,7 +69,7 @@ def training_set(work: Path, phantoms: Path, extra_healthy: list[Path], name: st
 
 def _percent(mask, lung) -> float:
     """Share of the lung marked, in percent (3 decimals)."""
-    return round(100.0 * float((mask & lung).sum()) / max(1, int(lung.sum())), 3)
+    return round(percent_of_lung(mask, lung), 3)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 
 DEFAULT_COVERAGE = (0.003, 0.01, 0.03)
+#: draws whose inserted lesions total less than this (mL) are skipped: a lung crop too small for the coverage
+MIN_LESION_ML = 0.5
 #: the post-processing with every lung voxel as a seed: the rules alone, no segmenter
 RULES_ALONE = "rules_alone"
 
@@ -94,7 +96,7 @@ def lesioned_real_cts(real_dir: Path, coverages: Sequence[float], draws: int, se
 
 
 def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequence[float], draws: int, seed: int,
-                       thickness_mm: float = 8.0, noise_hu: float = 0.0, min_ml: float = 0.5, generator=None, payload=None,
+                       thickness_mm: float = 8.0, noise_hu: float = 0.0, min_ml: float = MIN_LESION_ML, generator=None, payload=None,
                        verbose: bool = True, rules_alone: bool = False) -> tuple[list[dict], list[str]]:
     """Each lesioned case of :func:`lesioned_real_cts` run through ``segment_ct`` for every model in
     ``models`` (name -> segmenter) and through the HU threshold; returns ``(rows, skipped)``: one row per
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--noise-hu", type=float, default=0.0, metavar="SIGMA",
                     help="add CT noise of this standard deviation in HU to every case (a lower-dose scan; default 0)")
-    ap.add_argument("--min-ml", type=float, default=0.5,
+    ap.add_argument("--min-ml", type=float, default=MIN_LESION_ML,
                     help="skip draws whose inserted lesions are smaller than this (a lung crop too small for the coverage)")
     ap.add_argument("--no-growth", action="store_true", help="segmenters without the growth step (`segment --no-growth`)")
     ap.add_argument("--gan-gate", type=float, default=None, metavar="K",

@@ -34,6 +34,8 @@ from machine import machine_info
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from CovidGANSegLib.quantify import percent_of_lung  # noqa: E402
+
 
 def find_models(paths: list[Path]) -> list[Path]:
     """``model.pt`` files given directly or found under folders (segmenters only, by their model cards)."""
@@ -124,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         cases.append(case)
         ct = with_ct_noise(ct, args.noise_hu, np.random.default_rng([2026, index]))
         lung = extract_lung_mask(ct.array, ct.spacing)
-        n_lung = max(1, int(lung.sum()))
         diff = gate = None
         if generator is not None:
             ph, gate = gan_gate(ct, lung, generator, payload, post)
@@ -136,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             mask = segment_ct(ct, model, lung_mask=lung, post=post, difference_hu=diff, gate_hu=gate).lesion_mask
             seconds[mname] = seconds.get(mname, 0.0) + time.perf_counter() - t
-            rows[mname][case] = round(100.0 * float(mask.sum()) / n_lung, 3)
-        rows["hu_threshold"][case] = round(100.0 * float(hu_threshold_segment(ct.array, lung).sum()) / n_lung, 3)
+            rows[mname][case] = round(percent_of_lung(mask, lung), 3)
+        rows["hu_threshold"][case] = round(percent_of_lung(hu_threshold_segment(ct.array, lung), lung), 3)
     noise = f", {args.noise_hu:g} HU of noise added" if args.noise_hu else ""
     print(f"percent of lung marked as lesion on real normal CTs (target < 2 %{noise})")
     print("| model | " + " | ".join(cases) + " |")

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_real_lesions import RULES_ALONE  # noqa: E402
 from machine import describe, machine_info, save_result  # noqa: E402
+from CovidGANSegLib.quantify import percent_of_lung  # noqa: E402
 
 SEGMENTERS = ("transunet", "unet")
 DEFAULT = "default"
@@ -83,7 +84,7 @@ def validation_cases(work: Path, plan: Any, draw_seed: int, real_ct: Path) -> li
     import numpy as np
 
     from bench_mosmed_geometry import _cohorts
-    from bench_real_lesions import DEFAULT_COVERAGE, lesioned_real_cts
+    from bench_real_lesions import DEFAULT_COVERAGE, MIN_LESION_ML, lesioned_real_cts
     from CovidGANSegLib.datasets import discover_studies, lesion_mask_path
 
     cases = []
@@ -95,7 +96,7 @@ def validation_cases(work: Path, plan: Any, draw_seed: int, real_ct: Path) -> li
     if not (draw / "complete").is_file():
         draw.mkdir(parents=True, exist_ok=True)
         for i, (case, _, ct, truth) in enumerate(lesioned_real_cts(real_ct, DEFAULT_COVERAGE, 4, draw_seed)):
-            if truth.sum() * np.prod(ct.spacing) / 1000.0 >= 0.5:  # as bench_real_lesions' --min-ml
+            if truth.sum() * np.prod(ct.spacing) / 1000.0 >= MIN_LESION_ML:
                 np.savez_compressed(draw / f"{i:02d}.npz", hu=ct.array, affine=ct.affine, truth=truth, case=case)
         (draw / "complete").touch()
     cases += [("real_lesions", str(np.load(f)["case"]), str(f), "") for f in sorted(draw.glob("*.npz"))]
@@ -143,7 +144,7 @@ def score_case(case: tuple[str, str, str, str]) -> tuple[str, str, dict[str, flo
     masks["hu_threshold"] = hu_threshold_segment(ct.array, lung)
     masks[RULES_ALONE] = rules_alone_segment(ct.array, lung, ct.spacing)  # no segmenter
     if truth is None:
-        return name, case_id, {k: float(100.0 * (m & lung).sum() / max(1, lung.sum())) for k, m in masks.items()}
+        return name, case_id, {k: percent_of_lung(m, lung) for k, m in masks.items()}
     return name, case_id, {k: from_confusion(*confusion(m, truth))["dice"] for k, m in masks.items()}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CovidGANSegLib.quantify import CT0_MAX_PERCENT, mosmed_category, quantify
+from CovidGANSegLib.quantify import CT0_MAX_PERCENT, mosmed_category, percent_of_lung, quantify
 
 
 def test_volumes_and_percent():
@@ -20,6 +20,12 @@ def test_volumes_and_percent():
     assert q["percent_involved"] == pytest.approx(10.0)
     assert q["mosmed_category"] == "CT-1"
     assert not q["lung_mask_empty"]
+    # the percent of lung a mask marks (what the benchmarks and the demo report for normal CTs) is the same figure
+    assert percent_of_lung(lesion, lung) == pytest.approx(10.0)
+    assert percent_of_lung(lesion.astype(np.uint8), lung) == pytest.approx(10.0)
+    assert percent_of_lung(lesion, np.zeros_like(lung)) == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        percent_of_lung(lesion, lung[:, :, :4])
 
 
 @pytest.mark.parametrize("percent, category", [
