@@ -35,27 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_gan import make_ct  # a MosMed-sized phantom CT written as NIfTI
 from machine import describe, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def make_ct(path: Path, slices: int = 40, seed: int = 0) -> Path:
-    import nibabel as nib
-    import numpy as np
-
-    from CovidGANSegLib.synth.phantoms import generate_phantom
-
-    ph = generate_phantom(np.random.default_rng(seed), size="mosmed", covid=True)
-    hu = ph.hu[:, :, :slices]
-    if hu.shape[2] < slices:  # pad by repeating the end slices (timing only)
-        hu = np.pad(hu, ((0, 0), (0, 0), (0, slices - hu.shape[2])), mode="edge")
-    img = nib.Nifti1Image(hu.astype(np.int16), ph.affine)
-    img.set_qform(ph.affine, code=1)
-    img.set_sform(ph.affine, code=1)
-    nib.save(img, str(path))
-    return path
 
 
 def make_checkpoint(path: Path, config_name: str, arch: str = "transunet") -> Path:
