@@ -12,6 +12,11 @@ cases as independent; the spread of the replicates' own leads shows what the tra
 
     python benchmarks/bench_demo_replicates.py demo-out /tmp/rep3026 /tmp/rep4026        # finished demos
     python benchmarks/bench_demo_replicates.py --run WORK --seeds 3026 4026 5026 --quick   # run them first (about 6 min each on 2 cores)
+    python benchmarks/bench_demo_replicates.py --results benchmarks/results/demo_replicates_A.json B.json  # pool saved runs
+
+``--results`` adds the replicates of earlier result files (their per-case Dice, mild cases and comparisons
+as saved; the demo folders need not exist any more) to those of the folders given or run, and the
+pooled comparison covers them all; each file's machine is kept in ``sources``.
 
 Saves ``benchmarks/results/demo_replicates_<date>.json``.
 """
@@ -91,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, default=None, metavar="WORK", help="run the --seeds replicates into WORK/demo-<seed> first")
     ap.add_argument("--seeds", type=int, nargs="+", default=[], help="seeds of the replicates to run (with --run)")
     ap.add_argument("--quick", action="store_true", help="run the quick plan (with --run)")
+    ap.add_argument("--results", type=Path, nargs="+", default=[], metavar="FILE",
+                    help="saved demo_replicates_*.json files whose replicates join the pool")
     args = ap.parse_args(argv)
     if bool(args.run) != bool(args.seeds):
         ap.error("--run and --seeds go together")
-    if not args.demos and not args.run:
-        ap.error("give finished demo folders, or --run WORK --seeds S ...")
+    if not args.demos and not args.run and not args.results:
+        ap.error("give finished demo folders, --run WORK --seeds S ..., or --results FILE ...")
 
     import numpy as np
 
@@ -112,11 +119,20 @@ def main(argv: list[str] | None = None) -> int:
             out = args.run / f"demo-{seed}"
             run_demo(out, quick=args.quick, seed=seed)
             folders.append(out)
-    replicates = []
+    replicates, sources = [], [{"folders": [str(f) for f in folders], "machine": info}]
+    for path in args.results:
+        try:
+            saved = json.loads(path.read_text())
+            replicates += saved["replicates"]
+        except (OSError, ValueError, KeyError) as exc:
+            ap.error(f"--results {path}: not a saved result of this script ({exc})")
+        sources.append({"file": str(path), "machine": saved.get("machine")})
     for folder in folders:
         rep = read_replicate(folder)
         rep["paired"] = {"all": rep.pop("paired_all"), "mild": compare(rep["per_case"], set(rep["mild"]))}
         replicates.append(rep)
+    for rep in replicates:
+        folder = rep["folder"]
         dice = " / ".join(f"{rep['dice'][m]:.3f}" for m in (*SEGMENTERS, REFERENCE))
         print(f"{folder} (held-out seed {rep['held_out_seed']}; {rep['cases']} cases, {len(rep['mild'])} mild; "
               f"{rep['runtime_s']:.0f} s): Dice TransUNet / U-Net / threshold {dice}; real normal at 8 mm at most "
@@ -147,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in replicates:
         rep["per_case"] = {m: [{"id": r["id"], "dice": r["dice"], "truth_ml": r["truth_ml"]} for r in rows]
                            for m, rows in rep["per_case"].items()}
-    out.write_text(json.dumps({"machine": info, "replicates": replicates, "pooled": pooled, "leads": leads}, indent=1) + "\n")
+    out.write_text(json.dumps({"machine": info, "sources": sources, "replicates": replicates, "pooled": pooled, "leads": leads},
+                              indent=1) + "\n")
     print(f"saved {out}")
     return 0
 
