@@ -69,7 +69,7 @@ def quantify(lesion_mask: np.ndarray, lung_mask: np.ndarray, spacing: tuple[floa
     voxel_ml = float(np.prod(s)) / 1000.0
     lesion_voxels = int(np.count_nonzero(lesion & lung))
     lung_voxels = int(np.count_nonzero(lung))
-    percent = percent_of_lung(lesion, lung)
+    percent = 100.0 * lesion_voxels / lung_voxels if lung_voxels else 0.0  # percent_of_lung's figure, from the counts above
     return {
         "lesion_ml": lesion_voxels * voxel_ml,
         "lung_ml": lung_voxels * voxel_ml,
