@@ -188,7 +188,7 @@ def _run(work: Path, plan: DemoPlan, device: str, start: float, split: str, real
 
     t = time.perf_counter()
     progress.report(0.85, "segmenting the held-out studies")
-    from CovidGANSegLib.seg.inference import PostProcessing
+    from CovidGANSegLib.seg.postprocess import PostProcessing
 
     # the segmenters run as `segment` does; the GAN takes part only if the default post-processing gates with it
     gate_model = gan_model if PostProcessing().gan_gate_sigmas is not None else None
@@ -334,7 +334,7 @@ def _segment_held_out(test_dir: Path, seg_models: dict[str, Path], pred_dir: Pat
 def _without_a_model(ct: Any, lung: Any) -> dict[str, Any]:
     """The masks of the two methods that read no model on one CT: the rules alone and the HU threshold."""
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import rules_alone_segment
+    from CovidGANSegLib.seg.postprocess import rules_alone_segment
 
     return {"rules_alone": rules_alone_segment(ct.array, lung, ct.spacing), "hu_threshold": hu_threshold_segment(ct.array, lung)}
 

@@ -458,7 +458,8 @@ def _score_hu_threshold(cases: list[dict[str, Any]], real_dir: Path | None) -> d
 
 def _score(model_path: Path, cases: list[dict[str, Any]], real_dir: Path | None, gan: Path | None, post: dict[str, Any],
            gate: str | None = None, fixed_gate_hu: float | None = None) -> dict[str, Any]:
-    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, load_segmenter, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, load_segmenter, segment_ct
+    from CovidGANSegLib.seg.postprocess import PostProcessing
 
     # rows before +slab-rule predate the slab rule, and their gate ran at k = 4 (the default until then);
     # rows before +local-contrast predate the local contrast rule, rows before +thin-growth the thin-growth limit

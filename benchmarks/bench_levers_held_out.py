@@ -103,7 +103,7 @@ CONTROL = "retrained as the demo trained it (control)"
 def rules(names: Iterable[str]) -> dict[str, Any]:
     """Row name -> ``PostProcessing`` for ``names`` of :data:`VARIANTS` (the 16 mm row and the rules
     alone: the default rules; the lung mask, or the seeds, are the row's)."""
-    from CovidGANSegLib.seg.inference import PLAIN, PostProcessing
+    from CovidGANSegLib.seg.postprocess import PLAIN, PostProcessing
 
     out = {}
     for name in names:
@@ -139,7 +139,8 @@ class CaseScorer:
         import numpy as np
 
         from CovidGANSegLib.lungmask import TRAINING_Z_CLOSING_MM, extract_lung_mask
-        from CovidGANSegLib.seg.inference import PLAIN, post_process, rules_alone_segment, segment_ct
+        from CovidGANSegLib.seg.inference import segment_ct
+        from CovidGANSegLib.seg.postprocess import PLAIN, post_process, rules_alone_segment
 
         hu = np.asarray(ct.array)
         spacing = tuple(ct.spacing)

@@ -138,7 +138,8 @@ def _score_cohort(folder: Path, model) -> dict[str, Any]:
 def _model_dice(model, ct, lung, full, truth) -> tuple[float, float]:
     """The segmenter's Dice run as ``segment`` runs it (default post-processing) with our lung mask,
     and with the true lungs in its place (its crop box then follows the true lungs too)."""
-    from CovidGANSegLib.seg.inference import PostProcessing, segment_ct
+    from CovidGANSegLib.seg.inference import segment_ct
+    from CovidGANSegLib.seg.postprocess import PostProcessing
 
     rule = PostProcessing()
     ours = segment_ct(ct, model, lung_mask=lung, post=rule).lesion_mask

@@ -115,7 +115,8 @@ def _score_cohort(folder: Path, models: dict[str, Any]) -> dict[str, Any]:
     from CovidGANSegLib.metrics import confusion, from_confusion
     from CovidGANSegLib.nifti import load_ct, load_mask
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import PostProcessing, segment_ct
+    from CovidGANSegLib.seg.inference import segment_ct
+    from CovidGANSegLib.seg.postprocess import PostProcessing
 
     rule = PostProcessing()
     rows = []

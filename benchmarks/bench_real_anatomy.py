@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from CovidGANSegLib.demo import QUICK, real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.preprocessing import ensure_preprocessed
-    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, rules_alone_segment, segment_ct
+    from CovidGANSegLib.seg.inference import load_segmenter, segment_ct
+    from CovidGANSegLib.seg.postprocess import PostProcessing, rules_alone_segment
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
     from CovidGANSegLib.synth.phantoms import write_cohort

@@ -108,7 +108,8 @@ def score_real_lesions(models: dict, real_dir: Path, post, *, coverages: Sequenc
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.metrics import confusion, from_confusion
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import gan_gate, rules_alone_segment, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, segment_ct
+    from CovidGANSegLib.seg.postprocess import rules_alone_segment
 
     methods = [*models, "hu_threshold", *([RULES_ALONE] if rules_alone else [])]
     rows: list[dict] = []
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_real_normal import load_models
     from CovidGANSegLib import progress
-    from CovidGANSegLib.seg.inference import PostProcessing
+    from CovidGANSegLib.seg.postprocess import PostProcessing
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from CovidGANSegLib.demo import real_normal_volumes
     from CovidGANSegLib.lungmask import extract_lung_mask
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import PostProcessing, gan_gate, segment_ct
+    from CovidGANSegLib.seg.inference import gan_gate, segment_ct
+    from CovidGANSegLib.seg.postprocess import PostProcessing
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -126,7 +126,8 @@ def score_case(case: tuple[str, str, str, str]) -> tuple[str, str, dict[str, flo
     from CovidGANSegLib.nifti import CTVolume, load_ct, load_mask
     from CovidGANSegLib.preprocessing import thick_slices
     from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-    from CovidGANSegLib.seg.inference import rules_alone_segment, segment_ct
+    from CovidGANSegLib.seg.inference import segment_ct
+    from CovidGANSegLib.seg.postprocess import rules_alone_segment
 
     name, case_id, file, mask = case
     truth = None

@@ -87,7 +87,8 @@ def breakdown(args: argparse.Namespace) -> None:
     from CovidGANSegLib.nifti import load_ct, save_like
     from CovidGANSegLib.preprocessing import preprocess_ct
     from CovidGANSegLib.quantify import quantify
-    from CovidGANSegLib.seg.inference import PostProcessing, load_segmenter, post_process, predict_slices
+    from CovidGANSegLib.seg.inference import load_segmenter, predict_slices
+    from CovidGANSegLib.seg.postprocess import PostProcessing, post_process
 
     progress.set_mode("none")
     times = {}

@@ -9,10 +9,13 @@ Modules:
 * ``losses`` - enhanced contrastive loss (eq. 4), sensitivity-enhanced loss (eq. 5), MSE.
 * ``training`` - two-phase training on a pseudo-masks folder (``train_segmenter``).
 * ``inference`` - ``segment_ct`` / ``segment_file``: a CT file in, a lesion mask on its grid out.
+* ``postprocess`` - the rules that turn detections into the lesion mask on the CT's own grid, and
+  the rules alone (numpy only).
 * ``hu_threshold`` - the HU-threshold baseline of Slicer's Lung CT Analyzer (numpy only).
 * ``figures`` - loss curves and sample segmentations (matplotlib Agg, imported lazily).
 
-This ``__init__`` imports nothing heavy, so ``CovidGANSegLib.seg.hu_threshold`` stays torch-free.
+This ``__init__`` imports nothing heavy, so ``CovidGANSegLib.seg.hu_threshold`` and ``seg.postprocess``
+stay torch-free.
 """
 
 from __future__ import annotations
