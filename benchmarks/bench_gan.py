@@ -7,7 +7,8 @@ Sections (``--sections``, default all three):
   batch 8, 1 x 32 x 128 x 128). Synthetic chest-like volumes (no files). Each variant runs in a
   fresh child process: on CPU the peak is the child's ``ru_maxrss``; on CUDA it is
   ``torch.cuda.max_memory_allocated`` (target with mixed precision: <= 6 GB), with variants with
-  and without AMP and gradient checkpointing.
+  and without AMP and gradient checkpointing; on CPU float32, gradient checkpointing, and the
+  weights and inputs in ``torch.channels_last_3d`` memory format (issue 8's throughput levers).
 * ``inference``: ``pseudo_healthy_file`` from file to file (read CT, lung mask, preprocess, G,
   map back, compose, write pseudo-healthy + difference) on a MosMed-size phantom (512 x 512 x 40,
   LAS, int16) with a ``paper``-configuration generator (random weights unless ``--checkpoint``;
@@ -19,7 +20,9 @@ Sections (``--sections``, default all three):
   masks (read only here, for evaluation), plus the mean difference inside lesions and in
   lesion-free lung. Reported, not asserted.
 
-Results are printed as a table and saved as JSON in ``benchmarks/results/gan_<section>_<device>.json``.
+Results are printed as a table and saved as JSON in ``benchmarks/results/gan_<section>_<device>.json``
+(``_<config>`` added for a train section of another configuration than ``paper``, ``_threads<N>`` with
+``--threads``, ``_<tag>`` for a quality variant).
 
     python benchmarks/bench_gan.py                                  # CPU, all sections
     python benchmarks/bench_gan.py --sections train --device cuda   # on a GPU machine
@@ -102,6 +105,11 @@ def worker_train(args: argparse.Namespace) -> dict:
     h, hl = synthetic_volumes(cfg.batch_size, dhw, 0)
     c, cl = synthetic_volumes(cfg.batch_size, dhw, 1)
     trainer = GANTrainer(cfg, pp, device=args.device, seed=0)
+    if args.channels_last:  # weights and every input tensor in torch.channels_last_3d (B, C, D, H, W strides NDHWC)
+        trainer.generator.to(memory_format=torch.channels_last_3d)
+        trainer.discriminator.to(memory_format=torch.channels_last_3d)
+        as_tensor = trainer._tensor
+        trainer._tensor = lambda array, dtype=torch.float32: as_tensor(array, dtype).contiguous(memory_format=torch.channels_last_3d)
     cuda = trainer.device.type == "cuda"
     rss0 = _peak_rss_mb()
     times, lesion_times = [], []
@@ -122,7 +130,7 @@ def worker_train(args: argparse.Namespace) -> dict:
             lesion_times.append(t1 - t0)
     out = {
         "config": cfg.name, "batch": cfg.batch_size, "grid_dhw": list(dhw), "device": str(trainer.device), "amp": trainer.use_amp,
-        "gradient_checkpointing": cfg.gradient_checkpointing, "iterations_timed": args.iterations,
+        "gradient_checkpointing": cfg.gradient_checkpointing, "channels_last_3d": bool(args.channels_last), "iterations_timed": args.iterations,
         "s_per_iteration_median": round(statistics.median(times), 4), "s_per_iteration_min": round(min(times), 4),
         "lesion_synthesis_s_median": round(statistics.median(lesion_times), 4),
         "generator_params": count_parameters(DenseUNetGenerator3D(cfg)), "discriminator_params": count_parameters(Discriminator3D(cfg)),
@@ -138,15 +146,24 @@ def section_train(args: argparse.Namespace) -> dict:
     import torch
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    variants = [(True, False), (False, False), (True, True)] if cuda else [(False, False), (False, True)]
+    # (amp, gradient checkpointing, channels_last_3d); each in its own process, so a crash is a row, not the end
+    variants = [(True, False, False), (False, False, False), (True, True, False)] if cuda else [
+        (False, False, False), (False, True, False), (False, False, True)]
     iters = args.train_iterations or (20 if cuda else 2)
     rows = []
-    for amp, ckpt in variants:
+    for amp, ckpt, last in variants:
         cmd = ["worker-train", "--config", args.config, "--device", args.device, "--iterations", str(iters), "--warmup", "1"]
-        cmd += (["--amp"] if amp else []) + (["--checkpointing"] if ckpt else []) + (["--batch", str(args.batch)] if args.batch else [])
-        row = _run_child(cmd, timeout=args.timeout)
+        cmd += (["--amp"] if amp else []) + (["--checkpointing"] if ckpt else []) + (["--channels-last"] if last else [])
+        cmd += ["--batch", str(args.batch)] if args.batch else []
+        try:
+            row = _run_child(cmd, timeout=args.timeout)
+        except RuntimeError as exc:  # e.g. a segmentation fault of a memory format's kernels
+            rows.append({"variant": {"amp": amp, "gradient_checkpointing": ckpt, "channels_last_3d": last}, "crashed": str(exc)[-500:]})
+            print(f"  train amp={amp} ckpt={ckpt} channels_last_3d={last}: crashed", flush=True)
+            continue
         rows.append(row)
-        print(f"  train {row['config']} batch {row['batch']} {row['grid_dhw']} {row['device']} amp={row['amp']} ckpt={row['gradient_checkpointing']}: "
+        print(f"  train {row['config']} batch {row['batch']} {row['grid_dhw']} {row['device']} amp={row['amp']} ckpt={row['gradient_checkpointing']} "
+              f"channels_last_3d={row['channels_last_3d']}: "
               f"{row['s_per_iteration_median']:.3f} s/it, peak RSS {row['peak_rss_mb']:.0f} MB"
               + (f", CUDA max allocated {row['cuda_max_allocated_gb']:.2f} GB" if "cuda_max_allocated_gb" in row else ""), flush=True)
     return {"variants": rows, "target": "CUDA max allocated <= 6 GB with mixed precision (paper config, batch 8, 32x128x128)"}
@@ -369,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -397,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         res = fn(args)
         payload = {"section": section, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
                    "args": {k: v for k, v in vars(args).items() if k not in ("mode", "input", "out")}, "results": res}
-        suffix = f"_{args.tag}" if section == "quality" and args.tag != "default" else ""
+        if section == "quality":
+            suffix = f"_{args.tag}" if args.tag != "default" else ""
+        else:  # a configuration other than paper, or a thread count, gets its own file
+            suffix = (f"_{args.config}" if args.config != "paper" else "") + (f"_threads{args.threads}" if args.threads else "")
         path = results_dir / f"gan_{section}_{device_tag}{suffix}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
