@@ -42,14 +42,22 @@ def mosmed_category(percent_involved: float, *, ct0_max_percent: float = CT0_MAX
     return category
 
 
-def percent_of_lung(mask: np.ndarray, lung_mask: np.ndarray) -> float:
-    """Percent of the lung's voxels that ``mask`` marks (voxels outside the lung not counted; 0 for an empty lung)."""
+def _voxels_in_lung(mask: np.ndarray, lung_mask: np.ndarray, name: str) -> tuple[int, int]:
+    """(voxels ``mask`` marks inside the lung, lung voxels); ``name`` names ``mask`` in a shape error."""
     marked = np.asarray(mask) > 0
     lung = np.asarray(lung_mask) > 0
     if marked.shape != lung.shape:
-        raise ValueError(f"mask {marked.shape} and lung mask {lung.shape} differ in shape")
-    lung_voxels = int(np.count_nonzero(lung))
-    return 100.0 * int(np.count_nonzero(marked & lung)) / lung_voxels if lung_voxels else 0.0
+        raise ValueError(f"{name} {marked.shape} and lung mask {lung.shape} differ in shape")
+    return int(np.count_nonzero(marked & lung)), int(np.count_nonzero(lung))
+
+
+def _percent(marked_voxels: int, lung_voxels: int) -> float:
+    return 100.0 * marked_voxels / lung_voxels if lung_voxels else 0.0
+
+
+def percent_of_lung(mask: np.ndarray, lung_mask: np.ndarray) -> float:
+    """Percent of the lung's voxels that ``mask`` marks (voxels outside the lung not counted; 0 for an empty lung)."""
+    return _percent(*_voxels_in_lung(mask, lung_mask, "mask"))
 
 
 def quantify(lesion_mask: np.ndarray, lung_mask: np.ndarray, spacing: tuple[float, float, float], *,
@@ -59,17 +67,13 @@ def quantify(lesion_mask: np.ndarray, lung_mask: np.ndarray, spacing: tuple[floa
     Lesion voxels outside the lung mask are not counted (the percentage is of lung parenchyma).
     With an empty lung mask the percentage is 0 and ``lung_mask_empty`` is True.
     """
-    lesion = np.asarray(lesion_mask) > 0
-    lung = np.asarray(lung_mask) > 0
-    if lesion.shape != lung.shape:
-        raise ValueError(f"lesion mask {lesion.shape} and lung mask {lung.shape} differ in shape")
+    lesion_voxels, lung_voxels = _voxels_in_lung(lesion_mask, lung_mask, "lesion mask")
+    ndim = np.ndim(lesion_mask)
     s = tuple(float(v) for v in spacing)
-    if len(s) != lesion.ndim or not all(math.isfinite(v) and v > 0 for v in s):
-        raise ValueError(f"spacing must be {lesion.ndim} positive values in mm, got {spacing}")
+    if len(s) != ndim or not all(math.isfinite(v) and v > 0 for v in s):
+        raise ValueError(f"spacing must be {ndim} positive values in mm, got {spacing}")
     voxel_ml = float(np.prod(s)) / 1000.0
-    lesion_voxels = int(np.count_nonzero(lesion & lung))
-    lung_voxels = int(np.count_nonzero(lung))
-    percent = 100.0 * lesion_voxels / lung_voxels if lung_voxels else 0.0  # percent_of_lung's figure, from the counts above
+    percent = _percent(lesion_voxels, lung_voxels)
     return {
         "lesion_ml": lesion_voxels * voxel_ml,
         "lung_ml": lung_voxels * voxel_ml,
