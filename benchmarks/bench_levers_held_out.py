@@ -80,6 +80,7 @@ VARIANTS: dict[str, Any] = {
     "without the local contrast rule": {"min_contrast_hu": None},
     "without the thin-growth limit": {"min_thick_fraction": None},
     "growth floor -750 HU (before: -725)": {"grow_hu_range": (-750.0, 100.0)},
+    "without faint components joining unseeded (mean <= -550 HU)": {"faint_component_hu": None},
     "lung mask closed over 16 mm along z (before: 24)": LUNG_16MM,
     "the segmenter (every lung voxel a seed: the rules alone)": RULES_ALONE,
     "none of these rules (p > threshold in the lung)": "plain",

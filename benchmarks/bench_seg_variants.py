@@ -72,7 +72,7 @@ def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int
                 if not paths[key].is_file():
                     jobs[key] = (train_segmenter, dict(
                         pseudo_masks=data, run_dir=paths[key].parent, model=model, config=dataclasses.replace(base, **change),
-                        iterations=iterations or card["iterations"], device="cpu", seed=seed, data=demo / "data" / "train",
+                        iterations=change.get("iterations") or iterations or card["iterations"], device="cpu", seed=seed, data=demo / "data" / "train",
                         synthetic=synthetic))
     train_in_pairs(jobs)
     return paths
@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("demo", type=Path, nargs="?", help="a finished demo's output folder (its training data and plan)")
     ap.add_argument("work", type=Path, nargs="?", help="folder for the trained models and the validation cases")
     ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
-                    help='a SegConfig change, e.g. 2.5d \'{"in_channels": 3}\' (repeatable)')
+                    help='a SegConfig change, e.g. 2.5d \'{"in_channels": 3}\' (repeatable; an "iterations" field '
+                         'replaces --iterations for that variant)')
     ap.add_argument("--seeds", type=int, nargs="+", default=[2026, 1, 2, 3])
     ap.add_argument("--models", nargs="+", choices=SEGMENTERS, default=list(SEGMENTERS))
     ap.add_argument("--plan", choices=("quick", "full"), default="quick", help="the demo's plan (its validation cohort's size)")
-    ap.add_argument("--iterations", type=int, default=None, help="default: the demo's")
+    ap.add_argument("--iterations", type=int, default=None, help="default: the demo's (a variant's own \"iterations\" field wins)")
     ap.add_argument("--draw-seed", type=int, default=77, help="the real-lesion validation draw's seed")
     ap.add_argument("--real-ct", type=Path, default=ROOT.parent / "shared" / "data" / "real_ct", help="folder of real normal CTs")
     ap.add_argument("--tables", type=Path, default=None, help="print the tables of a saved result and stop")

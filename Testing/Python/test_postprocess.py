@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-from CovidGANSegLib.seg.postprocess import (PLAIN, PostProcessing, filtered_density, limit_thin_growth, local_contrast, post_process,
-                                            rules_alone_segment, slab_partial_volume)
+from CovidGANSegLib.seg.postprocess import (FAINT_COMPONENT_HU, PLAIN, PostProcessing, faint_components, filtered_density, limit_thin_growth,
+                                            local_contrast, post_process, rules_alone_segment, slab_partial_volume)
 
 
 def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
@@ -135,7 +135,8 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
     grown = post_process(detections, hu, lung, spacing, PostProcessing())
     assert grown[:, :, 0][rim].mean() > 0.9 and grown[:, :, 3][rim].mean() > 0.9  # the whole dense region, all slices
     assert not grown[:, 10, :].any() and not (grown & (hu < -750)).any()
-    assert not post_process(np.zeros_like(detections), hu, lung, spacing, PostProcessing()).any()  # no seed, no growth
+    seeded_only = PostProcessing(faint_component_hu=None)
+    assert not post_process(np.zeros_like(detections), hu, lung, spacing, seeded_only).any()  # no seed, no growth
     # GAN agreement: a component is kept only when the GAN removed density there (mean difference above the gate)
     difference = np.zeros(hu.shape, np.float32)
     difference[core] = 200.0
@@ -149,6 +150,32 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
     assert PostProcessing(gan_gate_sigmas=None).gate_hu(stats, 1400.0) is None and PostProcessing().gate_hu(None, 1400.0) is None
     with pytest.raises(ValueError):
         PostProcessing(open_mm=-1.0)
+
+
+def test_faint_components_join_without_a_seed_dense_ones_do_not():
+    hu, lung, core, rim = _slab()
+    spacing = (1.0, 1.0, 8.0)
+    u, v = np.mgrid[: hu.shape[0], : hu.shape[1]]
+    dense = (u - 15) ** 2 + (v - 40) ** 2 <= 6 ** 2
+    hu[dense] = -300.0  # a dense disc (vessel confluence, partial volume at the chest wall): needs a seed
+    lesion = rim  # the faint lesion: core -450 HU, rim -650 HU, mean about -580 HU
+    assert hu[lesion].mean() <= FAINT_COMPONENT_HU < hu[dense].mean()
+    none = np.zeros(hu.shape, bool)
+    unseeded = post_process(none, hu, lung, spacing, PostProcessing())
+    assert unseeded[lesion].mean() > 0.9 and not unseeded[dense].any()
+    assert not (unseeded & (hu < -750)).any() and not unseeded[:, 10, :].any()
+    seeds = np.zeros(hu.shape, bool)
+    seeds[:, :, 1:3] = dense[:, :, None]
+    seeded = post_process(seeds, hu, lung, spacing, PostProcessing())
+    assert seeded[dense].mean() > 0.9 and seeded[lesion].mean() > 0.9  # the seeded dense disc and the faint lesion
+    assert np.array_equal(faint_components(rules_alone_segment(hu, lung, spacing), hu, FAINT_COMPONENT_HU), unseeded)
+    # off: seeded components only; and never without growth (``segment --no-growth``: the detections alone)
+    assert not post_process(none, hu, lung, spacing, PostProcessing(faint_component_hu=None)).any()
+    assert not post_process(none, hu, lung, spacing, PostProcessing(grow=False)).any()
+    assert not post_process(none, hu, lung, spacing, PostProcessing(faint_component_hu=-600.0)).any()  # the level is used
+    assert not post_process(none, hu, lung, spacing, PLAIN).any()
+    with pytest.raises(ValueError, match="faint_component_hu"):
+        PostProcessing(faint_component_hu=float("nan"))
 
 
 def test_rules_alone_mark_the_lesion_not_the_vessel_nor_aerated_lung():
@@ -238,13 +265,17 @@ def test_density_filter_drops_vessel_seeds_stops_growth_along_vessels_and_bridge
     on_vessel = seeds.copy()
     on_vessel[30:36, 19:21, 1] = True
     assert np.array_equal(post_process(on_vessel, hu, lung, spacing, PostProcessing(open_mm=0.0)), lesion)
-    unfiltered_seeds = post_process(on_vessel, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_seeds=False))
+    # (seeded components only: with every lung voxel a seed and no seed filter, the vessel joins the
+    # lesion and the patch in one faint component)
+    unfiltered_seeds = post_process(on_vessel, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_seeds=False,
+                                                                                  faint_component_hu=None))
     assert np.array_equal(unfiltered_seeds, lesion | (on_vessel & vessel))
     assert not post_process(on_vessel & vessel, hu, lung, spacing, PostProcessing(open_mm=0.0, grow=False)).any()
 
     hu, lung, lesion, seeds = volume()
     hu[12, 10:30, :] = -790.0  # a 1 mm noise dip across the lesion, below the -750 HU floor of the region
-    raw = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_mm=0.0))
+    # (seeded components only: the unseeded half is faint ground glass, which step 8 would add)
+    raw = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_mm=0.0, faint_component_hu=None))
     filtered = post_process(seeds, hu, lung, spacing, PostProcessing(open_mm=0.0))
     assert raw[5:12, 10:30].all() and not raw[13:].any() and not (raw & ~lesion).any()
     assert np.array_equal(filtered, lesion)  # the dip itself too (it is above the HU prior's -800 HU)
