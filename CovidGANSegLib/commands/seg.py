@@ -91,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-thin-growth", dest="thin_growth", action="store_false",
                    help="let grown components that are mostly thin (vessel trees) keep all their growth (by default they "
                         "keep only their detections and 3 mm around them; a lesion reached through a vessel goes with it)")
+    p.add_argument("--no-faint-components", dest="faint_components", action="store_false",
+                   help="mark only components the segmenter seeded (by default faint ground glass that the rules find, "
+                        "mean -550 HU or less, is marked without a seed too)")
     p.add_argument("--gan-gate", type=float, default=None, metavar="K",
                    help="keep only detections where the GAN removed density (mean difference above median + K sigma of its "
                         "healthy-lung difference; needs --gan). Off by default: on real anatomy it dropped most true mild lesions")
@@ -206,7 +209,7 @@ def run_segment(args: argparse.Namespace) -> int:
                            pseudo_healthy=staged.get("pseudo_healthy"), difference=staged.get("difference"), report=None,
                            device=device, threshold=args.threshold, input_lungs=args.input_lungs, grow=args.grow,
                            gan_gate_sigmas=args.gan_gate, local_contrast=args.local_contrast,
-                           thin_growth=args.thin_growth)
+                           thin_growth=args.thin_growth, faint_components=args.faint_components)
         rep["outputs"] = {k: str(outputs[k]) if k in outputs else None for k in _SEGMENT_OUTPUTS}
         if "report" in staged:
             with atomic_path(staged["report"]) as tmp:

@@ -229,7 +229,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                  pseudo_healthy: str | Path | None = None, difference: str | Path | None = None, report: str | Path | None = None,
                  device: str = "auto", threshold: float | None = None, input_lungs: str | Path | None = None,
                  batch_size: int = 16, grow: bool = True, gan_gate_sigmas: float | None = None,
-                 local_contrast: bool = True, thin_growth: bool = True) -> dict[str, Any]:
+                 local_contrast: bool = True, thin_growth: bool = True, faint_components: bool = True) -> dict[str, Any]:
     """File to file: lesion mask (and optional outputs) on the input CT's own grid; returns the report.
 
     Args:
@@ -258,6 +258,9 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         thin_growth: limit mostly thin grown components (vessel trees) to their seeds and 3 mm
             around them (:class:`PostProcessing`, step 6; docs/ablation.md "Thin growth"). Off, a lesion that
             growth reached through a vessel is kept whole, and so are the vessel trees.
+        faint_components: with growth, add the faint components of the rules alone (mean HU at most
+            ``PostProcessing.faint_component_hu``) that the segmenter did not seed (:class:`PostProcessing`,
+            step 8; docs/ablation.md "Faint components without a seed"). Off, only seeded components.
 
     Raises:
         InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
@@ -279,7 +282,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         raise InputError("the GAN-agreement gate (--gan-gate) needs the GAN checkpoint (--gan)", input)
     rule = PostProcessing(grow=grow, gan_gate_sigmas=gan_gate_sigmas,  # validates the settings before any work
                           min_contrast_hu=PostProcessing.min_contrast_hu if local_contrast else None,
-                          min_thick_fraction=PostProcessing.min_thick_fraction if thin_growth else None)
+                          min_thick_fraction=PostProcessing.min_thick_fraction if thin_growth else None,
+                          faint_component_hu=PostProcessing.faint_component_hu if faint_components else None)
     dev = resolve_device(device)
 
     progress.report(0.0, "loading models")
