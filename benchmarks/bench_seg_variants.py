@@ -1,7 +1,8 @@
 """A segmenter setting against the default, over several training seeds, on the validation sets.
 
 How the rounds of docs/ablation.md choose a lever of the segmenter's training: each variant (a
-``SegConfig`` change, e.g. ``in_channels=3`` for 2.5D input) and the default are trained like the
+``SegConfig`` change, e.g. ``in_channels=3`` for 2.5D input; its ``iterations``, when given, is the
+number of training iterations) and the default are trained like the
 quick demo's segmenters (``train_segmenter`` on a demo's preprocessed training cohort, synthetic-
 lesion supervision as the demo sets it, two at a time, one torch thread each) for every seed and
 model, and scored as ``segment`` scores them (the library's post-processing) on:
@@ -72,8 +73,8 @@ def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int
                 if not paths[key].is_file():
                     jobs[key] = (train_segmenter, dict(
                         pseudo_masks=data, run_dir=paths[key].parent, model=model, config=dataclasses.replace(base, **change),
-                        iterations=change.get("iterations") or iterations or card["iterations"], device="cpu", seed=seed, data=demo / "data" / "train",
-                        synthetic=synthetic))
+                        iterations=change.get("iterations") or iterations or card["iterations"], device="cpu", seed=seed,
+                        data=demo / "data" / "train", synthetic=synthetic))
     train_in_pairs(jobs)
     return paths
 

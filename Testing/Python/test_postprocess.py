@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-from CovidGANSegLib.seg.postprocess import (FAINT_COMPONENT_HU, PLAIN, PostProcessing, faint_components, filtered_density, limit_thin_growth,
-                                            local_contrast, post_process, rules_alone_segment, slab_partial_volume)
+from CovidGANSegLib.seg.postprocess import (FAINT_COMPONENT_HU, PLAIN, PostProcessing, faint_components, filtered_density,
+                                            limit_thin_growth, local_contrast, post_process, rules_alone_segment,
+                                            slab_partial_volume)
 
 
 def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
