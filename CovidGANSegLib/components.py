@@ -10,16 +10,28 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
-def components_touching(seeds: np.ndarray, region: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """Voxels of ``region`` whose ``connectivity``-connected component (26: faces, edges and corners;
-    6: faces only) contains a voxel of ``seeds`` (hysteresis)."""
+def label_components(region: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """``ndi.label`` of ``region`` with ``connectivity`` 26 (faces, edges and corners) or 6 (faces only)."""
     if connectivity not in (6, 26):
         raise ValueError(f"connectivity must be 6 or 26, got {connectivity}")
     structure = np.ones((3, 3, 3), dtype=bool) if connectivity == 26 else ndi.generate_binary_structure(3, 1)
     lab, n = ndi.label(region, structure=structure)
-    if n == 0:
-        return region
+    return lab, int(n)
+
+
+def labelled_components_touching(seeds: np.ndarray, lab: np.ndarray, n: int) -> np.ndarray:
+    """Voxels of the labelled components (``lab``, ``n`` from :func:`label_components`) that contain a
+    voxel of ``seeds``."""
     hit = np.zeros(n + 1, dtype=bool)
-    hit[np.unique(lab[seeds & region])] = True
+    hit[np.unique(lab[seeds])] = True
     hit[0] = False
     return hit[lab]
+
+
+def components_touching(seeds: np.ndarray, region: np.ndarray, connectivity: int = 26) -> np.ndarray:
+    """Voxels of ``region`` whose ``connectivity``-connected component (26: faces, edges and corners;
+    6: faces only) contains a voxel of ``seeds`` (hysteresis)."""
+    lab, n = label_components(region, connectivity)
+    if n == 0:
+        return region
+    return labelled_components_touching(seeds, lab, n)
