@@ -81,6 +81,7 @@ VARIANTS: dict[str, Any] = {
     "without the thin-growth limit": {"min_thick_fraction": None},
     "growth floor -750 HU (before: -725)": {"grow_hu_range": (-750.0, 100.0)},
     "without faint components joining unseeded (mean <= -550 HU)": {"faint_component_hu": None},
+    "without small dense components dropped (under 4 mL, mean above -475 HU)": {"small_dense_hu": None},
     "lung mask closed over 16 mm along z (before: 24)": LUNG_16MM,
     "the segmenter (every lung voxel a seed: the rules alone)": RULES_ALONE,
     "none of these rules (p > threshold in the lung)": "plain",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from CovidGANSegLib import protocol
 from CovidGANSegLib.commands import whole_number
+from CovidGANSegLib.seg.postprocess import FAINT_COMPONENT_HU, SMALL_DENSE_HU, SMALL_DENSE_ML
 
 _DEVICE_HELP = ("auto (CUDA when available, else CPU), cpu or cuda[:N] (default auto); cuda without a GPU exits with "
                 f"code {protocol.EXIT_CUDA_MISSING}, a GPU out of memory with code {protocol.EXIT_GPU_OUT_OF_MEMORY}")
@@ -93,7 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "keep only their detections and 3 mm around them; a lesion reached through a vessel goes with it)")
     p.add_argument("--no-faint-components", dest="faint_components", action="store_false",
                    help="mark only components the segmenter seeded (by default faint ground glass that the rules find, "
-                        "mean -550 HU or less, is marked without a seed too)")
+                        f"mean {FAINT_COMPONENT_HU:g} HU or less, is marked without a seed too)")
+    p.add_argument("--keep-small-dense", dest="small_dense", action="store_false",
+                   help=f"keep components under {SMALL_DENSE_ML:g} mL whose mean is above {SMALL_DENSE_HU:g} HU (by default dropped: "
+                        "mostly vessels and partial volume on real CTs; small solid nodules go with them)")
     p.add_argument("--gan-gate", type=float, default=None, metavar="K",
                    help="keep only detections where the GAN removed density (mean difference above median + K sigma of its "
                         "healthy-lung difference; needs --gan). Off by default: on real anatomy it dropped most true mild lesions")
@@ -209,7 +213,8 @@ def run_segment(args: argparse.Namespace) -> int:
                            pseudo_healthy=staged.get("pseudo_healthy"), difference=staged.get("difference"), report=None,
                            device=device, threshold=args.threshold, input_lungs=args.input_lungs, grow=args.grow,
                            gan_gate_sigmas=args.gan_gate, local_contrast=args.local_contrast,
-                           thin_growth=args.thin_growth, faint_components=args.faint_components)
+                           thin_growth=args.thin_growth, faint_components=args.faint_components,
+                           small_dense=args.small_dense)
         rep["outputs"] = {k: str(outputs[k]) if k in outputs else None for k in _SEGMENT_OUTPUTS}
         if "report" in staged:
             with atomic_path(staged["report"]) as tmp:

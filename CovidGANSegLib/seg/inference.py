@@ -229,7 +229,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                  pseudo_healthy: str | Path | None = None, difference: str | Path | None = None, report: str | Path | None = None,
                  device: str = "auto", threshold: float | None = None, input_lungs: str | Path | None = None,
                  batch_size: int = 16, grow: bool = True, gan_gate_sigmas: float | None = None,
-                 local_contrast: bool = True, thin_growth: bool = True, faint_components: bool = True) -> dict[str, Any]:
+                 local_contrast: bool = True, thin_growth: bool = True, faint_components: bool = True,
+                 small_dense: bool = True) -> dict[str, Any]:
     """File to file: lesion mask (and optional outputs) on the input CT's own grid; returns the report.
 
     Args:
@@ -261,6 +262,9 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         faint_components: with growth, add the faint components of the rules alone (mean HU at most
             ``PostProcessing.faint_component_hu``) that the segmenter did not seed (:class:`PostProcessing`,
             step 8; docs/ablation.md "Faint components without a seed"). Off, only seeded components.
+        small_dense: drop final components smaller than ``PostProcessing.small_dense_ml`` whose mean HU
+            exceeds ``PostProcessing.small_dense_hu`` (:class:`PostProcessing`, step 9; docs/ablation.md
+            "Small dense components"). Off, small dense nodules are kept, and so are vessel confluences.
 
     Raises:
         InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
@@ -283,7 +287,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
     rule = PostProcessing(grow=grow, gan_gate_sigmas=gan_gate_sigmas,  # validates the settings before any work
                           min_contrast_hu=PostProcessing.min_contrast_hu if local_contrast else None,
                           min_thick_fraction=PostProcessing.min_thick_fraction if thin_growth else None,
-                          faint_component_hu=PostProcessing.faint_component_hu if faint_components else None)
+                          faint_component_hu=PostProcessing.faint_component_hu if faint_components else None,
+                          small_dense_hu=PostProcessing.small_dense_hu if small_dense else None)
     dev = resolve_device(device)
 
     progress.report(0.0, "loading models")

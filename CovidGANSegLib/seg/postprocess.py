@@ -91,10 +91,29 @@ into the lesion mask by the rules of :class:`PostProcessing`, in this order:
    sure of faint ground glass in real anatomy. On seven models it raised every validation set
    (phantom validation, mild phantoms, real CTs with inserted mild lesions) and left the real normal
    CTs as they were (docs/ablation.md, "Faint components without a seed").
+9. **Small dense components** (``small_dense_ml``, 4 mL; ``small_dense_hu``, -475 HU): a final
+   component under 4 mL whose mean HU is above -475 is dropped (:func:`drop_small_dense`). On the
+   validation sets the false components that pass every rule above are small and dense (median
+   -370..-460 HU, 0.8-2.1 mL over six models; on real anatomy vessels and partial volume denser than
+   ground glass), the true ones larger and fainter (median -507..-539 HU, 3.7-5.7 mL);
+   on mild lesions inserted in real CTs the rule takes 68 % of the false volume and 4 % of the true
+   one. On six models every one gained on the validation criterion
+   (+0.011 on average; mild lesions in real anatomy +0.026, mild phantoms +0.006, the validation
+   phantoms level), and the real normal CTs lost their largest false detections
+   (docs/ablation.md, "Small dense components"). A small solid nodule goes with them: this tool
+   measures ground glass and consolidation, not nodules.
 
 The density filter helped each of five retrained models on the validation cohorts (all cases and
 mild cases) and on the real normal CTs; on a fresh cohort checked afterwards the mild cases gained
 again for every model while all cases stayed level on average (docs/ablation.md, "Density filter").
+
+How the work is done (the masks are the same as the plain implementation's): inside the lung's
+bounding box, padded for the density filter and the slab rule (:func:`_lung_box`); in-plane
+morphology with a disk (openings, the local contrast rule's rings) as unions or intersections over
+the disk's rectangles, read off one summed-area table (:func:`_rectangle_counts`); the slab rule,
+the filtered density and the growth region's components once for both passes, the segmenter's seeds
+and step 8's every lung voxel (:class:`_Scene`). On a 512 x 512 x 40 CT this took the post-processing
+from 8.7 s to 2.3 s on a first-generation EPYC (docs/ablation.md, "The post-processing made fast").
 
 :func:`rules_alone_segment` runs the same rules with every lung voxel as a seed: a baseline without
 a model that every demo scores beside the segmenters ("What the segmenter adds to the rules" in
@@ -118,6 +137,9 @@ SLAB_TISSUE_HU = -100.0
 DENSITY_FILTER_RESOLUTION_MM = 1.5
 #: components of the rules alone at most this dense (mean HU) join the mask without a seed (step 8)
 FAINT_COMPONENT_HU = -550.0
+#: final components smaller than this (mL) and denser than ``SMALL_DENSE_HU`` (mean) are dropped (step 9)
+SMALL_DENSE_ML = 4.0
+SMALL_DENSE_HU = -475.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +181,9 @@ class PostProcessing:
         faint_component_hu: with ``grow``, every component of the rules alone (this rule, every lung
             voxel a seed) whose mean HU is at most this joins the mask without a seed (None: only
             seeded components; step 8 of the module docstring).
+        small_dense_ml: final components smaller than this (mL) ...
+        small_dense_hu: ... whose mean HU exceeds this are dropped (None: kept; step 9 of the module
+            docstring, :func:`drop_small_dense`).
     """
 
     hu_range: tuple[float, float] | None = (LESION_HU_FLOOR, 100.0)
@@ -181,6 +206,8 @@ class PostProcessing:
     thin_growth_min_ml: float = 5.0
     thin_growth_reach_mm: float = 3.0
     faint_component_hu: float | None = FAINT_COMPONENT_HU
+    small_dense_ml: float = SMALL_DENSE_ML
+    small_dense_hu: float | None = SMALL_DENSE_HU
 
     def gate_hu(self, healthy_difference: dict[str, float] | None, window_width: float) -> float | None:
         """The gate in HU from G's healthy-lung difference statistics (window units), or None."""
@@ -219,13 +246,17 @@ class PostProcessing:
                 raise ValueError(f"{name} must be a finite value >= 0, got {value}")
         if self.faint_component_hu is not None and not np.isfinite(self.faint_component_hu):
             raise ValueError(f"faint_component_hu must be finite or None, got {self.faint_component_hu}")
+        if not (self.small_dense_ml >= 0 and np.isfinite(self.small_dense_ml)):
+            raise ValueError(f"small_dense_ml must be a finite value >= 0, got {self.small_dense_ml}")
+        if self.small_dense_hu is not None and not np.isfinite(self.small_dense_hu):
+            raise ValueError(f"small_dense_hu must be finite or None, got {self.small_dense_hu}")
         if not 0.0 <= self.gan_gate_extensive <= 1.0:
             raise ValueError(f"gan_gate_extensive must be in [0, 1], got {self.gan_gate_extensive}")
 
 
 #: the paper's plain rule: probability above the threshold inside the lung, nothing else
 PLAIN = PostProcessing(hu_range=None, open_mm=0.0, grow=False, density_filter_mm=0.0, slab_tissue_hu=None,
-                       min_contrast_hu=None, min_thick_fraction=None, faint_component_hu=None)
+                       min_contrast_hu=None, min_thick_fraction=None, faint_component_hu=None, small_dense_hu=None)
 
 
 def _disk(spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
@@ -404,6 +435,8 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
     if rule.grow and rule.faint_component_hu is not None:  # step 8: the rules alone's faint components
         every = _seeded_rules(scene.lung.copy(), scene, difference_hu, gate_hu)
         seeds |= faint_components(every, scene.hu, rule.faint_component_hu)
+    if rule.small_dense_hu is not None:  # step 9
+        seeds = drop_small_dense(seeds, scene.hu, spacing, rule.small_dense_ml, rule.small_dense_hu)
     return seeds
 
 
@@ -514,6 +547,21 @@ def faint_components(mask: np.ndarray, hu: np.ndarray, max_mean_hu: float) -> np
     lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     mean = np.asarray(ndi.mean(np.asarray(hu, dtype=np.float64), lab, index=np.arange(1, n + 1)))  # per component
     return np.concatenate([[False], mean <= max_mean_hu])[lab]
+
+
+def drop_small_dense(mask: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float], max_ml: float,
+                     max_mean_hu: float) -> np.ndarray:
+    """``mask`` without its 26-connected components that are smaller than ``max_ml`` and whose mean HU
+    exceeds ``max_mean_hu`` (step 9 of the module docstring)."""
+    from scipy import ndimage as ndi
+
+    if not mask.any() or max_ml <= 0:
+        return mask
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    index = np.arange(1, n + 1)
+    mean = np.asarray(ndi.mean(np.asarray(hu, dtype=np.float64), lab, index=index))  # per component
+    ml = np.bincount(lab.ravel(), minlength=n + 1)[1:] * (float(np.prod(spacing)) / 1000.0)
+    return np.concatenate([[False], ~((ml < max_ml) & (mean > max_mean_hu))])[lab]
 
 
 def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = SLAB_TISSUE_HU) -> np.ndarray:

@@ -9,22 +9,22 @@ import numpy as np
 import pytest
 
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-from CovidGANSegLib.seg.postprocess import (FAINT_COMPONENT_HU, PLAIN, PostProcessing, faint_components, filtered_density,
-                                            limit_thin_growth, local_contrast, post_process, rules_alone_segment,
-                                            slab_partial_volume)
+from CovidGANSegLib.seg.postprocess import (FAINT_COMPONENT_HU, PLAIN, SMALL_DENSE_HU, SMALL_DENSE_ML, PostProcessing,
+                                            drop_small_dense, faint_components, filtered_density, limit_thin_growth,
+                                            local_contrast, post_process, rules_alone_segment, slab_partial_volume)
 
 
 def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
     """An 8 mm slice cut by the diaphragm's dome: lung voxels right above the liver read as ground glass
-    (-450 HU) and the model marks them; they are left out, a lesion two slices higher is kept."""
+    (-450 HU) and the model marks them; they are left out, a lesion two slices higher (-520 HU) is kept."""
     shape = (40, 40, 6)
     hu = np.full(shape, -850.0)
     lung = np.zeros(shape, bool)
     lung[5:35, 5:35, 1:] = True
     hu[~lung] = 50.0  # liver below (slice 0) and chest wall around
     hu[10:30, 10:30, 1] = -450.0  # dome partial volume, the slab just above the liver
-    hu[15:25, 15:25, 3] = -450.0  # a lesion within aerated lung
-    detections = hu == -450.0
+    hu[15:25, 15:25, 3] = -520.0  # a lesion within aerated lung (1.8 mL: fainter than step 9's -475 HU)
+    detections = (hu == -450.0) | (hu == -520.0)
     spacing = (1.5, 1.5, 8.0)
     dome = np.zeros(shape, bool)
     dome[10:30, 10:30, 1] = True
@@ -130,7 +130,8 @@ def test_post_processing_opening_removes_thin_detections_and_growth_reaches_the_
     detections[5:55, 10, :] = True  # ... and fired on the vessel
     plain = post_process(detections, hu, lung, spacing, PLAIN)
     assert np.array_equal(plain, detections)
-    opened = post_process(detections, hu, lung, spacing, PostProcessing(grow=False))
+    opened = post_process(detections, hu, lung, spacing, PostProcessing(grow=False, small_dense_hu=None))  # (the core alone,
+    # 3.6 mL at -450 HU, is a small dense component: step 9, tested on its own, would drop it)
     assert not opened[:, 10, :].any()  # the vessel is thinner than the 2.5 mm disk
     assert opened[:, :, 1][core].mean() > 0.9
     grown = post_process(detections, hu, lung, spacing, PostProcessing())
@@ -167,7 +168,7 @@ def test_faint_components_join_without_a_seed_dense_ones_do_not():
     assert not (unseeded & (hu < -750)).any() and not unseeded[:, 10, :].any()
     seeds = np.zeros(hu.shape, bool)
     seeds[:, :, 1:3] = dense[:, :, None]
-    seeded = post_process(seeds, hu, lung, spacing, PostProcessing())
+    seeded = post_process(seeds, hu, lung, spacing, PostProcessing(small_dense_hu=None))  # (3.6 mL: step 9 would drop it)
     assert seeded[dense].mean() > 0.9 and seeded[lesion].mean() > 0.9  # the seeded dense disc and the faint lesion
     assert np.array_equal(faint_components(rules_alone_segment(hu, lung, spacing), hu, FAINT_COMPONENT_HU), unseeded)
     # off: seeded components only; and never without growth (``segment --no-growth``: the detections alone)
@@ -177,6 +178,34 @@ def test_faint_components_join_without_a_seed_dense_ones_do_not():
     assert not post_process(none, hu, lung, spacing, PLAIN).any()
     with pytest.raises(ValueError, match="faint_component_hu"):
         PostProcessing(faint_component_hu=float("nan"))
+
+
+def test_small_dense_components_are_dropped_large_or_faint_ones_kept():
+    """Step 9: a seeded dense component under 4 mL (a vessel confluence) goes; a dense one over 4 mL
+    and a small faint one stay; the size and the level are both used; off with None and in PLAIN."""
+    hu, lung, core, rim = _slab()
+    spacing = (1.0, 1.0, 8.0)  # 0.008 mL a voxel
+    u, v = np.mgrid[: hu.shape[0], : hu.shape[1]]
+    small = (u - 12) ** 2 + (v - 22) ** 2 <= 5 ** 2  # 81 pixels x 4 slices: 2.6 mL
+    large = (u - 12) ** 2 + (v - 44) ** 2 <= 7 ** 2  # 149 pixels x 4 slices: 4.8 mL
+    hu[small] = hu[large] = -300.0
+    seeds = np.zeros(hu.shape, bool)
+    seeds[:, :, 1:3] = (small | large)[:, :, None]
+    small3, large3 = (np.repeat(m[:, :, None], hu.shape[2], axis=2) for m in (small, large))  # (x, y, z)
+    assert 0.008 * small3.sum() < SMALL_DENSE_ML < 0.008 * large3.sum() and SMALL_DENSE_HU < -300.0
+    out = post_process(seeds, hu, lung, spacing, PostProcessing())
+    assert not out[small3].any() and out[large3].mean() > 0.9 and out[np.repeat(rim[:, :, None], 4, axis=2)].mean() > 0.9
+    for rule in (PostProcessing(small_dense_hu=None), PostProcessing(small_dense_ml=1.5),
+                 PostProcessing(small_dense_hu=-250.0)):  # off; a smaller size; a higher level
+        kept = post_process(seeds, hu, lung, spacing, rule)
+        assert kept[small3].mean() > 0.8 and np.array_equal(kept & ~small3, out)  # (the opening rounds its edge)
+    assert np.array_equal(drop_small_dense(kept, hu, spacing, SMALL_DENSE_ML, SMALL_DENSE_HU), out)
+    assert np.array_equal(drop_small_dense(kept, hu, spacing, 0.0, SMALL_DENSE_HU), kept)
+    assert PLAIN.small_dense_hu is None
+    with pytest.raises(ValueError, match="small_dense_hu"):
+        PostProcessing(small_dense_hu=float("nan"))
+    with pytest.raises(ValueError, match="small_dense_ml"):
+        PostProcessing(small_dense_ml=-1.0)
 
 
 def test_rules_alone_mark_the_lesion_not_the_vessel_nor_aerated_lung():
@@ -221,7 +250,7 @@ def test_growth_connectivity_decides_whether_an_oblique_vessel_is_followed():
     for z in range(2, 6):  # 4 x 4 in-plane, one step diagonally per slice from the lesion's corner
         x = 15 + 4 * (z - 2)
         vessel[x:x + 4, x:x + 4, z] = True
-    hu[lesion | vessel] = -400.0
+    hu[lesion | vessel] = -500.0
     seeds = np.zeros(hu.shape, bool)
     seeds[9:11, 9:11, 0] = True
     spacing = (1.0, 1.0, 8.0)
@@ -267,9 +296,9 @@ def test_density_filter_drops_vessel_seeds_stops_growth_along_vessels_and_bridge
     on_vessel[30:36, 19:21, 1] = True
     assert np.array_equal(post_process(on_vessel, hu, lung, spacing, PostProcessing(open_mm=0.0)), lesion)
     # (seeded components only: with every lung voxel a seed and no seed filter, the vessel joins the
-    # lesion and the patch in one faint component)
+    # lesion and the patch in one faint component; the vessel's seeds alone are a small dense component)
     unfiltered_seeds = post_process(on_vessel, hu, lung, spacing, PostProcessing(open_mm=0.0, density_filter_seeds=False,
-                                                                                  faint_component_hu=None))
+                                                                                  faint_component_hu=None, small_dense_hu=None))
     assert np.array_equal(unfiltered_seeds, lesion | (on_vessel & vessel))
     assert not post_process(on_vessel & vessel, hu, lung, spacing, PostProcessing(open_mm=0.0, grow=False)).any()
 

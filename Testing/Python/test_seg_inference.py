@@ -286,6 +286,13 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
                "--report", tmp_path / "seeded.json", "--no-faint-components", "--device", "cpu") == 0
     assert json.loads((tmp_path / "seeded.json").read_text())["post_processing"]["faint_component_hu"] is None
     assert not (nib.load(str(seeded)).get_fdata() > np.asarray(nib.load(str(pred)).get_fdata())).any()
+    # small dense components are dropped unless kept (--keep-small-dense); kept, the mask can only grow
+    assert rep["post_processing"]["small_dense_hu"] == -475.0 and rep["post_processing"]["small_dense_ml"] == 4.0
+    kept_dense = tmp_path / "kept_dense.nii.gz"
+    assert run("segment", "--input", study, "--seg", tmp_path / "transunet" / "model.pt", "--output", kept_dense,
+               "--report", tmp_path / "kept_dense.json", "--keep-small-dense", "--device", "cpu") == 0
+    assert json.loads((tmp_path / "kept_dense.json").read_text())["post_processing"]["small_dense_hu"] is None
+    assert not (nib.load(str(pred)).get_fdata() > np.asarray(nib.load(str(kept_dense)).get_fdata())).any()
     # the GAN-agreement gate is off unless asked for (--gan-gate K); gated, the mask can only shrink
     assert rep["post_processing"]["gan_gate_sigmas"] is None and rep["post_processing"]["gan_gate_hu"] is None
     gated = tmp_path / "gated.nii.gz"
