@@ -414,8 +414,8 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
 
     Order: slab rule, lung and HU prior, opening, GAN gate, density filter of the seeds, growth
     (the local contrast rule on the grown components, then thin ones limited to their seeds'
-    surroundings), local contrast, then, with growth, the faint components of the rules alone
-    (module docstring). ``difference_hu`` (the GAN's difference map on
+    surroundings), local contrast, then, with growth, the faint components of the rules alone, and
+    last the small dense components dropped (module docstring). ``difference_hu`` (the GAN's difference map on
     the same grid) and ``gate_hu`` switch on the GAN-agreement gate: components whose mean
     difference is at most ``gate_hu`` are dropped; extensive ones are kept
     (``rule.gan_gate_spares_extensive``) or judged by the ``rule.gan_gate_quantile`` of their
@@ -647,7 +647,8 @@ def rules_alone_segment(hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, 
     """The post-processing with every lung voxel as a seed and no segmenter: a baseline without learning.
 
     What ``seg.inference.segment_ct`` would return if the segmenter marked the whole lung: the rules alone
-    decide (slab rule, HU prior, opening, density filter, growth, thin-growth limit, local contrast).
+    decide (slab rule, HU prior, opening, density filter, growth, thin-growth limit, local contrast, small dense
+    components dropped).
     Scored beside the segmenters (the demo's ``rules_alone``), it measures what the learned seeds
     add ("What the segmenter adds to the rules" in docs/ablation.md). ``hu`` and ``lung`` are
     canonical ``(x, y, z)`` arrays of one CT, ``spacing`` its voxel size in mm.
