@@ -126,6 +126,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -449,31 +450,25 @@ class _Scene:
     def __init__(self, hu: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float], rule: PostProcessing):
         self.hu, self.spacing, self.rule = hu, spacing, rule
         self.lung = lung & ~slab_partial_volume(hu, lung, rule.slab_tissue_hu) if rule.slab_tissue_hu is not None else lung
-        self._dense: np.ndarray | None = None
-        self._region: tuple[np.ndarray, np.ndarray, int] | None = None
 
-    @property
+    @cached_property
     def dense(self) -> np.ndarray:
         """Lung voxels whose filtered density is at least the growth floor (step 4)."""
-        if self._dense is None:
-            r = self.rule
-            self._dense = _lesion_range_after_filter(self.hu, self.lung, self.spacing, r.density_filter_mm,
-                                                     r.grow_hu_range[0], r.density_filter_resolution_mm)
-        return self._dense
+        r = self.rule
+        return _lesion_range_after_filter(self.hu, self.lung, self.spacing, r.density_filter_mm, r.grow_hu_range[0],
+                                          r.density_filter_resolution_mm)
 
-    @property
+    @cached_property
     def region(self) -> tuple[np.ndarray, np.ndarray, int]:
         """The growth region (step 5), its component labels and their number."""
-        if self._region is None:
-            from CovidGANSegLib.components import label_components
+        from CovidGANSegLib.components import label_components
 
-            r, hu = self.rule, self.hu
-            region = self.dense & (hu <= r.grow_hu_range[1])
-            if r.hu_range is not None:  # the filter's closing may bridge a dip; the voxels themselves keep the HU prior
-                region &= hu >= r.hu_range[0]
-            region = _opening(region, self.spacing, r.open_mm)
-            self._region = (region,) + label_components(region, r.grow_connectivity)
-        return self._region
+        r, hu = self.rule, self.hu
+        region = self.dense & (hu <= r.grow_hu_range[1])
+        if r.hu_range is not None:  # the filter's closing may bridge a dip; the voxels themselves keep the HU prior
+            region &= hu >= r.hu_range[0]
+        region = _opening(region, self.spacing, r.open_mm)
+        return (region,) + label_components(region, r.grow_connectivity)
 
 
 def _seeded_rules(seeds: np.ndarray, scene: _Scene, difference_hu: np.ndarray | None, gate_hu: float | None) -> np.ndarray:
@@ -507,7 +502,7 @@ def _seeded_rules(seeds: np.ndarray, scene: _Scene, difference_hu: np.ndarray | 
             from CovidGANSegLib.components import labelled_components_touching
 
             region, lab, n = scene.region
-            grown = seeds | labelled_components_touching(seeds & region, lab, n)
+            grown = seeds | labelled_components_touching(seeds, lab, n)  # (labels are 0 outside the region)
             if rule.min_thick_fraction is not None:
                 if rule.min_contrast_hu is not None:
                     # judge the grown components whole first: limiting one that fails the local contrast
@@ -538,14 +533,19 @@ def _lung_box(lung: np.ndarray, spacing: tuple[float, float, float],
     return tuple(slice(max(0, b.start - k), min(n, b.stop + k)) for b, k, n in zip(found[0], pads, np.shape(lung)))
 
 
-def faint_components(mask: np.ndarray, hu: np.ndarray, max_mean_hu: float) -> np.ndarray:
-    """The 26-connected components of ``mask`` whose mean HU is at most ``max_mean_hu``."""
+def _component_means(mask: np.ndarray, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 26-connected components of ``mask`` (labels, 0 outside) and the mean HU of each (index i - 1)."""
     from scipy import ndimage as ndi
 
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    return lab, np.asarray(ndi.mean(np.asarray(hu, dtype=np.float64), lab, index=np.arange(1, n + 1)))
+
+
+def faint_components(mask: np.ndarray, hu: np.ndarray, max_mean_hu: float) -> np.ndarray:
+    """The 26-connected components of ``mask`` whose mean HU is at most ``max_mean_hu``."""
     if not mask.any():
         return mask
-    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    mean = np.asarray(ndi.mean(np.asarray(hu, dtype=np.float64), lab, index=np.arange(1, n + 1)))  # per component
+    lab, mean = _component_means(mask, hu)
     return np.concatenate([[False], mean <= max_mean_hu])[lab]
 
 
@@ -553,14 +553,10 @@ def drop_small_dense(mask: np.ndarray, hu: np.ndarray, spacing: tuple[float, flo
                      max_mean_hu: float) -> np.ndarray:
     """``mask`` without its 26-connected components that are smaller than ``max_ml`` and whose mean HU
     exceeds ``max_mean_hu`` (step 9 of the module docstring)."""
-    from scipy import ndimage as ndi
-
     if not mask.any() or max_ml <= 0:
         return mask
-    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    index = np.arange(1, n + 1)
-    mean = np.asarray(ndi.mean(np.asarray(hu, dtype=np.float64), lab, index=index))  # per component
-    ml = np.bincount(lab.ravel(), minlength=n + 1)[1:] * (float(np.prod(spacing)) / 1000.0)
+    lab, mean = _component_means(mask, hu)
+    ml = np.bincount(lab.ravel(), minlength=mean.size + 1)[1:] * (float(np.prod(spacing)) / 1000.0)
     return np.concatenate([[False], ~((ml < max_ml) & (mean > max_mean_hu))])[lab]
 
 
