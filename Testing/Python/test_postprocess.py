@@ -37,6 +37,12 @@ def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
     fringe = hu.copy()
     fringe[~lung] = -200.0  # a mix of air and tissue just outside the lung mask is not the dome's soft tissue
     assert not slab_partial_volume(fringe, lung).any()
+    # a label map (as read from a file: right lung 1, left lung 2; or float) is the same lung as its bool mask
+    labels = lung.astype(np.uint8)
+    labels[20:] *= 2
+    for as_read in (labels, labels.astype(np.float32)):
+        got = slab_partial_volume(hu, as_read)
+        assert got.dtype == bool and np.array_equal(got, slab_partial_volume(hu, lung))
 
 
 def test_thin_growth_stops_along_a_vessel_but_not_inside_a_lesion():
