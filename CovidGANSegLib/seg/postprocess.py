@@ -567,8 +567,8 @@ def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = SLA
     a non-lung voxel denser than ``tissue_hu``: where the diaphragm's dome, the apex or the heart
     cuts through a thick slice, the lung voxel shares its slab with soft tissue and reads as ground
     glass (on real normal CTs at 8 mm, single-slice sheets of several mL at the lung's ends).
-    ``lung`` may be any 0/1 array (a label map read from a file): it is taken as bool."""
-    lung = np.asarray(lung, dtype=bool)  # ~ of a 0/1 integer array is not its complement
+    ``lung`` may be a label map read from a file (any nonzero value is lung): it is taken as bool."""
+    lung = np.asarray(lung, dtype=bool)  # ~ of an integer label map is bitwise, not the complement
     tissue = ~lung & (hu > tissue_hu)
     near = np.zeros_like(tissue)
     near[:, :, 1:] |= tissue[:, :, :-1]
