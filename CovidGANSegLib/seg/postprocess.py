@@ -422,8 +422,9 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
     the same grid) and ``gate_hu`` switch on the GAN-agreement gate: components whose mean
     difference is at most ``gate_hu`` are dropped; extensive ones are kept
     (``rule.gan_gate_spares_extensive``) or judged by the ``rule.gan_gate_quantile`` of their
-    difference.
+    difference. ``candidates`` and ``lung`` may be label maps (any nonzero value counts): taken as bool.
     """
+    candidates, lung = np.asarray(candidates, dtype=bool), np.asarray(lung, dtype=bool)  # no copy when bool
     box = _lung_box(lung, spacing, rule)
     if box is None:  # no lung: nothing to mark
         return np.zeros(np.shape(lung), dtype=bool)

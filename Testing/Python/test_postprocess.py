@@ -43,6 +43,7 @@ def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
     for as_read in (labels, labels.astype(np.float32)):
         got = slab_partial_volume(hu, as_read)
         assert got.dtype == bool and np.array_equal(got, slab_partial_volume(hu, lung))
+        assert np.array_equal(post_process(detections.astype(np.uint8), hu, as_read, spacing, PostProcessing()), kept)
 
 
 def test_thin_growth_stops_along_a_vessel_but_not_inside_a_lesion():
