@@ -230,7 +230,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                  device: str = "auto", threshold: float | None = None, input_lungs: str | Path | None = None,
                  batch_size: int = 16, grow: bool = True, gan_gate_sigmas: float | None = None,
                  local_contrast: bool = True, thin_growth: bool = True, faint_components: bool = True,
-                 small_dense: bool = True) -> dict[str, Any]:
+                 small_dense: bool = True, detection_rim: bool = True) -> dict[str, Any]:
     """File to file: lesion mask (and optional outputs) on the input CT's own grid; returns the report.
 
     Args:
@@ -265,6 +265,9 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         small_dense: drop final components smaller than ``PostProcessing.small_dense_ml`` whose mean HU
             exceeds ``PostProcessing.small_dense_hu`` (:class:`PostProcessing`, step 9; docs/ablation.md
             "Small dense components"). Off, small dense nodules are kept, and so are vessel confluences.
+        detection_rim: add the segmenter's detections within ``PostProcessing.detection_rim_mm`` of a final
+            component at its edge (:class:`PostProcessing`, step 10; docs/ablation.md "The detections'
+            rim"). Off, the edge the opening took from the detections stays out.
 
     Raises:
         InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
@@ -288,7 +291,8 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                           min_contrast_hu=PostProcessing.min_contrast_hu if local_contrast else None,
                           min_thick_fraction=PostProcessing.min_thick_fraction if thin_growth else None,
                           faint_component_hu=PostProcessing.faint_component_hu if faint_components else None,
-                          small_dense_hu=PostProcessing.small_dense_hu if small_dense else None)
+                          small_dense_hu=PostProcessing.small_dense_hu if small_dense else None,
+                          detection_rim_mm=PostProcessing.detection_rim_mm if detection_rim else 0.0)
     dev = resolve_device(device)
 
     progress.report(0.0, "loading models")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-from CovidGANSegLib.seg.postprocess import (FAINT_COMPONENT_HU, PLAIN, SMALL_DENSE_HU, SMALL_DENSE_ML, PostProcessing,
-                                            drop_small_dense, faint_components, filtered_density, limit_thin_growth,
-                                            local_contrast, post_process, rules_alone_segment, slab_partial_volume)
+from CovidGANSegLib.seg.postprocess import (DETECTION_RIM_MM, FAINT_COMPONENT_HU, PLAIN, SMALL_DENSE_HU, SMALL_DENSE_ML,
+                                            PostProcessing, detection_rim, drop_small_dense, faint_components,
+                                            filtered_density, limit_thin_growth, local_contrast, post_process,
+                                            rules_alone_segment, slab_partial_volume)
 
 
 def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
@@ -215,11 +216,53 @@ def test_small_dense_components_are_dropped_large_or_faint_ones_kept():
         PostProcessing(small_dense_ml=-1.0)
 
 
+def test_detection_rim_gives_back_the_edge_the_opening_took_and_nothing_else():
+    """Step 10: a lesion with a 2-voxel spur that the segmenter marked. The opening takes the spur and the
+    disc's extreme pixels, and the opened growth region does not bring them back; the rim gives back the
+    detections within 2.5 mm (two 1 mm pixels) of the final mask, not the spur's far end, not a detection
+    that touches the mask only across slices, and not a detached one."""
+    hu, lung, core, rim = _slab()
+    spacing = (1.0, 1.0, 8.0)
+    spur = np.zeros(hu.shape[:2], bool)
+    spur[45:52, 34:36] = True  # from the lesion's edge (x = 45) 7 voxels outwards
+    far = np.zeros(hu.shape[:2], bool)
+    far[10:13, 40:42] = True  # a small detection on its own
+    hu[spur] = hu[far] = -450.0
+    detections = np.zeros(hu.shape, bool)
+    detections[:, :, 1:3] = (rim | spur | far)[:, :, None]
+    on = post_process(detections, hu, lung, spacing, PostProcessing())
+    off = post_process(detections, hu, lung, spacing, PostProcessing(detection_rim_mm=0.0))
+    assert DETECTION_RIM_MM == PostProcessing().detection_rim_mm == PostProcessing().open_mm == 2.5
+    assert not (off & ~on).any() and not off[:, :, 1][spur].any()  # the opening took the spur
+    added = on & ~off
+    assert added[:, :, 1][spur].sum() == 4 and added[45:47, 34:36, 1].all()  # two voxels deep, not the far end
+    assert added[25, 35, 1] and added[35, 45, 1]  # the disc's extreme pixels
+    assert not added[:, :, [0, 3]].any() and not on[:, :, 1][far].any()  # no detections there; the detached one stays out
+    assert np.array_equal(post_process(detections, hu, lung, spacing, PostProcessing(detection_rim_mm=1.0)) & ~off,
+                          on & ~off & ~(spur[:, :, None] & (np.arange(60)[:, None, None] == 46)))  # one step: one voxel deep
+    # the function itself: in-plane steps only, round(reach / finer pixel) of them, at least one
+    mask = np.zeros((20, 20, 3), bool)
+    mask[5:10, 5:10, 1] = True
+    dets = np.zeros_like(mask)
+    dets[5:10, 10:16, 1] = True  # a strip from the mask's edge, 6 voxels long
+    dets[5:10, 5:10, 2] = True  # right above the mask, another slice
+    assert np.array_equal(detection_rim(mask, dets, (1.0, 1.0, 8.0), 2.5), mask | (dets & (np.arange(20)[None, :, None] < 12)
+                                                                                   & (np.arange(3) == 1)))
+    assert detection_rim(mask, dets, (3.0, 3.0, 8.0), 2.5)[:, 10:, 1].sum() == 5  # coarse pixels: one step
+    assert detection_rim(mask, dets, (0.7, 0.7, 8.0), 2.5)[:, 10:, 1].sum() == 20  # fine pixels: four steps
+    assert np.array_equal(detection_rim(mask, dets, (1.0, 1.0, 8.0), 0.0), mask)
+    assert not detection_rim(np.zeros_like(mask), dets, (1.0, 1.0, 8.0), 2.5).any()  # nothing to attach to
+    assert PLAIN.detection_rim_mm == 0.0
+    with pytest.raises(ValueError, match="detection_rim_mm"):
+        PostProcessing(detection_rim_mm=-1.0)
+
+
 def test_rules_alone_mark_the_lesion_not_the_vessel_nor_aerated_lung():
     hu, lung, core, rim = _slab()
     spacing = (1.0, 1.0, 8.0)
     rules = rules_alone_segment(hu, lung, spacing)
-    assert np.array_equal(rules, post_process(lung.copy(), hu, lung, spacing, PostProcessing()))  # every lung voxel a seed
+    assert np.array_equal(rules, post_process(lung.copy(), hu, lung, spacing, PostProcessing(detection_rim_mm=0.0)))  # every
+    # lung voxel a seed (and no detections' rim: there are no detections to give back)
     assert rules[rim].mean() > 0.9 and not rules[:, 10, :].any()  # the lesion and its faint rim; not the thin vessel
     assert not (rules & (hu < -750)).any()  # nor aerated lung
     assert not rules_alone_segment(hu, np.zeros_like(lung), spacing).any()

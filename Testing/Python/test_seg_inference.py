@@ -293,6 +293,13 @@ def test_end_to_end_cli_phantoms_gan_pseudomasks_trainseg_segment_evaluate(tmp_p
                "--report", tmp_path / "kept_dense.json", "--keep-small-dense", "--device", "cpu") == 0
     assert json.loads((tmp_path / "kept_dense.json").read_text())["post_processing"]["small_dense_hu"] is None
     assert not (nib.load(str(pred)).get_fdata() > np.asarray(nib.load(str(kept_dense)).get_fdata())).any()
+    # the detections' rim joins unless switched off (--no-detection-rim); off, the mask can only shrink
+    assert rep["post_processing"]["detection_rim_mm"] == 2.5
+    no_rim = tmp_path / "no_rim.nii.gz"
+    assert run("segment", "--input", study, "--seg", tmp_path / "transunet" / "model.pt", "--output", no_rim,
+               "--report", tmp_path / "no_rim.json", "--no-detection-rim", "--device", "cpu") == 0
+    assert json.loads((tmp_path / "no_rim.json").read_text())["post_processing"]["detection_rim_mm"] == 0.0
+    assert not (nib.load(str(no_rim)).get_fdata() > np.asarray(nib.load(str(pred)).get_fdata())).any()
     # the GAN-agreement gate is off unless asked for (--gan-gate K); gated, the mask can only shrink
     assert rep["post_processing"]["gan_gate_sigmas"] is None and rep["post_processing"]["gan_gate_hu"] is None
     gated = tmp_path / "gated.nii.gz"
