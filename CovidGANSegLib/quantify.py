@@ -56,12 +56,8 @@ def _percent(marked_voxels: int, lung_voxels: int) -> float:
 
 
 def percent_of_lung(mask: np.ndarray, lung_mask: np.ndarray) -> float:
-    """Percent of the lung that ``mask`` marks, the voxels it marks outside ``lung_mask`` counted as lung
-    (the post-processing's partial-volume fringe lies just outside the lung mask: a false-positive share
-    must not leave them out); 0 for an empty lung."""
-    marked, lung = _voxels_in_lung(mask, lung_mask, "mask")
-    outside = int(np.count_nonzero(np.asarray(mask) > 0)) - marked
-    return _percent(marked + outside, lung + outside) if lung else 0.0
+    """Percent of the lung's voxels that ``mask`` marks (voxels outside the lung not counted; 0 for an empty lung)."""
+    return _percent(*_voxels_in_lung(mask, lung_mask, "mask"))
 
 
 def quantify(lesion_mask: np.ndarray, lung_mask: np.ndarray, spacing: tuple[float, float, float], *,

@@ -84,7 +84,6 @@ VARIANTS: dict[str, Any] = {
     "faint level -550 HU (before: -525; the default until 2026-12-06 afternoon)": {"faint_component_hu": -550.0},
     "without small dense components dropped (under 4 mL, mean above -475 HU)": {"small_dense_hu": None},
     "without the detections' rim (within 2.5 mm of a final component)": {"detection_rim_mm": 0.0},
-    "without the lung's partial-volume fringe (one voxel, -725..-100 HU)": {"lung_fringe_hu": None},
     "lung mask closed over 16 mm along z (before: 24)": LUNG_16MM,
     "the segmenter (every lung voxel a seed: the rules alone)": RULES_ALONE,
     "none of these rules (p > threshold in the lung)": "plain",

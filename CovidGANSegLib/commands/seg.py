@@ -9,7 +9,7 @@ from pathlib import Path
 
 from CovidGANSegLib import protocol
 from CovidGANSegLib.commands import whole_number
-from CovidGANSegLib.seg.postprocess import DETECTION_RIM_MM, FAINT_COMPONENT_HU, LUNG_FRINGE_HU, SMALL_DENSE_HU, SMALL_DENSE_ML
+from CovidGANSegLib.seg.postprocess import DETECTION_RIM_MM, FAINT_COMPONENT_HU, SMALL_DENSE_HU, SMALL_DENSE_ML
 
 _DEVICE_HELP = ("auto (CUDA when available, else CPU), cpu or cuda[:N] (default auto); cuda without a GPU exits with "
                 f"code {protocol.EXIT_CUDA_MISSING}, a GPU out of memory with code {protocol.EXIT_GPU_OUT_OF_MEMORY}")
@@ -101,9 +101,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-detection-rim", dest="detection_rim", action="store_false",
                    help=f"leave out the segmenter's detections within {DETECTION_RIM_MM:g} mm of a final component at its edge "
                         "(by default they join it: the in-plane opening rounds the detections' edges off)")
-    p.add_argument("--no-lung-fringe", dest="lung_fringe", action="store_false",
-                   help=f"stop lesions at the lung mask's boundary (by default its in-plane neighbours of "
-                        f"{LUNG_FRINGE_HU[0]:g}..{LUNG_FRINGE_HU[1]:g} HU, partial volume, count as lung: a lesion at the pleura keeps its edge)")
     p.add_argument("--gan-gate", type=float, default=None, metavar="K",
                    help="keep only detections where the GAN removed density (mean difference above median + K sigma of its "
                         "healthy-lung difference; needs --gan). Off by default: on real anatomy it dropped most true mild lesions")
@@ -220,7 +217,7 @@ def run_segment(args: argparse.Namespace) -> int:
                            device=device, threshold=args.threshold, input_lungs=args.input_lungs, grow=args.grow,
                            gan_gate_sigmas=args.gan_gate, local_contrast=args.local_contrast,
                            thin_growth=args.thin_growth, faint_components=args.faint_components,
-                           small_dense=args.small_dense, detection_rim=args.detection_rim, lung_fringe=args.lung_fringe)
+                           small_dense=args.small_dense, detection_rim=args.detection_rim)
         rep["outputs"] = {k: str(outputs[k]) if k in outputs else None for k in _SEGMENT_OUTPUTS}
         if "report" in staged:
             with atomic_path(staged["report"]) as tmp:

@@ -59,10 +59,8 @@ class SegmentationResult:
 
     Attributes:
         probability: canonical float32 lesion probability (0 outside the model's crop box).
-        lesion_mask: canonical bool, ``probability > threshold`` post-processed (``seg.postprocess``);
-            inside ``lung_mask``.
-        lung_mask: canonical bool lung mask used, plus the voxels of its partial-volume fringe that the
-            lesion mask took (``PostProcessing.lung_fringe_hu``: a lesion's voxels are lung).
+        lesion_mask: canonical bool, ``probability > threshold`` inside the lung mask.
+        lung_mask: canonical bool lung mask used.
         probability_model: ``(D, H, W)`` probabilities on the model grid.
         preprocessed: the ``preprocessing.PreprocessedVolume`` the model saw.
         threshold: the probability threshold used.
@@ -185,8 +183,7 @@ def segment_ct(ct, model: torch.nn.Module, preprocess: PreprocessConfig | None =
     np.clip(prob, 0.0, 1.0, out=prob)
     lesion = post_process(prob > threshold, np.asarray(ct.array), lung, tuple(ct.spacing), post if post is not None else PostProcessing(),
                           difference_hu=difference_hu, gate_hu=gate_hu)
-    # the lesion's voxels in the lung mask's partial-volume fringe are lung: the mask returned holds them
-    return SegmentationResult(probability=prob, lesion_mask=lesion, lung_mask=lung | lesion, probability_model=prob_model, preprocessed=pv,
+    return SegmentationResult(probability=prob, lesion_mask=lesion, lung_mask=lung, probability_model=prob_model, preprocessed=pv,
                               threshold=float(threshold))
 
 
@@ -233,7 +230,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                  device: str = "auto", threshold: float | None = None, input_lungs: str | Path | None = None,
                  batch_size: int = 16, grow: bool = True, gan_gate_sigmas: float | None = None,
                  local_contrast: bool = True, thin_growth: bool = True, faint_components: bool = True,
-                 small_dense: bool = True, detection_rim: bool = True, lung_fringe: bool = True) -> dict[str, Any]:
+                 small_dense: bool = True, detection_rim: bool = True) -> dict[str, Any]:
     """File to file: lesion mask (and optional outputs) on the input CT's own grid; returns the report.
 
     Args:
@@ -271,10 +268,6 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         detection_rim: add the segmenter's detections within ``PostProcessing.detection_rim_mm`` of a final
             component at its edge (:class:`PostProcessing`, step 10; docs/ablation.md "The detections'
             rim"). Off, the edge the opening took from the detections stays out.
-        lung_fringe: the rules count the lung mask's partial-volume fringe (its in-plane neighbours within
-            ``PostProcessing.lung_fringe_hu``) as lung (:class:`PostProcessing`; docs/ablation.md "The lung's
-            partial-volume fringe"); the lungs written and quantified hold the fringe voxels a lesion took.
-            Off, lesions stop at the lung mask's -400 HU boundary.
 
     Raises:
         InputError / CheckpointError: unreadable input, bad or mismatched checkpoints, bad output
@@ -299,8 +292,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                           min_thick_fraction=PostProcessing.min_thick_fraction if thin_growth else None,
                           faint_component_hu=PostProcessing.faint_component_hu if faint_components else None,
                           small_dense_hu=PostProcessing.small_dense_hu if small_dense else None,
-                          detection_rim_mm=PostProcessing.detection_rim_mm if detection_rim else 0.0,
-                          lung_fringe_hu=PostProcessing.lung_fringe_hu if lung_fringe else None)
+                          detection_rim_mm=PostProcessing.detection_rim_mm if detection_rim else 0.0)
     dev = resolve_device(device)
 
     progress.report(0.0, "loading models")
@@ -340,7 +332,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
                         difference_hu=None if ph is None else ph.difference_hu, gate_hu=gate)
 
     progress.report(0.85, "quantifying")
-    q = quantify(result.lesion_mask, result.lung_mask, ct.spacing)  # the lung with the fringe voxels a lesion took
+    q = quantify(result.lesion_mask, lung, ct.spacing)
     seg_card, gan_card = _card(seg), (_card(Path(gan)) if gan is not None else None)
     demo = bool((seg_card or {}).get("demo") or (gan_card or {}).get("demo") or payload.get("metadata", {}).get("demo"))
     rep: dict[str, Any] = {
@@ -370,7 +362,7 @@ def segment_file(input: str | Path, *, seg: str | Path, output: str | Path, gan:
         tmp = {k: stack.enter_context(atomic_path(v)) for k, v in outputs.items() if v is not None}
         save_like(result.lesion_mask.astype(np.uint8), ct, tmp["output"], dtype=np.uint8)
         if "lungs" in tmp:
-            save_like(result.lung_mask.astype(np.uint8), ct, tmp["lungs"], dtype=np.uint8)
+            save_like(lung.astype(np.uint8), ct, tmp["lungs"], dtype=np.uint8)
         if ph is not None:
             dtype = _integral_dtype(ph.pseudo_healthy_hu, ph.difference_hu)
             if "pseudo_healthy" in tmp:

@@ -4,18 +4,6 @@ numpy / scipy only (no torch): :func:`post_process` turns a canonical bool mask 
 voxels (``seg.inference.segment_ct``: the segmenter's probability mapped back onto the CT's grid)
 into the lesion mask by the rules of :class:`PostProcessing`, in this order:
 
-First the lung mask gains its **partial-volume fringe** (``lung_fringe_hu``, -725 .. -100 HU): its
-in-plane neighbours (one voxel, 4-connected) in that range join the lung for every step below
-(:func:`lung_fringe`). Such a voxel holds some aerated lung (fat and soft tissue are denser than
--100 HU), yet the lung mask's -400 HU boundary left it out, and with it the outer layer of a lesion
-at the pleura. The lung mask itself is unchanged (its volume, the training volumes); ``segment_ct``
-reports the lung as the mask plus the fringe voxels a lesion took. On six models the validation
-criterion rose from 0.3826 to 0.3858 (validation, mild phantoms and real-lesion draw all up; five
-models of six), the real normal CTs marked at most 0.31 % of a lung as acquired (0.01 % before)
-and 0.24 % at 8 mm (docs/ablation.md, "The lung's partial-volume fringe"). Denser fringe voxels
-(up to 0 or +100 HU: chest wall, consolidation) gave the real-lesion draw more and the mild
-phantoms less.
-
 0. **Slab partial volume** (``slab_tissue_hu``, -100 HU): a lung voxel whose neighbour in the
    previous or next slice is non-lung tissue denser than that shares its (thick) slab with the
    diaphragm's dome, the apex or the heart and reads as ground glass; it is left out of the lung
@@ -169,8 +157,6 @@ SMALL_DENSE_ML = 4.0
 SMALL_DENSE_HU = -475.0
 #: in-plane reach (mm) of the detections that join a final component at its edge (step 10)
 DETECTION_RIM_MM = 2.5
-#: HU range of the lung mask's partial-volume fringe that the rules count as lung (before step 0)
-LUNG_FRINGE_HU = (-725.0, -100.0)
 
 #: in-plane 4-connectivity as a 3D ``(x, y, z)`` structure: the adjacent pixels of a slice, no step between slices
 _CROSS_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -223,8 +209,6 @@ class PostProcessing:
         detection_rim_mm: the segmenter's detections in lesion-range density within this in-plane reach
             of a final component (reached through detections) join it (0: none; step 10 of the module
             docstring, :func:`detection_rim`).
-        lung_fringe_hu: HU range ``(low, high)`` of the lung mask's in-plane neighbours that join the
-            lung before every step (:func:`lung_fringe`; None: the lung mask as given).
     """
 
     hu_range: tuple[float, float] | None = (LESION_HU_FLOOR, 100.0)
@@ -250,7 +234,6 @@ class PostProcessing:
     small_dense_ml: float = SMALL_DENSE_ML
     small_dense_hu: float | None = SMALL_DENSE_HU
     detection_rim_mm: float = DETECTION_RIM_MM
-    lung_fringe_hu: tuple[float, float] | None = LUNG_FRINGE_HU
 
     def gate_hu(self, healthy_difference: dict[str, float] | None, window_width: float) -> float | None:
         """The gate in HU from G's healthy-lung difference statistics (window units), or None."""
@@ -275,8 +258,6 @@ class PostProcessing:
             raise ValueError(f"gan_gate_quantile must be in [0, 1] or None, got {self.gan_gate_quantile}")
         if self.gan_gate_sigmas is not None and not (self.gan_gate_sigmas >= 0 and np.isfinite(self.gan_gate_sigmas)):
             raise ValueError(f"gan_gate_sigmas must be a finite value >= 0 or None, got {self.gan_gate_sigmas}")
-        if self.lung_fringe_hu is not None and not (len(self.lung_fringe_hu) == 2 and self.lung_fringe_hu[0] <= self.lung_fringe_hu[1]):
-            raise ValueError(f"lung_fringe_hu must be None or (low, high) with low <= high, got {self.lung_fringe_hu}")
         if self.slab_tissue_hu is not None and not np.isfinite(self.slab_tissue_hu):
             raise ValueError(f"slab_tissue_hu must be finite or None, got {self.slab_tissue_hu}")
         if self.min_contrast_hu is not None and not np.isfinite(self.min_contrast_hu):
@@ -304,7 +285,7 @@ class PostProcessing:
 #: the paper's plain rule: probability above the threshold inside the lung, nothing else
 PLAIN = PostProcessing(hu_range=None, open_mm=0.0, grow=False, density_filter_mm=0.0, slab_tissue_hu=None,
                        min_contrast_hu=None, min_thick_fraction=None, faint_component_hu=None, small_dense_hu=None,
-                       detection_rim_mm=0.0, lung_fringe_hu=None)
+                       detection_rim_mm=0.0)
 
 
 def _disk(spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
@@ -458,7 +439,7 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
                  rule: PostProcessing, *, difference_hu: np.ndarray | None = None, gate_hu: float | None = None) -> np.ndarray:
     """Apply :class:`PostProcessing` to a canonical bool mask of above-threshold voxels.
 
-    Order: the lung's partial-volume fringe, slab rule, lung and HU prior, opening, GAN gate, density filter of the seeds, growth
+    Order: slab rule, lung and HU prior, opening, GAN gate, density filter of the seeds, growth
     (the local contrast rule on the grown components, then thin ones limited to their seeds'
     surroundings), local contrast, then, with growth, the faint components of the rules alone, the
     small dense components dropped, and last the detections' rim (module docstring). ``difference_hu`` (the GAN's difference map on
@@ -477,8 +458,6 @@ def post_process(candidates: np.ndarray, hu: np.ndarray, lung: np.ndarray, spaci
         out[box] = post_process(candidates[box], hu[box], lung[box], spacing, rule,
                                 difference_hu=None if difference_hu is None else difference_hu[box], gate_hu=gate_hu)
         return out
-    if rule.lung_fringe_hu is not None:  # inside the box: its in-plane padding holds the one-voxel fringe
-        lung = lung_fringe(lung, hu, rule.lung_fringe_hu)
     scene = _Scene(hu, lung, spacing, rule)
     seeds = _seeded_rules(candidates & scene.lung, scene, difference_hu, gate_hu)
     if rule.grow and rule.faint_component_hu is not None:  # step 8: the rules alone's faint components
@@ -625,17 +604,6 @@ def detection_rim(mask: np.ndarray, detections: np.ndarray, spacing: tuple[float
         return mask
     steps = max(1, int(round(reach_mm / float(min(spacing[:2])))))
     return ndi.binary_dilation(mask, structure=_CROSS_IN_PLANE, iterations=steps, mask=mask | allowed)
-
-
-def lung_fringe(lung: np.ndarray, hu: np.ndarray, hu_range: tuple[float, float] = LUNG_FRINGE_HU) -> np.ndarray:
-    """``lung`` and its in-plane 4-neighbours (one voxel, no step between slices) whose HU lies in
-    ``hu_range`` (inclusive): the partial-volume layer of aerated lung just outside the lung mask's
-    -400 HU boundary (module docstring, before step 0)."""
-    from scipy import ndimage as ndi
-
-    ring = ndi.binary_dilation(lung, structure=_CROSS_IN_PLANE) & ~lung
-    ring &= (hu >= hu_range[0]) & (hu <= hu_range[1])
-    return lung | ring
 
 
 def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = SLAB_TISSUE_HU) -> np.ndarray:

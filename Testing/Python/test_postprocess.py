@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from CovidGANSegLib.seg.hu_threshold import hu_threshold_segment
-from CovidGANSegLib.seg.postprocess import (DETECTION_RIM_MM, FAINT_COMPONENT_HU, LUNG_FRINGE_HU, PLAIN, SMALL_DENSE_HU,
-                                            SMALL_DENSE_ML, PostProcessing, detection_rim, drop_small_dense,
-                                            faint_components, filtered_density, limit_thin_growth, local_contrast,
-                                            lung_fringe, post_process, rules_alone_segment, slab_partial_volume)
+from CovidGANSegLib.seg.postprocess import (DETECTION_RIM_MM, FAINT_COMPONENT_HU, PLAIN, SMALL_DENSE_HU, SMALL_DENSE_ML,
+                                            PostProcessing, detection_rim, drop_small_dense, faint_components,
+                                            filtered_density, limit_thin_growth, local_contrast, post_process,
+                                            rules_alone_segment, slab_partial_volume)
 
 
 def test_slab_partial_volume_of_the_diaphragm_is_not_lesion():
@@ -257,53 +257,6 @@ def test_detection_rim_gives_back_the_edge_the_opening_took_and_nothing_else():
         PostProcessing(detection_rim_mm=-1.0)
 
 
-def test_lung_fringe_is_one_in_plane_voxel_of_partial_volume():
-    """The lung's partial-volume fringe: the in-plane 4-neighbours of the mask between -725 and -100 HU
-    (inclusive) join it; denser (fat, soft tissue), more aerated (air), farther or diagonal voxels, and
-    neighbours across slices, do not."""
-    hu = np.full((9, 9, 3), 40.0)
-    lung = np.zeros(hu.shape, bool)
-    lung[3:6, 3:6, 1] = True
-    hu[lung] = -850.0
-    hu[6, 4, 1] = -400.0  # partial volume next to the lung: joins
-    hu[2, 4, 1] = -725.0  # the floor is inclusive: joins
-    hu[4, 6, 1] = -90.0  # denser than -100 HU: stays out
-    hu[4, 2, 1] = -900.0  # more aerated than the floor: stays out
-    hu[7, 4, 1] = -400.0  # two voxels away, behind one that joins: stays out
-    hu[6, 6, 1] = -400.0  # diagonal neighbour: stays out
-    hu[4, 4, 0] = hu[4, 4, 2] = -400.0  # above and below: stays out
-    out = lung_fringe(lung, hu, LUNG_FRINGE_HU)
-    assert LUNG_FRINGE_HU == PostProcessing().lung_fringe_hu == (-725.0, -100.0)
-    assert (out & ~lung).sum() == 2 and out[6, 4, 1] and out[2, 4, 1] and not (lung & ~out).any()
-    assert PLAIN.lung_fringe_hu is None
-    with pytest.raises(ValueError, match="lung_fringe_hu"):
-        PostProcessing(lung_fringe_hu=(-100.0, -725.0))
-
-
-def test_lung_fringe_keeps_the_pleural_edge_of_a_lesion_not_the_chest_wall():
-    """A lesion against the chest wall: the lung mask (its -400 HU boundary) leaves out the lesion's outer
-    layer. With the fringe the lesion reaches the wall again; the partial-volume layer along the wall away
-    from the lesion and the wall itself stay unmarked; without it the mask stops one voxel short."""
-    hu = np.full((60, 60, 4), -850.0)
-    hu[41:, :, :] = 40.0  # chest wall
-    hu[40, :, :] = -500.0  # partial volume between lung and wall, outside the lung mask
-    lung = np.zeros(hu.shape, bool)
-    lung[:40] = True
-    u, v = np.mgrid[:60, :60]
-    lesion = ((u - 38) ** 2 + (v - 30) ** 2 <= 9 ** 2) & (u <= 40)
-    hu[lesion] = -300.0  # its outer column (u = 40, v = 22..38) is outside the lung mask
-    detections = np.zeros(hu.shape, bool)
-    detections[:, :, 1:3] = (lesion & (u < 40))[:, :, None]
-    on = post_process(detections, hu, lung, (1.0, 1.0, 8.0), PostProcessing())
-    off = post_process(detections, hu, lung, (1.0, 1.0, 8.0), PostProcessing(lung_fringe_hu=None))
-    assert not off[40:].any() and off[:, :, 1][lesion & (u < 40)].mean() > 0.9
-    assert on[40, :, 1][lesion[40]].mean() > 0.7  # the lesion's edge at the wall (the opening rounds its ends off)
-    assert not on[40, :, 1][np.abs(np.arange(60) - 30) > 11].any() and not on[41:].any()  # the layer along the wall, the wall
-    assert not (off & ~on).any()
-    rules = rules_alone_segment(hu, lung, (1.0, 1.0, 8.0))
-    assert not (rules & ~lung_fringe(lung, hu)).any()
-
-
 def test_rules_alone_mark_the_lesion_not_the_vessel_nor_aerated_lung():
     hu, lung, core, rim = _slab()
     spacing = (1.0, 1.0, 8.0)
@@ -331,7 +284,7 @@ def test_rules_alone_on_real_normal_ct_at_8mm_mark_little_of_the_lung(real_ct_di
     rules = rules_alone_segment(ct.array, lung, ct.spacing)
     threshold = hu_threshold_segment(ct.array, lung)
     assert 100.0 * rules.sum() / lung.sum() < 2.0 < 20.0 < 100.0 * threshold.sum() / lung.sum()
-    assert not (rules & ~lung_fringe(lung, ct.array)).any()  # inside the lung and its partial-volume fringe
+    assert not (rules & ~lung).any()
 
 
 def test_growth_connectivity_decides_whether_an_oblique_vessel_is_followed():
