@@ -1,13 +1,19 @@
 """Connected-component helpers on boolean volumes (numpy / scipy only, no torch).
 
 Shared by the lung mask (:mod:`lungmask`), the refined pseudo-mask rule (:mod:`gan.pseudomasks`)
-and the segmenter's post-processing (:mod:`seg.inference`).
+and the segmenter's post-processing (:mod:`seg.postprocess`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
+
+#: in-plane 4-connectivity as a 3D ``(x, y, z)`` structure: the adjacent pixels of a slice, no step between
+#: slices (read-only; the lung mask's per-slice steps and the post-processing's in-plane rings and rims)
+IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
+IN_PLANE_4[1, :, 1] = IN_PLANE_4[:, 1, 1] = True
+IN_PLANE_4.flags.writeable = False
 
 
 def label_components(region: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:

@@ -44,7 +44,7 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-from CovidGANSegLib.components import components_touching
+from CovidGANSegLib.components import IN_PLANE_4, components_touching
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,6 @@ TRAINING_Z_CLOSING_MM = 16.0
 #: models swung by seed (docs/ablation.md, "A longer closing along z, again").
 INFERENCE_Z_CLOSING_MM = 24.0
 
-#: in-plane 2D connectivity inside a 3D (x, y, z) array: no links between slices
-_S2D = np.zeros((3, 3, 3), dtype=bool)
-_S2D[:, :, 1] = ndi.generate_binary_structure(2, 1)
 #: 3D 6-connectivity
 _S6 = ndi.generate_binary_structure(3, 1)
 
@@ -193,11 +190,11 @@ def _finish_lungs(lungs: np.ndarray, s: np.ndarray, body: np.ndarray, airway: np
     cavity, d_wall, midline = _thoracic_cavity(s, body, wspacing)
     if grow_steps > 0:  # ground glass (up to about -300 HU) next to the aerated lung belongs to it
         far = 2 * grow_steps if cavity.any() else grow_steps
-        near = ndi.binary_dilation(lungs, structure=_S2D, iterations=grow_steps)
+        near = ndi.binary_dilation(lungs, structure=IN_PLANE_4, iterations=grow_steps)
         ggo_ok = (s < grow_hu) & allowed & ~airway & (near | cavity)  # further only inside the rib cage
-        grown = ndi.binary_dilation(lungs, structure=_S2D, iterations=far, mask=ggo_ok) & ~lungs
+        grown = ndi.binary_dilation(lungs, structure=IN_PLANE_4, iterations=far, mask=ggo_ok) & ~lungs
         # thin partial-volume rims around the lungs are not ground glass: open the growth
-        lungs = lungs | ndi.binary_opening(grown, structure=_S2D)
+        lungs = lungs | ndi.binary_opening(grown, structure=IN_PLANE_4)
     if cavity.any() and dense_steps > 0:
         # consolidation lining the chest wall: dense (< 120 HU), non-bone tissue inside the rib cage
         # within wall_mm of it, connected in-plane to the lung; thin layers (pleura, intercostal
@@ -206,7 +203,7 @@ def _finish_lungs(lungs: np.ndarray, s: np.ndarray, body: np.ndarray, airway: np
         # seeds: thick ground glass in the lung (a healthy lung meets the chest wall sharply; dense
         # lesions come with a ground-glass halo)
         seeds = ndi.binary_opening(lungs & (s > -700.0), structure=_disc(2))
-        grown = ndi.binary_dilation(seeds, structure=_S2D, iterations=dense_steps, mask=dense_ok | seeds) & ~lungs
+        grown = ndi.binary_dilation(seeds, structure=IN_PLANE_4, iterations=dense_steps, mask=dense_ok | seeds) & ~lungs
         r = max(1, int(round(open_mm / min(wspacing[0], wspacing[1]))))
         grown = ndi.binary_opening(grown, structure=_disc(r))
         lungs = lungs | components_touching(lungs, grown | lungs, connectivity=6) & grown
@@ -272,7 +269,7 @@ def _fill_holes_2d(mask: np.ndarray, midline: np.ndarray | None = None) -> np.nd
     background: where the two lungs meet in front of and behind the mediastinum, the mediastinum
     is such a hole.
     """
-    lab, n = ndi.label(~mask, _S2D)
+    lab, n = ndi.label(~mask, IN_PLANE_4)
     edge = np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel()])
     open_ = np.zeros(n + 1, dtype=bool)
     open_[edge] = True
@@ -308,7 +305,7 @@ def _block_mean_max(hu: np.ndarray, fx: int, fy: int) -> tuple[np.ndarray, np.nd
 
 def _outside_air(low: np.ndarray, pure_air: np.ndarray, fov_out: np.ndarray) -> np.ndarray:
     """Per-slice low-density regions touching the border / FOV padding that are mostly pure air."""
-    lab, n = ndi.label(low, _S2D)
+    lab, n = ndi.label(low, IN_PLANE_4)
     if n == 0:
         return np.zeros_like(low)
     edge = np.zeros(low.shape, dtype=bool)
@@ -324,7 +321,7 @@ def _outside_air(low: np.ndarray, pure_air: np.ndarray, fov_out: np.ndarray) -> 
 
 def _body(outside: np.ndarray) -> np.ndarray:
     """Per slice, the regions not outside that are at least 30 % of the largest (drops the table)."""
-    lab, n = ndi.label(~outside, _S2D)
+    lab, n = ndi.label(~outside, IN_PLANE_4)
     if n == 0:
         return np.zeros_like(outside)
     counts = np.bincount(lab.ravel(), minlength=n + 1)
@@ -347,7 +344,7 @@ def _plausible_components(lab: np.ndarray, n: int, s: np.ndarray, air_hu: float,
     big = [i for i in range(1, n + 1) if counts[i] * voxel_ml >= min_ml]
     if not big:
         return []
-    eroded = ndi.binary_erosion(lab > 0, structure=_S2D, border_value=1)
+    eroded = ndi.binary_erosion(lab > 0, structure=IN_PLANE_4, border_value=1)
     eroded_counts = np.bincount(lab[eroded], minlength=n + 1)
     objects = ndi.find_objects(lab)
     edges = np.arange(-1030.0, -380.0, 20.0)
@@ -379,7 +376,7 @@ def _airways(lungs: np.ndarray, air: np.ndarray, voxel_ml: float, *, min_ml: flo
     big = big[big > 0]
     if len(big) == 0:
         return np.zeros_like(lungs)
-    return ndi.binary_dilation(np.isin(lab, big), structure=_S2D, iterations=1)
+    return ndi.binary_dilation(np.isin(lab, big), structure=IN_PLANE_4, iterations=1)
 
 
 def _closing_in_box(comp: np.ndarray, box: tuple[slice, ...], spacing: tuple[float, float, float],
@@ -407,7 +404,7 @@ def _refine_full_resolution(mask_w: np.ndarray, low_w: np.ndarray, hu: np.ndarra
                             lung_hu: float) -> np.ndarray:
     """Upsample a working-grid mask; boundary blocks of parenchyma are re-thresholded at full res."""
     nx, ny, _ = hu.shape
-    core = ndi.binary_erosion(mask_w, structure=_S2D, border_value=1)
+    core = ndi.binary_erosion(mask_w, structure=IN_PLANE_4, border_value=1)
     band = mask_w & ~core
     sure = core | (band & ~low_w)  # interior, or filled-in dense blocks (lesions) at the boundary
     check = band & low_w  # parenchyma blocks at the boundary: keep their low-density voxels

@@ -158,11 +158,6 @@ SMALL_DENSE_HU = -475.0
 #: in-plane reach (mm) of the detections that join a final component at its edge (step 10)
 DETECTION_RIM_MM = 2.5
 
-#: in-plane 4-connectivity as a 3D ``(x, y, z)`` structure: the adjacent pixels of a slice, no step between slices
-_CROSS_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
-_CROSS_IN_PLANE[1, :, 1] = _CROSS_IN_PLANE[:, 1, 1] = True
-_CROSS_IN_PLANE.flags.writeable = False
-
 
 @dataclass(frozen=True)
 class PostProcessing:
@@ -378,6 +373,8 @@ def local_contrast(mask: np.ndarray, hu: np.ndarray, lung: np.ndarray, spacing: 
     """
     from scipy import ndimage as ndi
 
+    from CovidGANSegLib.components import IN_PLANE_4
+
     if not mask.any():
         return mask
     lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
@@ -389,7 +386,7 @@ def local_contrast(mask: np.ndarray, hu: np.ndarray, lung: np.ndarray, spacing: 
             continue
         sl = _padded_in_plane(box, disk)
         comp = lab[sl] == i
-        ring = _dilate_in_plane(comp, disk) & ~ndi.binary_dilation(comp, structure=_CROSS_IN_PLANE)
+        ring = _dilate_in_plane(comp, disk) & ~ndi.binary_dilation(comp, structure=IN_PLANE_4)
         ring &= lung[sl] & ~mask[sl]
         if int(ring.sum()) < min_ring_voxels:
             continue
@@ -599,11 +596,13 @@ def detection_rim(mask: np.ndarray, detections: np.ndarray, spacing: tuple[float
     finer in-plane spacing. Detections not connected to ``mask`` that way stay out."""
     from scipy import ndimage as ndi
 
+    from CovidGANSegLib.components import IN_PLANE_4
+
     allowed = detections & ~mask
     if reach_mm <= 0 or not mask.any() or not allowed.any():
         return mask
     steps = max(1, int(round(reach_mm / float(min(spacing[:2])))))
-    return ndi.binary_dilation(mask, structure=_CROSS_IN_PLANE, iterations=steps, mask=mask | allowed)
+    return ndi.binary_dilation(mask, structure=IN_PLANE_4, iterations=steps, mask=mask | allowed)
 
 
 def slab_partial_volume(hu: np.ndarray, lung: np.ndarray, tissue_hu: float = SLAB_TISSUE_HU) -> np.ndarray:
