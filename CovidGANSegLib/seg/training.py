@@ -302,15 +302,31 @@ def model_spacing_dhw(data: PseudoMaskData) -> tuple[float, float, float]:
 
 
 def synthetic_slices(data: PseudoMaskData, volumes: list[int], plan: SyntheticSupervision, seed: int,
-                     device: str | torch.device = "cpu", context: int = 0) -> SliceSet | None:
-    """Lung slices of healthy volumes with synthetic lesions and their exact masks (None without volumes)."""
+                     device: str | torch.device = "cpu", context: int = 0, band_mm: float = 0.0) -> SliceSet | None:
+    """Lung slices of healthy volumes with synthetic lesions and their exact masks (None without volumes);
+    with ``band_mm``, each slice's loss region (``lungs``) also holds the pixels within that in-plane
+    distance of the lung: the pairs' labels are exact there too (no lesion outside the lung)."""
     if not volumes or data.healthy is None:
         return None
     images, masks, lungs, _ = synthetic_pairs(data.healthy[volumes], data.healthy_lungs[volumes], window=data.preprocess.hu_window,
                                               spacing_dhw=model_spacing_dhw(data), plan=plan, seed=seed)
     pairs = PseudoMaskData(images=images, masks=masks, lungs=lungs, severity=np.full(images.shape[:2], -1, dtype=np.int8),
                            preprocess=data.preprocess)
-    return lung_slices(pairs, list(range(len(images))), device, context)
+    slices = lung_slices(pairs, list(range(len(images))), device, context)
+    if band_mm > 0:  # the loss region: the lung and the tissue next to it (SegConfig.loss_band_mm)
+        slices.lungs = band_around(slices.lungs, band_mm / model_spacing_dhw(data)[1])
+    return slices
+
+
+def band_around(region: torch.Tensor, radius_px: float) -> torch.Tensor:
+    """``region`` (S, 1, H, W) bool with every pixel within ``radius_px`` of it (in-plane, Euclidean)."""
+    r = int(math.floor(radius_px + 1e-6))
+    if r < 1 or len(region) == 0:
+        return region
+    offsets = torch.arange(-r, r + 1, dtype=torch.float32, device=region.device)
+    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius_px ** 2 + 1e-6).to(torch.float32)[None, None]  # (1, 1, k, k)
+    hit = F.conv2d(region.to(torch.float32), disk, padding=r)  # (S, 1, H, W)
+    return hit > 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,8 +725,8 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
         else:
             h_train, h_val = split_volumes(len(pm.healthy), cfg.val_fraction, seed + 1)
             progress.report(0.01, "synthesising lesions in healthy volumes")
-            syn_train = synthetic_slices(pm, h_train, syn, seed, dev, context)
-            syn_val = synthetic_slices(pm, h_val, syn, seed + 7919, dev, context)
+            syn_train = synthetic_slices(pm, h_train, syn, seed, dev, context, cfg.loss_band_mm)
+            syn_val = synthetic_slices(pm, h_val, syn, seed + 7919, dev, context, cfg.loss_band_mm)
     syn_positive = (torch.nonzero(syn_train.masks.flatten(1).amax(dim=1) > 0.5).flatten().cpu() if syn_train is not None
                     else torch.zeros(0, dtype=torch.long))
     n_syn = int(round(syn.fraction * cfg.batch_size)) if syn_train is not None else 0

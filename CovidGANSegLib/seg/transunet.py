@@ -76,7 +76,11 @@ class SegConfig:
         pretrain_fraction (share of iterations for phase 1, contrastive pre-training),
         tau_init, beta and fn_mode (eq. 5), loss_region (``lung``: eq. 5 and the MSE are averaged
         over the slice's lung pixels, where pseudo-masks are defined and where inference keeps
-        lesions; ``all``: over every pixel), loss weights of phase 2, positive_fraction (share of
+        lesions; ``all``: over every pixel), loss_band_mm (with ``lung``: the loss of the
+        synthetic-lesion pairs, whose labels are exact everywhere, also covers the tissue within
+        this in-plane distance of the lung (chest wall, mediastinum) as explicit negatives; the
+        pseudo-masks' loss stays in the lung; 0: none; checkpoints written before this field
+        existed load with 0, how they were trained), loss weights of phase 2, positive_fraction (share of
         each phase-2 batch drawn from slices whose pseudo-mask is not empty), val_fraction
         (share of pseudo-mask VOLUMES held out for model selection), val_every,
         checkpoint_every, log_every.
@@ -119,6 +123,7 @@ class SegConfig:
     beta: float = 1.0
     fn_mode: str = "soft"
     loss_region: str = "lung"
+    loss_band_mm: float = 0.0
     weight_sensitivity: float = 1.0
     weight_mse: float = 1.0
     weight_contrastive: float = 0.1
@@ -167,6 +172,8 @@ class SegConfig:
             raise ValueError(f"fn_mode must be 'soft' or 'hard', got {self.fn_mode!r}")
         if self.loss_region not in ("lung", "all"):
             raise ValueError(f"loss_region must be 'lung' or 'all', got {self.loss_region!r}")
+        if self.loss_band_mm < 0 or (self.loss_band_mm > 0 and self.loss_region != "lung"):
+            raise ValueError(f"loss_band_mm must be >= 0 and needs loss_region 'lung', got {self.loss_band_mm} ({self.loss_region!r})")
         if min(self.weight_sensitivity, self.weight_mse, self.weight_contrastive) < 0:
             raise ValueError("loss weights must be >= 0")
         if not 0.0 <= self.positive_fraction <= 1.0 or not 0.0 <= self.val_fraction < 1.0:

@@ -178,3 +178,43 @@ def test_a_run_from_before_sub_slice_lesions_resumes_with_lesions_on_the_model_g
     meta = load_checkpoint(resumed, kind="seg")["metadata"]
     assert meta["synthetic"]["sub_slice_mm"] == 0.0 and meta["iterations"] == 5
     assert SyntheticSupervision().sub_slice_mm == 2.0  # a new run draws them on sub-slices
+
+
+def test_loss_band_adds_the_tissue_next_to_the_lung_of_synthetic_pairs_as_negatives(tmp_path):
+    """``SegConfig.loss_band_mm``: the pairs' loss region (their ``lungs``) grows by exactly the pixels
+    within that in-plane distance of the lung; the labels are unchanged, so the band is all negatives."""
+    from scipy import ndimage as ndi
+
+    data = training.load_pseudo_masks(_with_healthy(tmp_path / "pm"))
+    plan = SyntheticSupervision(variants_per_volume=1, sub_slice_mm=0.0)
+    plain = training.synthetic_slices(data, [0, 1], plan, seed=3)
+    banded = training.synthetic_slices(data, [0, 1], plan, seed=3, band_mm=9.0)
+    assert torch_equal(plain.images, banded.images) and torch_equal(plain.masks, banded.masks)
+    radius_px = 9.0 / training.model_spacing_dhw(data)[1]
+    lungs = plain.lungs.numpy()[:, 0]
+    expected = np.stack([ndi.distance_transform_edt(~s) <= radius_px for s in lungs])  # (S, H, W)
+    assert np.array_equal(banded.lungs.numpy()[:, 0], expected)
+    band = expected & ~lungs
+    assert band.sum() > 0.2 * lungs.sum() and not banded.masks.numpy()[:, 0][band].any()
+
+
+def test_loss_band_trains_and_is_checked(tmp_path):
+    import dataclasses
+
+    from CovidGANSegLib.seg.transunet import SegConfig, get_seg_config
+
+    progress.set_mode("none")
+    with pytest.raises(ValueError, match="loss_band_mm"):
+        SegConfig(loss_band_mm=-1.0)
+    with pytest.raises(ValueError, match="loss_band_mm"):
+        SegConfig(loss_band_mm=5.0, loss_region="all")
+    config = dataclasses.replace(get_seg_config("tiny"), loss_band_mm=6.0)
+    path = training.train_segmenter(_with_healthy(tmp_path / "pm"), tmp_path / "run", model="unet", config=config, iterations=4,
+                                    device="cpu", synthetic=SyntheticSupervision(fraction=1.0, variants_per_volume=1))
+    assert load_checkpoint(path, kind="seg")["config"]["loss_band_mm"] == 6.0
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
