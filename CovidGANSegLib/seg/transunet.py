@@ -78,9 +78,9 @@ class SegConfig:
         over the slice's lung pixels, where pseudo-masks are defined and where inference keeps
         lesions; ``all``: over every pixel), loss_band_mm (with ``lung``: the loss of the
         synthetic-lesion pairs, whose labels are exact everywhere, also covers the tissue within
-        this in-plane distance of the lung (chest wall, mediastinum) as explicit negatives; the
-        pseudo-masks' loss stays in the lung; 0: none; checkpoints written before this field
-        existed load with 0, how they were trained), loss weights of phase 2, positive_fraction (share of
+        this in-plane distance of the lung (chest wall, mediastinum) as explicit negatives, and
+        model selection on them counts it too; the pseudo-masks' loss stays in the lung; 0: none;
+        checkpoints written before this field existed load with 0, how they were trained), loss weights of phase 2, positive_fraction (share of
         each phase-2 batch drawn from slices whose pseudo-mask is not empty), val_fraction
         (share of pseudo-mask VOLUMES held out for model selection), val_every,
         checkpoint_every, log_every.

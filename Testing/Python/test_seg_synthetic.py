@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from CovidGANSegLib import progress
 from CovidGANSegLib.checkpoints import load_checkpoint, read_model_card
@@ -189,7 +190,7 @@ def test_loss_band_adds_the_tissue_next_to_the_lung_of_synthetic_pairs_as_negati
     plan = SyntheticSupervision(variants_per_volume=1, sub_slice_mm=0.0)
     plain = training.synthetic_slices(data, [0, 1], plan, seed=3)
     banded = training.synthetic_slices(data, [0, 1], plan, seed=3, band_mm=9.0)
-    assert torch_equal(plain.images, banded.images) and torch_equal(plain.masks, banded.masks)
+    assert torch.equal(plain.images, banded.images) and torch.equal(plain.masks, banded.masks)
     radius_px = 9.0 / training.model_spacing_dhw(data)[1]
     lungs = plain.lungs.numpy()[:, 0]
     expected = np.stack([ndi.distance_transform_edt(~s) <= radius_px for s in lungs])  # (S, H, W)
@@ -212,9 +213,3 @@ def test_loss_band_trains_and_is_checked(tmp_path):
     path = training.train_segmenter(_with_healthy(tmp_path / "pm"), tmp_path / "run", model="unet", config=config, iterations=4,
                                     device="cpu", synthetic=SyntheticSupervision(fraction=1.0, variants_per_volume=1))
     assert load_checkpoint(path, kind="seg")["config"]["loss_band_mm"] == 6.0
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
