@@ -308,13 +308,14 @@ def synthetic_slices(data: PseudoMaskData, volumes: list[int], plan: SyntheticSu
     distance of the lung: the pairs' labels are exact there too (no lesion outside the lung)."""
     if not volumes or data.healthy is None:
         return None
+    spacing_dhw = model_spacing_dhw(data)
     images, masks, lungs, _ = synthetic_pairs(data.healthy[volumes], data.healthy_lungs[volumes], window=data.preprocess.hu_window,
-                                              spacing_dhw=model_spacing_dhw(data), plan=plan, seed=seed)
+                                              spacing_dhw=spacing_dhw, plan=plan, seed=seed)
     pairs = PseudoMaskData(images=images, masks=masks, lungs=lungs, severity=np.full(images.shape[:2], -1, dtype=np.int8),
                            preprocess=data.preprocess)
     slices = lung_slices(pairs, list(range(len(images))), device, context)
     if band_mm > 0:  # the loss region: the lung and the tissue next to it (SegConfig.loss_band_mm)
-        slices.lungs = band_around(slices.lungs, band_mm / model_spacing_dhw(data)[1])
+        slices.lungs = band_around(slices.lungs, band_mm / spacing_dhw[1])
     return slices
 
 

@@ -80,8 +80,9 @@ class SegConfig:
         synthetic-lesion pairs, whose labels are exact everywhere, also covers the tissue within
         this in-plane distance of the lung (chest wall, mediastinum) as explicit negatives, and
         model selection on them counts it too; the pseudo-masks' loss stays in the lung; 0: none;
-        checkpoints written before this field existed load with 0, how they were trained), loss weights of phase 2, positive_fraction (share of
-        each phase-2 batch drawn from slices whose pseudo-mask is not empty), val_fraction
+        checkpoints written before this field existed load with 0, how they were trained), loss
+        weights of phase 2, positive_fraction (share of each phase-2 batch drawn from slices whose
+        pseudo-mask is not empty), val_fraction
         (share of pseudo-mask VOLUMES held out for model selection), val_every,
         checkpoint_every, log_every.
         cpu_bf16: bfloat16 autocast of the training forward passes when training on a CPU with
