@@ -2,7 +2,8 @@
 
 How the rounds of docs/ablation.md choose a lever of the segmenter's training: each variant (a
 ``SegConfig`` change, e.g. ``in_channels=3`` for 2.5D input; its ``iterations``, when given, is the
-number of training iterations) and the default are trained like the
+number of training iterations; fields of ``SyntheticSupervision``, e.g. ``variants_per_volume``,
+change the synthetic-lesion supervision) and the default are trained like the
 quick demo's segmenters (``train_segmenter`` on a demo's preprocessed training cohort, synthetic-
 lesion supervision as the demo sets it, two at a time, one torch thread each) for every seed and
 model, and scored as ``segment`` scores them (the library's post-processing) on:
@@ -49,6 +50,17 @@ CRITERION_SETS = ("validation", "mild", "real_lesions")
 _MODELS: dict[str, Any] = {}  # a scoring worker's segmenters
 
 
+def split_change(change: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A variant's JSON object -> (``SegConfig`` fields, ``SyntheticSupervision`` fields; lists as tuples)."""
+    import dataclasses
+
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
+
+    names = {f.name for f in dataclasses.fields(SyntheticSupervision)}
+    synthetic = {k: tuple(v) if isinstance(v, list) else v for k, v in change.items() if k in names}
+    return {k: v for k, v in change.items() if k not in names}, synthetic
+
+
 def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int], models: tuple[str, ...],
               iterations: int | None) -> dict[str, Path]:
     """``{"variant/model/seed": model.pt}``, trained two at a time where missing."""
@@ -63,16 +75,17 @@ def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int
     data = demo / "runs" / f"seg_preprocessed-{grid}"
     if not (data / "config.json").is_file():
         raise SystemExit(f"{data}: not the demo's preprocessed training cohort")
-    synthetic = SyntheticSupervision(**synthetic_fields)
     paths, jobs = {}, {}
     for name, change in variants.items():
+        seg_change, synthetic_change = split_change(change)
+        synthetic = SyntheticSupervision(**{**synthetic_fields, **synthetic_change})
         for model in models:
             for seed in seeds:
                 key = f"{name}/{model}/{seed}"
                 paths[key] = work / "runs" / f"{name}-{model}-seed{seed}" / "model.pt"
                 if not paths[key].is_file():
                     jobs[key] = (train_segmenter, dict(
-                        pseudo_masks=data, run_dir=paths[key].parent, model=model, config=dataclasses.replace(base, **change),
+                        pseudo_masks=data, run_dir=paths[key].parent, model=model, config=dataclasses.replace(base, **seg_change),
                         iterations=change.get("iterations") or iterations or card["iterations"], device="cpu", seed=seed,
                         data=demo / "data" / "train", synthetic=synthetic))
     train_in_pairs(jobs)
@@ -193,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("demo", type=Path, nargs="?", help="a finished demo's output folder (its training data and plan)")
     ap.add_argument("work", type=Path, nargs="?", help="folder for the trained models and the validation cases")
     ap.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "JSON"),
-                    help='a SegConfig change, e.g. 2.5d \'{"in_channels": 3}\' (repeatable; an "iterations" field '
-                         'replaces --iterations for that variant)')
+                    help='a SegConfig or SyntheticSupervision change, e.g. 2.5d \'{"in_channels": 3}\' (repeatable; an '
+                         '"iterations" field replaces --iterations for that variant)')
     ap.add_argument("--seeds", type=int, nargs="+", default=[2026, 1, 2, 3])
     ap.add_argument("--models", nargs="+", choices=SEGMENTERS, default=list(SEGMENTERS))
     ap.add_argument("--plan", choices=("quick", "full"), default="quick", help="the demo's plan (its validation cohort's size)")
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     from CovidGANSegLib import demo as demo_module
     from CovidGANSegLib import progress
 
+    from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.transunet import SEG_CONFIGS
 
     progress.set_mode("none")
@@ -224,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{DEFAULT!r} is the unchanged configuration's name")
         try:
             variants[name] = json.loads(change)
-            dataclasses.replace(SEG_CONFIGS["small"], **variants[name])  # unknown fields and bad values fail here
-        except (ValueError, TypeError) as exc:
-            ap.error(f"--variant {name}: {change!r} is not a JSON object of SegConfig fields ({exc})")
+            seg_change, synthetic_change = split_change(variants[name])
+            dataclasses.replace(SEG_CONFIGS["small"], **seg_change)  # unknown fields and bad values fail here
+            SyntheticSupervision(**synthetic_change)
+        except (ValueError, TypeError, AttributeError) as exc:
+            ap.error(f"--variant {name}: {change!r} is not a JSON object of SegConfig / SyntheticSupervision fields ({exc})")
     cohort_json = args.demo / "data" / "train" / "cohort.json"
     if not cohort_json.is_file():
         ap.error(f"{args.demo}: not a finished demo's output folder (no {cohort_json})")

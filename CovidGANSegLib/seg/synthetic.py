@@ -23,6 +23,7 @@ density of a lesion's centre ("Sub-slice lesions" in docs/ablation.md).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,7 +39,10 @@ class SyntheticSupervision:
     Attributes:
         fraction: share of each end-to-end training batch drawn from synthetic pairs (the rest
             from the GAN's pseudo-masks of COVID volumes); 0 disables the synthetic pairs.
-        variants_per_volume: synthetic copies of each healthy volume (each with other lesions).
+        variants_per_volume: synthetic copies of each training healthy volume (each with other lesions).
+        validation_variants: synthetic copies of each validation healthy volume (they choose the
+            checkpoint and the probability threshold), at most ``variants_per_volume``: more training
+            copies leave the validation's cost as it is.
         coverage: involvement range (fraction of lung), drawn log-uniformly per copy.
         blob_scale_mm: size range of the noise blobs (smaller -> more, smaller foci).
         location_prior: keep the synthesiser's peripheral / posterior preference.
@@ -51,6 +55,7 @@ class SyntheticSupervision:
 
     fraction: float = 1.0
     variants_per_volume: int = 4
+    validation_variants: int = 4
     coverage: tuple[float, float] = (0.002, 0.8)
     blob_scale_mm: tuple[float, float] = (25.0, 70.0)
     location_prior: bool = False
@@ -62,6 +67,8 @@ class SyntheticSupervision:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
         if self.variants_per_volume < 0:
             raise ValueError(f"variants_per_volume must be >= 0, got {self.variants_per_volume}")
+        if self.validation_variants < 1:
+            raise ValueError(f"validation_variants must be >= 1, got {self.validation_variants}")
         lo, hi = self.coverage
         if not 0.0 < lo <= hi < 1.0:
             raise ValueError(f"coverage must satisfy 0 < low <= high < 1, got {self.coverage}")
@@ -69,6 +76,11 @@ class SyntheticSupervision:
             raise ValueError(f"sub_slice_mm must be a finite value >= 0 (0: no sub-slices), got {self.sub_slice_mm}")
         if not 0.0 < self.slab_label_fraction <= 1.0:
             raise ValueError(f"slab_label_fraction must be in (0, 1], got {self.slab_label_fraction}")
+
+
+    def for_validation(self) -> SyntheticSupervision:
+        """The same supervision with the validation volumes' number of copies."""
+        return dataclasses.replace(self, variants_per_volume=min(self.variants_per_volume, self.validation_variants))
 
 
 def synthetic_pairs(healthy: np.ndarray, lungs: np.ndarray, *, window: tuple[float, float],

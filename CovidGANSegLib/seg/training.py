@@ -685,6 +685,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
             if isinstance(stored, dict):
                 stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
                 stored.setdefault("sub_slice_mm", 0.0)  # a run from before sub-slice lesions drew them on the model grid
+                stored.setdefault("validation_variants", stored["variants_per_volume"])  # before: as many as in training
                 synthetic = SyntheticSupervision(**stored)
             else:
                 synthetic = SyntheticSupervision(fraction=0.0)
@@ -727,7 +728,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
             h_train, h_val = split_volumes(len(pm.healthy), cfg.val_fraction, seed + 1)
             progress.report(0.01, "synthesising lesions in healthy volumes")
             syn_train = synthetic_slices(pm, h_train, syn, seed, dev, context, cfg.loss_band_mm)
-            syn_val = synthetic_slices(pm, h_val, syn, seed + 7919, dev, context, cfg.loss_band_mm)
+            syn_val = synthetic_slices(pm, h_val, syn.for_validation(), seed + 7919, dev, context, cfg.loss_band_mm)
     syn_positive = (torch.nonzero(syn_train.masks.flatten(1).amax(dim=1) > 0.5).flatten().cpu() if syn_train is not None
                     else torch.zeros(0, dtype=torch.long))
     n_syn = int(round(syn.fraction * cfg.batch_size)) if syn_train is not None else 0

@@ -100,7 +100,8 @@ def test_plan_checks():
         SyntheticSupervision(fraction=1.5)
     with pytest.raises(ValueError):
         SyntheticSupervision(coverage=(0.0, 0.2))
-    for bad in ({"sub_slice_mm": -1.0}, {"sub_slice_mm": float("nan")}, {"slab_label_fraction": 0.0}, {"slab_label_fraction": 1.5}):
+    for bad in ({"sub_slice_mm": -1.0}, {"sub_slice_mm": float("nan")}, {"slab_label_fraction": 0.0}, {"slab_label_fraction": 1.5},
+                {"validation_variants": 0}):
         with pytest.raises(ValueError):
             SyntheticSupervision(**bad)
     with pytest.raises(ValueError):
@@ -179,6 +180,31 @@ def test_a_run_from_before_sub_slice_lesions_resumes_with_lesions_on_the_model_g
     meta = load_checkpoint(resumed, kind="seg")["metadata"]
     assert meta["synthetic"]["sub_slice_mm"] == 0.0 and meta["iterations"] == 5
     assert SyntheticSupervision().sub_slice_mm == 2.0  # a new run draws them on sub-slices
+
+
+def test_validation_volumes_get_at_most_validation_variants_copies(tmp_path, monkeypatch):
+    """More training copies leave the validation pairs as they are; a run from before the field resumes with
+    as many validation copies as training copies, as it was trained."""
+    import torch
+
+    progress.set_mode("none")
+    pm = _with_healthy(tmp_path / "pm")
+    drawn = []
+    real = training.synthetic_slices
+    monkeypatch.setattr(training, "synthetic_slices", lambda data, volumes, plan, *a, **k: drawn.append(plan) or real(data, volumes, plan, *a, **k))
+    run = tmp_path / "run"
+    training.train_segmenter(pm, run, model="unet", config="tiny", iterations=3, device="cpu",
+                             synthetic=SyntheticSupervision(variants_per_volume=3, validation_variants=1, sub_slice_mm=0.0))
+    assert [p.variants_per_volume for p in drawn] == [3, 1]
+    assert SyntheticSupervision(variants_per_volume=2).for_validation().variants_per_volume == 2  # never more than in training
+    last = run / "checkpoints" / "last.pt"
+    payload = torch.load(last, map_location="cpu", weights_only=False)
+    del payload["metadata"]["synthetic"]["validation_variants"]  # as written before the field existed
+    torch.save(payload, last)
+    drawn.clear()
+    resumed = training.train_segmenter(pm, run, model="unet", config="tiny", iterations=5, device="cpu", resume=True)
+    assert [p.variants_per_volume for p in drawn] == [3, 3]
+    assert load_checkpoint(resumed, kind="seg")["metadata"]["synthetic"]["validation_variants"] == 3
 
 
 def test_loss_band_adds_the_tissue_next_to_the_lung_of_synthetic_pairs_as_negatives(tmp_path):
