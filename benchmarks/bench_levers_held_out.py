@@ -33,7 +33,8 @@ pass, the same for every row, is reported apart).
     python benchmarks/bench_levers_held_out.py --tables benchmarks/results/levers_held_out_<date>.json   # print again
 
 ``--rows TEXT ...`` scores only the rule rows whose name contains one of the texts (and the default
-row), e.g. ``--rows 'the segmenter'`` for the rules-alone row.
+row), e.g. ``--rows 'the segmenter'`` for the rules-alone row.  ``--training-rows TEXT ...`` retrains only the levers
+of training whose name contains one of the texts (and the control).
 
 ``--max-threshold T`` scores each segmenter at the lower of its own probability threshold and T
 (``threshold_used`` in the result): for models trained before training chose among
@@ -383,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrain", type=Path, default=None, metavar="WORK",
                     help="also retrain each demo's TransUNet without each lever of training, in WORK (resumable), and score it; "
                          "the first demo's is also retrained unchanged, as a control")
+    ap.add_argument("--training-rows", nargs="+", default=None, metavar="TEXT",
+                    help="with --retrain: only the levers of training whose name contains one of these texts (and the control)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for scoring")
     ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
                     help="score only the rule rows whose name contains one of these texts (and the default row)")
@@ -400,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     selected = [name for name in VARIANTS if name == DEFAULT_ROW or args.rows is None or any(text in name for text in args.rows)]
     if len(selected) == 1 and args.rows is not None:
         ap.error(f"--rows: no rule row's name contains any of {args.rows}; the rows: {[n for n in VARIANTS if n != DEFAULT_ROW]}")
+    training_rows = [name for name in TRAINING_VARIANTS if args.training_rows is None or any(text in name for text in args.training_rows)]
+    if not training_rows:
+        ap.error(f"--training-rows: no lever of training's name contains any of {args.training_rows}; the levers: {list(TRAINING_VARIANTS)}")
     if args.max_threshold is not None and not 0.0 < args.max_threshold < 1.0:
         ap.error(f"--max-threshold must be a probability in (0, 1), got {args.max_threshold}")
 
@@ -438,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         forward += scorer.forward_seconds
         print(f"{demo}: the default row against the demo's own held-out Dice, largest difference {checks[str(demo)]:.2e}", flush=True)
         if args.retrain is not None:
-            names = list(TRAINING_VARIANTS) + ([CONTROL] if k == 0 else [])
+            names = training_rows + ([CONTROL] if k == 0 else [])
             paths = retrain(demo, args.retrain, names)
             seconds[str(demo)] = {name: logged_seconds(path.parent) for name, path in paths.items()}
             if k == 0:
@@ -459,10 +465,11 @@ def main(argv: list[str] | None = None) -> int:
                               "max_threshold": args.max_threshold, "threshold_used": thresholds,
                               "variants": {k: v if isinstance(v, str) else {a: list(b) if isinstance(b, tuple) else b for a, b in v.items()}
                                            for k, v in VARIANTS.items()},
-                              "training_variants": TRAINING_VARIANTS if args.retrain is not None else {}, "tables": {},
+                              "training_variants": {n: TRAINING_VARIANTS[n] for n in training_rows} if args.retrain is not None else {},
+                              "tables": {},
                               "held_out": held, "real_normal": normal, "real_lesions": lesions}
     for model in SEGMENTERS:
-        names = selected + (list(TRAINING_VARIANTS) if args.retrain is not None and model == "transunet" else [])
+        names = selected + (training_rows if args.retrain is not None and model == "transunet" else [])
         text, numbers = table(held, normal, lesions, post_seconds, model, names)
         print("\n" + text)
         result["tables"][model] = numbers
