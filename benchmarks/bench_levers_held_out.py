@@ -33,7 +33,7 @@ pass, the same for every row, is reported apart).
     python benchmarks/bench_levers_held_out.py --tables benchmarks/results/levers_held_out_<date>.json   # print again
 
 ``--rows TEXT ...`` scores only the rule rows whose name contains one of the texts (and the default
-row), e.g. ``--rows 'the segmenter'`` for the rules-alone row.  ``--training-rows TEXT ...`` retrains only the levers
+row), e.g. ``--rows 'the segmenter'`` for the rules-alone row. ``--training-rows TEXT ...`` retrains only the levers
 of training whose name contains one of the texts (and the control).
 
 ``--max-threshold T`` scores each segmenter at the lower of its own probability threshold and T

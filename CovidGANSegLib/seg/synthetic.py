@@ -77,7 +77,6 @@ class SyntheticSupervision:
         if not 0.0 < self.slab_label_fraction <= 1.0:
             raise ValueError(f"slab_label_fraction must be in (0, 1], got {self.slab_label_fraction}")
 
-
     def for_validation(self) -> SyntheticSupervision:
         """The same supervision with the validation volumes' number of copies."""
         return dataclasses.replace(self, variants_per_volume=min(self.variants_per_volume, self.validation_variants))
