@@ -165,8 +165,6 @@ def test_resume_keeps_the_runs_own_supervision(tmp_path):
 
 
 def test_a_run_from_before_sub_slice_lesions_resumes_with_lesions_on_the_model_grid(tmp_path):
-    import torch
-
     progress.set_mode("none")
     pm = _with_healthy(tmp_path / "pm")
     run = tmp_path / "run"
@@ -185,8 +183,6 @@ def test_a_run_from_before_sub_slice_lesions_resumes_with_lesions_on_the_model_g
 def test_validation_volumes_get_at_most_validation_variants_copies(tmp_path, monkeypatch):
     """More training copies leave the validation pairs as they are; a run from before the field resumes with
     as many validation copies as training copies, as it was trained."""
-    import torch
-
     progress.set_mode("none")
     pm = _with_healthy(tmp_path / "pm")
     drawn = []
