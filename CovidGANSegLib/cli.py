@@ -56,18 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failure is None:
             print(protocol.format_interrupted(args.command), file=sys.stderr)
             return _leave(protocol.EXIT_INTERRUPTED)
-        return _leave(_report(args.command, failure))
+        return _leave(_report(args.command, failure, exit_code_for(failure)))
     except Exception as exc:
         _hold_signals_if_broken()
-        if exit_code_for(exc) is None:
+        code = exit_code_for(exc)
+        if code is None:
             raise  # a bug: the traceback is the message (exit code 1)
-        return _leave(_report(args.command, exc))
+        return _leave(_report(args.command, exc, code))
     return int(result or 0)
 
 
-def _report(command: str, exc: BaseException) -> int:
-    """Print the one error line of ``exc`` (a known error: :func:`exit_code_for` is not None); its exit code."""
-    code = exit_code_for(exc)
+def _report(command: str, exc: BaseException, code: int | None) -> int:
+    """Print the one error line of ``exc``, a known error whose exit code (:func:`exit_code_for`) is ``code``; return it."""
     assert code is not None
     message = str(exc)
     if code == protocol.EXIT_GPU_OUT_OF_MEMORY and not isinstance(exc, protocol.GpuOutOfMemoryError):
