@@ -20,8 +20,8 @@ largest difference. The lung mask closed over 16 mm along z (the inference defau
 2026-12-05 round) changes the model's crop, so that row runs the segmenter again. The rule rows keep
 the trained models; levers of training (synthetic-lesion supervision, the segmenter's grid, the
 loss, sub-slice lesions) need retraining: ``--retrain WORK`` retrains the TransUNet of each demo
-without each of them (two at a time, one torch thread each, as the demo trains it) and scores it
-with the default post-processing. The first demo's is also retrained unchanged, a control whose
+without each of them (every demo's trainings first, two at a time across the demos, one torch
+thread each, as the demo trains it) and scores it with the default post-processing. The first demo's is also retrained unchanged, a control whose
 weights are compared with the demo's tensor for tensor (``control_reproduced``; the quick demo's
 came back exactly, so a retrained row differs from the default row by its lever alone). Each run's
 training seconds are saved (``training_seconds``: its loop, from its losses.csv). The
@@ -101,6 +101,10 @@ TRAINING_VARIANTS: dict[str, dict[str, Any]] = {
     "trained with the paper's loss (contrastive phase 1, eq. 5 with beta 1, MSE)":
         {"seg": {"pretrain_fraction": 0.2, "beta": 1.0, "weight_mse": 1.0}, "pseudo_masks": True},
     "trained on the GAN's 64 x 64 x 16 grid (before: 128 x 128 x 32)": {"grid": (64, 64, 16)},
+    # the quick plan's segmenters: 500 iterations until the round of 2026-12-07 late morning, 1,000 since; the first
+    # row is the lever taken out of a demo of today, the second the check of it on demos trained before
+    "trained for 500 iterations (the quick plan before 2026-12-07 late morning)": {"seg": {"iterations": 500}},
+    "trained for 1,000 iterations (the demo's plan: 500)": {"seg": {"iterations": 1000}},
 }
 CONTROL = "retrained as the demo trained it (control)"
 
@@ -241,10 +245,11 @@ def real_lesion_rows(real_dir: Path, scorer: CaseScorer, demo: Path) -> list[dic
     return rows
 
 
-def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
-    """The demo's TransUNet retrained under each of ``names`` (:data:`TRAINING_VARIANTS` or
-    :data:`CONTROL`) with the demo's data, seed and settings otherwise, two at a time, one torch
-    thread each as the demo trains; models already in ``work`` are kept (the script can be resumed)."""
+def retraining_jobs(demo: Path, work: Path, names: list[str]) -> tuple[dict[str, tuple[Any, dict[str, Any]]], dict[str, Path]]:
+    """The trainings of the demo's TransUNet under each of ``names`` (:data:`TRAINING_VARIANTS` or
+    :data:`CONTROL`) with the demo's data, seed and settings otherwise (a row's ``seg`` fields win, its
+    ``iterations`` too): ``({job name: (function, keyword arguments)}, {row name: model.pt})``; models
+    already in ``work`` get no job (the script can be resumed)."""
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.preprocessing import ensure_preprocessed
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
@@ -263,12 +268,12 @@ def retrain(demo: Path, work: Path, names: list[str]) -> dict[str, Path]:
         g = tuple(spec.get("grid", grid))
         data = ensure_preprocessed(demo / "data" / "train", work / demo.name / f"seg_preprocessed-{'x'.join(map(str, g))}",
                                    PreprocessConfig(grid=g)).folder
-        jobs[name] = (train_segmenter, dict(
+        seg = spec.get("seg", {})
+        jobs[f"{demo.name}: {name}"] = (train_segmenter, dict(
             pseudo_masks=demo / "pseudo_masks" if spec.get("pseudo_masks") else data, run_dir=run, model="transunet",
-            config=dataclasses.replace(config, **spec.get("seg", {})), iterations=card["iterations"], device="cpu", seed=seed,
-            data=demo / "data" / "train", synthetic=SyntheticSupervision(**{**synthetic, **spec.get("synthetic", {})})))
-    train_in_pairs(jobs, f"{demo.name}: ")
-    return models
+            config=dataclasses.replace(config, **seg), iterations=seg.get("iterations", card["iterations"]), device="cpu",
+            seed=seed, data=demo / "data" / "train", synthetic=SyntheticSupervision(**{**synthetic, **spec.get("synthetic", {})})))
+    return jobs, models
 
 
 def demo_training(demo: Path) -> tuple[dict[str, Any], dict[str, Any], Any]:
@@ -425,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     thresholds: dict[str, dict[str, list[float]]] = {}
     post_seconds: dict[str, list[float]] = {name: [] for name in selected}
     forward: list[float] = []
+    retrained_paths: dict[str, dict[str, Path]] = {}
+    if args.retrain is not None:  # every demo's retrainings first, two at a time across the demos
+        jobs: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for k, demo in enumerate(args.demos):
+            demo_jobs, retrained_paths[str(demo)] = retraining_jobs(demo, args.retrain, training_rows + ([CONTROL] if k == 0 else []))
+            jobs.update(demo_jobs)
+        train_in_pairs(jobs)
     for k, demo in enumerate(args.demos):
         models = {m: load_segmenter(demo / "runs" / m / "model.pt", "cpu")[0] for m in SEGMENTERS}
         thresholds[str(demo)] = {}
@@ -444,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         forward += scorer.forward_seconds
         print(f"{demo}: the default row against the demo's own held-out Dice, largest difference {checks[str(demo)]:.2e}", flush=True)
         if args.retrain is not None:
-            names = training_rows + ([CONTROL] if k == 0 else [])
-            paths = retrain(demo, args.retrain, names)
+            paths = dict(retrained_paths[str(demo)])
             seconds[str(demo)] = {name: logged_seconds(path.parent) for name, path in paths.items()}
             if k == 0:
                 same = same_weights(paths.pop(CONTROL), demo / "runs" / "transunet" / "model.pt")
