@@ -21,9 +21,10 @@ largest difference. The lung mask closed over 16 mm along z (the inference defau
 the trained models; levers of training (synthetic-lesion supervision, the segmenter's grid, the
 loss, sub-slice lesions) need retraining: ``--retrain WORK`` retrains the TransUNet of each demo
 without each of them (every demo's trainings first, two at a time across the demos, one torch
-thread each, as the demo trains it) and scores it with the default post-processing. The first demo's is also retrained unchanged, a control whose
-weights are compared with the demo's tensor for tensor (``control_reproduced``; the quick demo's
-came back exactly, so a retrained row differs from the default row by its lever alone). Each run's
+thread each, as the demo trains it) and scores it with the default post-processing. The first
+demo's is also retrained unchanged, a control whose weights are compared with the demo's tensor for
+tensor (``control_reproduced``; the quick demo's came back exactly, so a retrained row differs from the
+default row by its lever alone). Each run's
 training seconds are saved (``training_seconds``: its loop, from its losses.csv). The
 post-processing seconds are the mean per case and model on this machine (the segmenter's forward
 pass, the same for every row, is reported apart).
