@@ -250,7 +250,8 @@ def retraining_jobs(demo: Path, work: Path, names: list[str]) -> tuple[dict[str,
     """The trainings of the demo's TransUNet under each of ``names`` (:data:`TRAINING_VARIANTS` or
     :data:`CONTROL`) with the demo's data, seed and settings otherwise (a row's ``seg`` fields win, its
     ``iterations`` too): ``({job name: (function, keyword arguments)}, {row name: model.pt})``; models
-    already in ``work`` get no job (the script can be resumed)."""
+    already in ``work`` get no job (the script can be resumed), nor does a row that changes nothing the
+    demo trained with (e.g. 1,000 iterations on a demo that trained 1,000): its model is the demo's own."""
     from CovidGANSegLib.config import PreprocessConfig
     from CovidGANSegLib.preprocessing import ensure_preprocessed
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
@@ -262,14 +263,19 @@ def retraining_jobs(demo: Path, work: Path, names: list[str]) -> tuple[dict[str,
     jobs, models = {}, {}
     for i, name in enumerate(names):
         spec = TRAINING_VARIANTS.get(name, {})
+        seg = spec.get("seg", {})
+        g = tuple(spec.get("grid", grid))
+        if name != CONTROL and g == grid and not spec.get("pseudo_masks") and seg.get("iterations", card["iterations"]) == card["iterations"] \
+                and all(getattr(config, k) == v for k, v in seg.items() if k != "iterations") \
+                and all(synthetic.get(k) == v for k, v in spec.get("synthetic", {}).items()):
+            models[name] = demo / "runs" / "transunet" / "model.pt"  # the row is the demo's own training
+            continue
         run = work / demo.name / f"variant-{i}"
         models[name] = run / "model.pt"
         if models[name].is_file():
             continue
-        g = tuple(spec.get("grid", grid))
         data = ensure_preprocessed(demo / "data" / "train", work / demo.name / f"seg_preprocessed-{'x'.join(map(str, g))}",
                                    PreprocessConfig(grid=g)).folder
-        seg = spec.get("seg", {})
         jobs[f"{demo.name}: {name}"] = (train_segmenter, dict(
             pseudo_masks=demo / "pseudo_masks" if spec.get("pseudo_masks") else data, run_dir=run, model="transunet",
             config=dataclasses.replace(config, **seg), iterations=seg.get("iterations", card["iterations"]), device="cpu",
