@@ -845,8 +845,11 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     if syn_val is not None and best["state"] is not None:
         threshold, threshold_dice = choose_threshold(trainer, best["state"], syn_val)
         log.info("probability threshold %.2f (Dice %.4f on the synthetic validation pairs)", threshold, threshold_dice)
+    # the model was chosen on the synthetic pairs when there are any, else on the pseudo-masks of other volumes
+    chosen_on = "synthetic" if syn_val is not None else "pseudo_masks"
+    best_figures = {f"val_dice_{chosen_on}": best["val_dice"], f"val_loss_{chosen_on}": best["val_loss"]}
     final_meta = {**metadata, "iterations": int(trainer.iteration), "threshold": threshold, "threshold_val_dice_synthetic": threshold_dice, "pretrain_iterations": int(trainer.pretrain_iterations),
-                  "best_iteration": best["iteration"], "val_dice_pseudo": best["val_dice"], "val_loss_pseudo": best["val_loss"],
+                  "best_iteration": best["iteration"], **best_figures,
                   "tau": float(trainer.contrastive.tau.item()), "parameters": count_parameters(trainer.model)}
     save_checkpoint(model_path, kind="seg", arch=model, config=cfg.to_dict(), metadata=final_meta, preprocess=pm.preprocess.to_dict(),
                     model=best["state"], threshold=threshold)
@@ -859,7 +862,7 @@ def train_segmenter(pseudo_masks: str | Path, run_dir: str | Path, *, model: str
     write_model_card(model_path, name=f"seg-{model}-{run_dir.name}", kind="seg", arch=model, config_name=cfg.name, config=cfg.to_dict(),
                      trained_on=trained_on, demo=demo,
                      extra={"iterations": int(trainer.iteration), "preprocess": pm.preprocess.to_dict(), "best_iteration": best["iteration"],
-                            "val_dice_pseudo_masks": best["val_dice"], "val_loss_pseudo_masks": best["val_loss"],
+                            **best_figures,
                             "parameters": final_meta["parameters"], "threshold": threshold,
                             "synthetic": metadata["synthetic"]})
     progress.report(1.0, f"{model} training done")

@@ -165,6 +165,9 @@ def test_train_outputs_and_model(pm, tmp_path):
     assert payload["metadata"]["autocast"] is None  # float32 unless SegConfig.cpu_bf16
     card = read_model_card(model_path, verify=True)
     assert card["kind"] == "seg" and card["arch"] == "transunet" and card["demo"] is False
+    # chosen on the pseudo-masks of the validation volume (no synthetic pairs): the names say so
+    assert card["val_dice_pseudo_masks"] == payload["metadata"]["val_dice_pseudo_masks"] is not None
+    assert "val_dice_synthetic" not in card
     rows = list(csv.DictReader(open(run / "losses.csv")))
     assert [int(r["iteration"]) for r in rows] == list(range(1, 11))
     assert [r["phase"] for r in rows[:3]] == ["1", "1", "2"]
@@ -285,3 +288,5 @@ def test_a_preprocessed_data_set_trains_on_synthetic_lesions_alone(tmp_path):
     assert payload["metadata"]["best_iteration"] is not None  # chosen on the synthetic pairs of the third healthy volume
     card = read_model_card(model)
     assert "no pseudo-masks" in card["trained_on"] and card["demo"] is True
+    assert card["val_dice_synthetic"] == payload["metadata"]["val_dice_synthetic"] is not None
+    assert "val_dice_pseudo_masks" not in card and "val_dice_pseudo_masks" not in payload["metadata"]
