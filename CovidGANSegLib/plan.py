@@ -15,7 +15,8 @@ one with ``base = "quick"``. Sections and their keys:
 * ``[segmenter]``: ``models`` (transunet and / or unet), ``config`` (paper, small, tiny), ``grid``
   (the segmenter's model grid, on which the pseudo-masks are written; absent: the GAN's), any
   field of :class:`~CovidGANSegLib.seg.transunet.SegConfig`, and the sub-table
-  ``[segmenter.synthetic]`` with the fields of :class:`~CovidGANSegLib.seg.synthetic.SyntheticSupervision`.
+  ``[segmenter.synthetic]`` with the fields of :class:`~CovidGANSegLib.seg.synthetic.SyntheticSupervision`;
+  a sub-table named after a model (``[segmenter.unet]``) sets that model's ``iterations`` apart from the others'.
 * ``[run]``: ``seed``, ``device`` (auto, cpu, cuda[:N]) and ``deterministic``.
 
 Every error (unknown section or key, a value of the wrong type or out of range, a malformed
@@ -55,6 +56,8 @@ _MOVED = {
     ("segmenter", "image_size"): "the segmenter's slice size follows segmenter.grid",
     ("pseudo_masks", "grid"): "the pseudo-masks are written on segmenter.grid",
 }
+#: the sub-tables of a section: the synthetic-lesion supervision and each model's own iterations
+_SUB_TABLES = ("segmenter.synthetic", *(f"segmenter.{m}" for m in SEG_MODELS))
 _BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")
 
 
@@ -96,12 +99,26 @@ class SegmenterPlan:
     config: Any  # SegConfig (torch is imported only when a plan is built)
     synthetic: Any  # SyntheticSupervision
     grid: tuple[int, int, int] | None = None
+    #: ``(model, iterations)`` for the models that train for other than ``config.iterations``
+    iterations_by_model: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.models or len(set(self.models)) != len(self.models) or any(m not in SEG_MODELS for m in self.models):
             raise ValueError(f"models must be distinct names among {list(SEG_MODELS)}, got {list(self.models)}")
         if self.grid is not None and (len(self.grid) != 3 or min(self.grid) < 4):
             raise ValueError(f"grid must be three sizes of at least 4 voxels, got {list(self.grid)}")
+        for model, iterations in self.iterations_by_model:
+            if model not in SEG_MODELS or not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+                raise ValueError(f"iterations of {model!r} must be a whole number >= 1 for one of {list(SEG_MODELS)}, got {iterations!r}")
+
+    def iterations_of(self, model: str) -> int:
+        """The training iterations of ``model``: its own sub-table's, else ``config.iterations``."""
+        return dict(self.iterations_by_model).get(model, self.config.iterations)
+
+    def config_for(self, model: str) -> Any:
+        """``config`` with ``model``'s iterations."""
+        iterations = self.iterations_of(model)
+        return self.config if iterations == self.config.iterations else self.config.replace(iterations=iterations)
 
 
 @dataclass(frozen=True)
@@ -126,6 +143,8 @@ class Plan:
             segmenter["grid"] = list(self.segmenter.grid)
         segmenter.update(seg)
         segmenter["synthetic"] = _plain(dataclasses.asdict(self.segmenter.synthetic))
+        for model, iterations in self.segmenter.iterations_by_model:
+            segmenter[model] = {"iterations": iterations}
         return {
             "preprocess": _plain(self.preprocess.to_dict()),
             "gan": gan,
@@ -233,7 +252,7 @@ def _merge(target: dict[str, Any], source: dict[str, Any], where: str, origin: s
             raise InputError(f"unknown section [{key}] (sections: {', '.join(SECTIONS)})", origin)
         if not where and not isinstance(value, dict):
             raise InputError(f"[{key}] must be a table of keys, got {value!r}", origin)
-        if isinstance(value, dict) and (not where or name == "segmenter.synthetic"):
+        if isinstance(value, dict) and (not where or name in _SUB_TABLES):
             sub = target.setdefault(key, {})
             if not isinstance(sub, dict):
                 raise InputError(f"{name} must be a table", origin)
@@ -388,6 +407,23 @@ def plan_from_dict(data: dict[str, Any], *, origin: str | Path | None = None, so
                 grid = _check_value("grid", grid, (0, 0, 0))
             except ValueError as exc:
                 raise _KeyProblem("segmenter.grid", str(exc)) from None
+        iterations_by_model = []
+        for model in SEG_MODELS:
+            own = seg_data.pop(model, None)
+            if own is None:
+                continue
+            if not isinstance(own, dict):
+                raise _KeyProblem(f"segmenter.{model}", f"must be a table (its key: iterations), got {own!r}")
+            for key, value in own.items():
+                if key != "iterations":
+                    raise _KeyProblem(f"segmenter.{model}.{key}", "unknown key (a model's own table sets only iterations)")
+                try:
+                    iterations = _check_value("iterations", value, 0)
+                except ValueError as exc:
+                    raise _KeyProblem(f"segmenter.{model}.iterations", str(exc)) from None
+                if iterations < 1:
+                    raise _KeyProblem(f"segmenter.{model}.iterations", f"must be >= 1, got {iterations}")
+                iterations_by_model.append((model, iterations))
         syn_data = seg_data.pop("synthetic", {})
         if not isinstance(syn_data, dict):
             raise _KeyProblem("segmenter.synthetic", "must be a table")
@@ -396,7 +432,8 @@ def plan_from_dict(data: dict[str, Any], *, origin: str | Path | None = None, so
         current = "segmenter"
         seg_base = SEG_CONFIGS[seg_base_name]
         seg_cfg = dataclasses.replace(seg_base, **_fields(SegConfig, seg_data, "segmenter", skip=("name", "image_size"), base=seg_base))
-        segmenter = SegmenterPlan(models=tuple(models), config=seg_cfg, synthetic=synthetic, grid=grid)
+        segmenter = SegmenterPlan(models=tuple(models), config=seg_cfg, synthetic=synthetic, grid=grid,
+                                  iterations_by_model=tuple(iterations_by_model))
 
         current = "run"
         run = RunPlan(**_fields(RunPlan, dict(data.get("run", {})), "run"))

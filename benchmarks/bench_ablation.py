@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.set_mode("none")
     plan = demo.QUICK if args.plan == "quick" else demo.FULL
     if args.iterations:
-        plan = dataclasses.replace(plan, seg_iterations=args.iterations)
+        plan = dataclasses.replace(plan, seg_iterations=args.iterations, seg_iterations_by_model=())
     real_dir = args.real_normal or demo.default_real_normal_dir()
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
@@ -347,7 +347,7 @@ def _train(work: Path, plan, pm: Path, st: dict[str, Any], arch: str, train_dir:
     from CovidGANSegLib.seg.transunet import get_seg_config
 
     overrides = st.get("seg", {})
-    iterations = st.get("iterations", plan.seg_iterations)
+    iterations = st.get("iterations", plan.seg_iterations_of(arch))
     config = dataclasses.replace(get_seg_config(plan.seg_config), **overrides) if overrides else plan.seg_config
     key = (f"{arch}_{st['rule']}_{'fine' if st['fine'] else 'gan'}_syn{st['fraction']:g}"
            f"_cov{st['coverage'][0]:g}-{st['coverage'][1]:g}{'_prior' if st['prior'] else ''}_it{iterations}"

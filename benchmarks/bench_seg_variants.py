@@ -67,6 +67,7 @@ def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int
     import dataclasses
 
     from bench_levers_held_out import demo_training, train_in_pairs
+    from CovidGANSegLib.checkpoints import read_model_card
     from CovidGANSegLib.seg.synthetic import SyntheticSupervision
     from CovidGANSegLib.seg.training import train_segmenter
 
@@ -75,6 +76,8 @@ def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int
     data = demo / "runs" / f"seg_preprocessed-{grid}"
     if not (data / "config.json").is_file():
         raise SystemExit(f"{data}: not the demo's preprocessed training cohort")
+    # each model's iterations in the demo (the quick plan's U-Net trains for fewer than its TransUNet)
+    trained_for = {m: read_model_card(demo / "runs" / m / "model.pt").get("iterations", card["iterations"]) for m in models}
     paths, jobs = {}, {}
     for name, change in variants.items():
         seg_change, synthetic_change = split_change(change)
@@ -86,7 +89,7 @@ def train_all(demo: Path, work: Path, variants: dict[str, dict], seeds: list[int
                 if not paths[key].is_file():
                     jobs[key] = (train_segmenter, dict(
                         pseudo_masks=data, run_dir=paths[key].parent, model=model, config=dataclasses.replace(base, **seg_change),
-                        iterations=change.get("iterations") or iterations or card["iterations"], device="cpu", seed=seed,
+                        iterations=change.get("iterations") or iterations or trained_for[model], device="cpu", seed=seed,
                         data=demo / "data" / "train", synthetic=synthetic))
     train_in_pairs(jobs)
     return paths

@@ -97,13 +97,15 @@ class Stage:
 
 def stages_of(plan: Any, run_dir: Path) -> list[Stage]:
     """The stages of ``plan`` in order."""
-    from CovidGANSegLib.plan import plan_hash
+    from CovidGANSegLib.plan import SEG_MODELS, plan_hash
 
     data = plan.to_dict()
     run = {k: data["run"][k] for k in _RUN_KEYS}
     gan = {k: v for k, v in data["gan"].items() if k != "iterations"}
     # cpu_bf16 (added later) enters the hash only when on, so that float32 stages made before it still match
-    seg = {k: v for k, v in data["segmenter"].items() if k not in ("iterations", "models") and not (k == "cpu_bf16" and not v)}
+    # iterations (a model's own included) stay out of the hashes: a finished stage may be trained on
+    seg = {k: v for k, v in data["segmenter"].items()
+           if k not in ("iterations", "models", *SEG_MODELS) and not (k == "cpu_bf16" and not v)}
     parts = [("preprocessed", {"preprocess": data["preprocess"]}, None)]
     grid = _own_segmenter_grid(plan)
     if grid is not None:
@@ -112,7 +114,7 @@ def stages_of(plan: Any, run_dir: Path) -> list[Stage]:
         ("gan", {"preprocess": data["preprocess"], "gan": gan, "run": run}, plan.gan.iterations),
         ("pseudo_masks", {"pseudo_masks": data["pseudo_masks"], "segmenter": {"grid": data["segmenter"].get("grid")}}, None),
     ]
-    parts += [(f"seg_{m}", {"segmenter": {**seg, "model": m}, "run": run}, plan.segmenter.config.iterations) for m in plan.segmenter.models]
+    parts += [(f"seg_{m}", {"segmenter": {**seg, "model": m}, "run": run}, plan.segmenter.iterations_of(m)) for m in plan.segmenter.models]
     return [Stage(name, run_dir / name, section, plan_hash(section), its) for name, section, its in parts]
 
 
@@ -423,8 +425,9 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
                     iterations=plan.gan.iterations, resume=resume, device=device, seed=plan.run.seed, run_info=run_info(gan))
 
     def seg_job(stage: Stage, data: Path, resume: bool) -> dict[str, Any]:
-        return dict(pseudo_masks=data, run_dir=stage.folder, model=stage.name[len("seg_"):], config=plan.segmenter.config,
-                    iterations=plan.segmenter.config.iterations, resume=resume, device=device, seed=plan.run.seed,
+        model = stage.name[len("seg_"):]
+        return dict(pseudo_masks=data, run_dir=stage.folder, model=model, config=plan.segmenter.config_for(model),
+                    iterations=plan.segmenter.iterations_of(model), resume=resume, device=device, seed=plan.run.seed,
                     data=args.data, synthetic=plan.segmenter.synthetic, run_info=run_info(stage))
 
     def finish_training(stage: Stage, inputs: dict[str, Any], iterations: int) -> None:
@@ -518,7 +521,7 @@ def _run_stages(args: argparse.Namespace, plan: Any, stages: list[Stage], device
                 from CovidGANSegLib.seg.training import train_segmenter
 
                 train_segmenter(**seg_job(stage, seg_data, resume))
-                finish_training(stage, seg_inputs, plan.segmenter.config.iterations)
+                finish_training(stage, seg_inputs, stage.iterations)
         models.append(stage.folder / "model.pt")
     return models
 
@@ -541,7 +544,7 @@ def _train_beside(plan: Any, device: str, det: dict[str, Any], gan: Stage, segs:
         for stage in segs:
             resume = prepare(stage, seg_inputs, held)
             if resume is not None:
-                todo[stage.name] = (stage, "seg", seg_job(stage, resume), seg_inputs, plan.segmenter.config.iterations)
+                todo[stage.name] = (stage, "seg", seg_job(stage, resume), seg_inputs, stage.iterations)
         threads = threads_per_job(device, len(todo), torch.get_num_threads())
         if threads:
             log.info("training %s side by side, %d torch thread%s each", ", ".join(todo), threads, "s" if threads > 1 else "")

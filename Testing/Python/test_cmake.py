@@ -120,13 +120,14 @@ def test_installed_library_imports_and_runs_from_the_install_tree(built, tmp_pat
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
     # the named training plans are installed beside the code and load from there
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from CovidGANSegLib import plan; "
-            "print(plan.PLANS_DIR); print(plan.load_plan('quick').segmenter.config.iterations)")
+            "print(plan.PLANS_DIR); s = plan.load_plan('quick').segmenter; print(s.iterations_of('transunet'), s.iterations_of('unet'))")
     result = _run([sys.executable, "-c", code, str(tree)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    plans_dir, iterations = result.stdout.split()
+    plans_dir, *iterations = result.stdout.split()
     from CovidGANSegLib.demo import QUICK  # the source tree's quick plan: the installed one must be the same
 
-    assert Path(plans_dir).resolve().is_relative_to(tree.resolve()) and int(iterations) == QUICK.seg_iterations
+    assert Path(plans_dir).resolve().is_relative_to(tree.resolve())
+    assert [int(n) for n in iterations] == [QUICK.seg_iterations_of("transunet"), QUICK.seg_iterations_of("unet")]
 
 
 def test_installed_module_loads_in_the_harness(built, tmp_path):

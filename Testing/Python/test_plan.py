@@ -22,6 +22,8 @@ def test_named_plans_ship_with_the_package_and_mean_what_they_say():
     assert quick.preprocess.grid == demo.QUICK.grid and quick.segmenter.grid == demo.QUICK.seg_grid
     assert quick.gan.name == demo.QUICK.gan_config and quick.gan.iterations == demo.QUICK.gan_iterations
     assert quick.segmenter.config.name == demo.QUICK.seg_config and quick.segmenter.config.iterations == demo.QUICK.seg_iterations
+    assert all(quick.segmenter.iterations_of(m) == demo.QUICK.seg_iterations_of(m) for m in ("transunet", "unet"))
+    assert quick.segmenter.iterations_of("unet") < quick.segmenter.iterations_of("transunet")  # 500 and 1,000
     assert quick.run.seed == demo.QUICK.seed and quick.segmenter.synthetic.fraction == demo.QUICK.synthetic_fraction
     tiny = load_plan("tiny")
     assert tiny.gan.grid == tiny.preprocess.grid == (32, 32, 8) and tiny.run.device == "cpu"
@@ -57,6 +59,20 @@ def test_set_values_are_toml_and_change_the_hash():
     assert plan_hash({"a": 1}) == plan_hash({"a": 1}) != plan_hash({"a": 2})
 
 
+def test_a_model_s_own_iterations(tmp_path):
+    base = load_plan("tiny")
+    plan = load_plan("tiny", ["segmenter.unet.iterations=9"])
+    assert plan.segmenter.iterations_of("unet") == 9 == plan.segmenter.config_for("unet").iterations
+    assert plan.segmenter.iterations_of("transunet") == base.segmenter.config.iterations != 9
+    assert plan.segmenter.config_for("transunet") == base.segmenter.config
+    path = tmp_path / "plan.toml"
+    path.write_text(plan.to_toml())
+    assert "[segmenter.unet]" in path.read_text() and load_plan(path) == plan
+    # a file sets it the same way, and a --set on top wins
+    path.write_text('base = "tiny"\n[segmenter.unet]\niterations = 9\n')
+    assert load_plan(path) == plan and load_plan(path, ["segmenter.unet.iterations=3"]).segmenter.iterations_of("unet") == 3
+
+
 def test_plan_file_with_a_base(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('base = "tiny"\n[gan]\niterations = 5\n[segmenter]\nmodels = ["unet"]\n')
@@ -78,6 +94,10 @@ def test_plan_file_with_a_base(tmp_path):
     ("segmenter.models=['resnet']", ["segmenter", "resnet"]),
     ("segmenter.synthetic.fraction=2", ["segmenter.synthetic", "fraction must be in [0, 1]"]),
     ("segmenter.synthetic.colour=1", ["segmenter.synthetic.colour", "unknown key"]),
+    ("segmenter.unet.batch_size=2", ["segmenter.unet.batch_size", "sets only iterations"]),
+    ("segmenter.unet.iterations=0", ["segmenter.unet.iterations", "must be >= 1"]),
+    ("segmenter.unet.iterations=1.5", ["segmenter.unet.iterations", "must be an integer"]),
+    ("segmenter.unet=5", ["segmenter.unet", "must be a table"]),
     ("run.device=tpu", ["run", "tpu"]),
     ("run.seed=1.5", ["run.seed", "must be an integer"]),
     ("gan.config=huge", ["gan.config", "huge"]),

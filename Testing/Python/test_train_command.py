@@ -159,6 +159,20 @@ def test_more_iterations_need_resume_then_continue_and_retrain_what_depends_on_i
     assert "training it again from the start" in caplog.text and "is ignored" not in caplog.text
 
 
+def test_one_segmenter_trained_on_alone_by_its_own_iterations(run_copy, cohort, capsys):
+    """``segmenter.unet.iterations`` moves the U-Net's stage alone: the TransUNet's is skipped, untouched."""
+    transunet_before = _listing(run_copy / "seg_transunet")
+    rc, _, err = _run(capsys, "train", "--data", cohort, "--out", run_copy, "--set", "segmenter.unet.iterations=6")
+    assert rc == 2
+    _one_error_line(err, run_copy / "seg_unet", "has 4 iterations", "--resume")
+    rc, _, err = _run(capsys, "train", "--data", cohort, "--out", run_copy, "--set", "segmenter.unet.iterations=6", "--resume")
+    assert rc == 0, err
+    assert read_manifest(run_copy / "seg_unet")["iterations"] == 6
+    assert load_checkpoint(run_copy / "seg_unet" / "checkpoints" / "last.pt", kind="seg")["iteration"] == 6
+    assert read_manifest(run_copy / "seg_transunet")["iterations"] == 4
+    assert _listing(run_copy / "seg_transunet") == transunet_before
+
+
 def test_an_interrupted_stage_needs_resume(run_copy, cohort, capsys):
     manifest = run_copy / "seg_unet" / "manifest.json"
     data = json.loads(manifest.read_text())
